@@ -1,0 +1,31 @@
+# Two entry points: `make study` (the default study, end to end) and `make test` (the test suite).
+# Both create .venv in the project root and install the project into it first.
+SHELL := /bin/bash
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+CORES ?= 8
+
+.PHONY: study test install lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	# torch first and pinned: plain `torch` would pull the CUDA build.
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+study: install
+	snakemake --cores $(CORES)
+
+test: install
+	$(PYTHON) -m pytest -q
+
+lint: install
+	snakemake --lint
+
+clean:
+	rm -rf results .snakemake mlflow.db mlruns mlartifacts

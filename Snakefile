@@ -1,0 +1,32 @@
+# The study's pipeline. dvc.yaml describes the same DAG with the same commands (tests keep them in step).
+# Settings come from params.yaml only, validated by detr_sparsity.config before any job starts.
+import os
+import uuid
+
+from detr_sparsity.config import load_config
+from detr_sparsity.tracking import PIPELINE_RUN_ENV
+
+
+CFG = load_config("params.yaml")
+# Every job of this invocation tags its MLflow run with one id, so a pipeline's runs can be grouped.
+os.environ.setdefault(PIPELINE_RUN_ENV, uuid.uuid4().hex[:12])
+STUDY = CFG.name
+RESULTS = f"results/{STUDY}"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/summary.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/summary.json",
+    default_target: True
+
+
+onstart:
+    # One process creates the MLflow store and experiment before parallel jobs open it.
+    shell("python -m detr_sparsity init-tracking")

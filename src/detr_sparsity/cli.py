@@ -1,0 +1,137 @@
+"""`python -m detr_sparsity <stage>`: one subcommand per pipeline stage.
+
+Snakemake and DVC call exactly these commands. Each reads params.yaml (validated before any work),
+writes only its declared outputs, logs to its log file, and records one MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from detr_sparsity.config import ConfigError, StudyConfig, load_config
+
+log = logging.getLogger("detr_sparsity")
+
+
+def _setup_logging(log_file: Path | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _threads() -> None:
+    # Snakemake exports OMP_NUM_THREADS=<rule threads>; torch would otherwise take every core per job.
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+
+
+def cmd_init_tracking(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+
+    tracking.init_store(cfg)
+
+
+def cmd_validate(cfg: StudyConfig, args) -> None:
+    print(f"params.yaml is valid; study {cfg.name!r}")
+
+
+def cmd_data(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.data.prepare import prepare_data
+
+    with tracking.stage_run(cfg, "data") as run:
+        manifest = prepare_data(cfg, args.out)
+        run.log_artifact(args.out / "splits.json")
+        run.log_metrics({f"images_{split}": _count_images(args.out, split) for split in manifest})
+
+
+def _count_images(data_dir: Path, split: str) -> int:
+    from detr_sparsity.data.dataset import CocoDetection, load_split
+
+    return len(CocoDetection(load_split(data_dir, split)))
+
+
+def cmd_model(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.models.stage import build_model
+
+    _threads()
+    with tracking.stage_run(cfg, "model") as run:
+        info = build_model(cfg, args.data, args.out, run)
+        run.log_metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})
+        run.log_artifact(args.out / "config.json")
+        run.log_artifact(args.out / "model_info.json")
+
+
+def cmd_evaluate(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.evaluation.evaluate import evaluate
+
+    _threads()
+    with tracking.stage_run(cfg, "evaluate", setting=args.method) as run:
+        evaluate(cfg, args.method, args.model, args.data, args.detections, args.row, run)
+
+
+def cmd_summary(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.reporting.summary import gather
+
+    with tracking.stage_run(cfg, "summary") as run:
+        rows = gather(args.rows, args.out)
+        run.log_metrics({"rows": len(rows)})
+        run.log_artifact(args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m detr_sparsity", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file")
+    parser.add_argument("--log", type=Path, default=None, help="also write the log to this file")
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    sub.add_parser("validate", help="check params.yaml and exit").set_defaults(func=cmd_validate)
+    sub.add_parser("init-tracking", help="create the MLflow store and experiment (once, before parallel jobs)"
+                   ).set_defaults(func=cmd_init_tracking)
+
+    p = sub.add_parser("data", help="generate or download the study's splits")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("model", help="pretrain or fetch the dense DETR")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("evaluate", help="detections, COCO AP, sparsity and FLOPs of one method")
+    p.add_argument("--method", required=True)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--detections", type=Path, required=True)
+    p.add_argument("--row", type=Path, required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("summary", help="gather row files into summary.json")
+    p.add_argument("rows", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log)
+    try:
+        cfg = load_config(args.params)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.func(cfg, args)
+    return 0

@@ -1,0 +1,175 @@
+"""params.yaml -> one validated, typed configuration of the selected study.
+
+Validation happens once, before any stage does work: a JSON schema (workflow/schemas/params.schema.yaml)
+checks shapes, types and ranges, then a few cross-field checks follow. Every error names the key, the bad
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+SCHEMA_FILENAME = Path("workflow/schemas/params.schema.yaml")
+
+
+# The blocks of a study each stage depends on (besides `study` and `seed`). Snakemake's params and
+# dvc.yaml's `params:` list the same; tests/test_orchestration.py keeps them in step.
+STAGE_SECTIONS: dict[str, list[str]] = {
+    "data": ["data"],
+    "model": ["input", "model"],
+    "evaluate": ["input", "evaluate"],
+    "summary": [],
+}
+
+
+class ConfigError(ValueError):
+    """A bad value in params.yaml."""
+
+
+@dataclass(frozen=True)
+class InputSize:
+    shortest_edge: int
+    longest_edge: int
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Settings of the selected study, plus the study-independent ones."""
+
+    name: str
+    seed: int
+    experiment: str
+    data: dict[str, Any]
+    input: InputSize
+    model: dict[str, Any]
+    evaluate: dict[str, Any]
+    mgs: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False)
+
+    @property
+    def results_dir(self) -> Path:
+        return Path("results") / self.name
+
+    def stage_params(self, stage: str) -> dict[str, Any]:
+        """The params a stage depends on (what DVC lists under `params:`), for logging and hashing."""
+        study = self.raw["studies"][self.name]
+        sections = STAGE_SECTIONS.get(stage, [])
+        return {"study": self.name, "seed": self.seed, **{s: study[s] for s in sections}}
+
+    def params_hash(self, stage: str) -> str:
+        """Short hash of a stage's params: equal hashes mean equal settings."""
+        blob = json.dumps(self.stage_params(stage), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _schema_path(params_path: Path) -> Path:
+    # The schema lives beside params.yaml in a checkout; fall back to the package's project root.
+    for root in (params_path.resolve().parent, PACKAGE_ROOT.parents[1]):
+        if (root / SCHEMA_FILENAME).exists():
+            return root / SCHEMA_FILENAME
+    raise FileNotFoundError(f"cannot find {SCHEMA_FILENAME} next to {params_path}")
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One readable sentence for a schema violation: key, bad value, what is allowed."""
+    key, value, rule, kind = _key(error.absolute_path), error.instance, error.validator_value, error.validator
+    allowed = {
+        "minimum": f"must be >= {rule}",
+        "maximum": f"must be <= {rule}",
+        "exclusiveMinimum": f"must be > {rule}",
+        "exclusiveMaximum": f"must be < {rule}",
+        "enum": f"allowed values: {', '.join(map(str, rule))}",
+        "type": f"must be of type {rule}",
+        "minItems": f"needs at least {rule} item(s)",
+        "uniqueItems": "items must be unique",
+        "pattern": f"must match {rule!r}",
+        "minLength": f"must have at least {rule} character(s)",
+    }
+    if kind == "required":
+        missing = [k for k in rule if k not in value]
+        return f"{key}: missing key(s) {', '.join(missing)}"
+    if kind == "additionalProperties":
+        extra = sorted(set(value) - set(error.schema.get("properties", {})))
+        allowed_keys = ", ".join(sorted(error.schema.get("properties", {})))
+        return f"{key}: unknown key(s) {', '.join(extra)}; allowed keys: {allowed_keys}"
+    return f"{key} = {json.dumps(value)} is not allowed: {allowed.get(kind, error.message)}"
+
+
+def validate(raw: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Raise ConfigError listing every violation of the schema and of the cross-field rules."""
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = [_describe(e) for e in sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))]
+    if not problems:
+        problems = _cross_field_problems(raw)
+    if problems:
+        raise ConfigError("invalid params.yaml:\n  " + "\n  ".join(problems))
+
+
+def _cross_field_problems(raw: dict[str, Any]) -> list[str]:
+    problems = []
+    study = raw["study"]
+    if study not in raw["studies"]:
+        return [f"study = {json.dumps(study)} is not allowed: known studies: {', '.join(raw['studies'])}"]
+    cfg = raw["studies"][study]
+    prefix = f"studies.{study}"
+    data, model = cfg["data"], cfg["model"]
+    if data["source"] == "synthetic" and data["min_objects"] > data["max_objects"]:
+        problems.append(f"{prefix}.data.min_objects = {data['min_objects']} is not allowed: "
+                        f"must be <= max_objects ({data['max_objects']})")
+    if data["source"] == "coco" and data["root"] is not None and not Path(data["root"]).is_dir():
+        problems.append(f"{prefix}.data.root = {json.dumps(data['root'])} is not allowed: "
+                        "no such directory (give an existing COCO root, or null to download)")
+    if model["source"] == "hub":
+        name = model["name_or_path"]
+        looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+        if looks_local and not (Path(name).expanduser() / "config.json").is_file():
+            problems.append(f"{prefix}.model.name_or_path = {json.dumps(name)} is not allowed: "
+                            "a local model directory must exist and hold config.json")
+    if model["source"] == "pretrain":
+        arch = model["architecture"]
+        if arch["d_model"] % arch["attention_heads"]:
+            problems.append(f"{prefix}.model.architecture.d_model = {arch['d_model']} is not allowed: "
+                            f"must be divisible by attention_heads ({arch['attention_heads']})")
+        if len(arch["backbone_hidden_sizes"]) != len(arch["backbone_depths"]):
+            problems.append(f"{prefix}.model.architecture.backbone_depths = {arch['backbone_depths']} is not "
+                            "allowed: needs one depth per entry of backbone_hidden_sizes")
+        if arch["ffn_dim"] % cfg["mgs"]["group_size"]:
+            problems.append(f"{prefix}.mgs.group_size = {cfg['mgs']['group_size']} is not allowed: "
+                            f"must divide ffn_dim ({arch['ffn_dim']})")
+    return problems
+
+
+def load_config(params_path: str | Path = "params.yaml", study: str | None = None) -> StudyConfig:
+    """Read, validate and type params.yaml; `study` overrides the file's `study` key."""
+    params_path = Path(params_path)
+    if not params_path.is_file():
+        raise ConfigError(f"params file {str(params_path)!r} does not exist")
+    raw = yaml.safe_load(params_path.read_text()) or {}
+    if study is not None:
+        raw = {**raw, "study": study}
+    schema = yaml.safe_load(_schema_path(params_path).read_text())
+    validate(raw, schema)
+    cfg = raw["studies"][raw["study"]]
+    return StudyConfig(
+        name=raw["study"],
+        seed=raw["seed"],
+        experiment=f"{raw['tracking']['experiment_prefix']}-{raw['study']}",
+        data=cfg["data"],
+        input=InputSize(**cfg["input"]),
+        model=cfg["model"],
+        evaluate=cfg["evaluate"],
+        mgs=cfg["mgs"],
+        raw=raw,
+    )

@@ -1,0 +1,126 @@
+"""Pretraining of the small DETR on the synthetic train split (no pretrained weights are reachable offline)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+from transformers import DetrForObjectDetection
+
+from detr_sparsity.atomic import atomic_path
+from detr_sparsity.data.dataset import CocoDetection, DetrCollate
+from detr_sparsity.models.small_detr import freeze_batch_norm, trainable_batch_norm
+
+log = logging.getLogger(__name__)
+
+StepLogger = Callable[[int, dict[str, float]], None]
+
+
+class HorizontalFlip(Dataset):
+    """Mirror half of the images (seeded per index and epoch), boxes with them."""
+
+    def __init__(self, base: CocoDetection, seed: int):
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, target = self.base[index]
+        if random.Random(hash((self.seed, self.epoch, index))).random() < 0.5:
+            return image, target
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        w = image.width
+        anns = [{**a, "bbox": [w - a["bbox"][0] - a["bbox"][2], *a["bbox"][1:]]} for a in target["annotations"]]
+        return image, {**target, "annotations": anns}
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def pretrain(
+    model: DetrForObjectDetection,
+    dataset: CocoDetection,
+    collate: DetrCollate,
+    settings: dict[str, Any],
+    seed: int,
+    checkpoint: Path,
+    log_step: StepLogger,
+) -> dict[str, float]:
+    """Train `model` in place with DETR's set-prediction loss; resumes from `checkpoint` if present."""
+    torch.manual_seed(seed)
+    trainable_batch_norm(model)
+    steps, batch_size = settings["steps"], settings["batch_size"]
+    data = HorizontalFlip(dataset, seed)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=settings["learning_rate"],
+        weight_decay=settings["weight_decay"],
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, settings["warmup_steps"], steps)
+    )
+    step, elapsed = 0, 0.0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, elapsed = state["step"], state["elapsed"]
+        log.info("resuming pretraining from %s at step %d", checkpoint, step)
+
+    model.train()
+    progress = tqdm(total=steps, initial=step, desc="pretrain", mininterval=10)
+    start = time.perf_counter() - elapsed
+    while step < steps:
+        # Epoch-seeded shuffling, so a resumed run sees the same order as an uninterrupted one.
+        data.epoch = step * batch_size // len(data)
+        generator = torch.Generator().manual_seed(seed + data.epoch)
+        loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
+                            collate_fn=collate, generator=generator)
+        skip = (step * batch_size % len(data)) // batch_size
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue
+            out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            metrics = {"loss": out.loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}
+            metrics.update({k: v.item() for k, v in out.loss_dict.items()})
+            log_step(step, metrics)
+            progress.update(1)
+            if step % 50 == 0:
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+                log.info("step %d/%d loss %.4f", step, steps, metrics["loss"])
+            if step % 500 == 0 and step < steps:
+                _save_checkpoint(checkpoint, model, optimizer, scheduler, step, time.perf_counter() - start)
+            if step >= steps:
+                break
+    progress.close()
+    freeze_batch_norm(model)
+    model.eval()
+    return {"steps": step, "train_seconds": time.perf_counter() - start}
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, elapsed: float) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step, "elapsed": elapsed}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

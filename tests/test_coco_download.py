@@ -1,0 +1,357 @@
+"""COCO acquisition against a local HTTP server: checksums, resumption, seeded subsets."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import re
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from detr_sparsity.data.coco import (
+    Archive,
+    ChecksumError,
+    choose_images,
+    download_file,
+    fetch_image,
+    mirror_url,
+    prepare_coco,
+    subset_annotations,
+)
+
+ANNOTATED_TRAIN_IDS = set(range(101, 109))  # 109 has only a crowd annotation, 110 none
+
+
+@dataclass
+class FakeServer:
+    """State of the local test server: served files, behaviour switches, requests seen."""
+
+    root: Path
+    url: str = ""
+    cut_after: int | None = None  # send only this many body bytes, then close the connection
+    honor_range: bool = True
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        fake: FakeServer = self.server.fake
+        range_header = self.headers.get("Range")
+        fake.requests.append((self.path, range_header))
+        path = fake.root / self.path.lstrip("/")
+        if ".." in self.path or not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = 0
+        if range_header and fake.honor_range:
+            start = int(re.fullmatch(r"bytes=(\d+)-", range_header)[1])
+            if start >= len(data):
+                self.send_error(416)
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if fake.cut_after is not None:
+            body = body[: fake.cut_after]
+            self.close_connection = True
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    fake = FakeServer(root=tmp_path / "served")
+    fake.root.mkdir()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    httpd.fake = fake
+    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield fake
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def _small_zip(path: Path) -> bytes:
+    """Write a zip holding ~200 KB of seeded random bytes; return the zip's bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("payload.bin", random.Random(0).randbytes(200_000))
+    return path.read_bytes()
+
+
+@pytest.fixture
+def served_zip(server):
+    data = _small_zip(server.root / "zips/small.zip")
+    return f"{server.url}/zips/small.zip", data
+
+
+def test_download_verifies_md5(served_zip, tmp_path):
+    url, data = served_zip
+    dest = tmp_path / "cache/small.zip"
+    assert download_file(url, dest, size=len(data), md5=_md5(data)) == dest
+    assert dest.read_bytes() == data
+    assert not dest.with_name("small.zip.part").exists()
+
+
+def test_md5_mismatch_removes_download(served_zip, tmp_path):
+    url, data = served_zip
+    dest = tmp_path / "small.zip"
+    with pytest.raises(ChecksumError) as error:
+        download_file(url, dest, size=len(data), md5="0" * 32)
+    message = str(error.value)
+    assert "md5 mismatch" in message and url in message
+    assert "0" * 32 in message and _md5(data) in message
+    assert not dest.exists()
+    assert not dest.with_name("small.zip.part").exists()
+
+
+def test_size_mismatch_is_a_clear_error(served_zip, tmp_path):
+    url, data = served_zip
+    dest = tmp_path / "small.zip"
+    expected = f"size mismatch.*expected {len(data) - 1} bytes, got {len(data)} bytes"
+    with pytest.raises(ChecksumError, match=expected):
+        download_file(url, dest, size=len(data) - 1, md5=_md5(data))
+    assert not dest.exists()
+    assert not dest.with_name("small.zip.part").exists()
+
+
+def test_interrupted_download_resumes_with_range(server, served_zip, tmp_path):
+    url, data = served_zip
+    dest = tmp_path / "small.zip"
+    part = dest.with_name("small.zip.part")
+    cut = 50_000
+
+    server.cut_after = cut
+    with pytest.raises(OSError, match="incomplete"):
+        download_file(url, dest, size=len(data), md5=_md5(data))
+    assert part.stat().st_size == cut
+    assert not dest.exists()
+
+    server.cut_after = None
+    server.requests.clear()
+    download_file(url, dest, size=len(data), md5=_md5(data))
+    assert server.requests == [("/zips/small.zip", f"bytes={cut}-")]
+    assert dest.read_bytes() == data
+    assert not part.exists()
+
+
+def test_server_ignoring_range_restarts_from_zero(server, served_zip, tmp_path):
+    url, data = served_zip
+    dest = tmp_path / "small.zip"
+    dest.with_name("small.zip.part").write_bytes(b"garbage that must be discarded")
+    server.honor_range = False
+    download_file(url, dest, size=len(data), md5=_md5(data))
+    assert server.requests[0][1] is not None  # a Range was asked for ...
+    assert dest.read_bytes() == data  # ... and the full 200 answer replaced the partial file
+
+
+def test_verified_file_needs_no_request(server, served_zip, tmp_path):
+    url, data = served_zip
+    dest = tmp_path / "small.zip"
+    download_file(url, dest, size=len(data), md5=_md5(data))
+    server.requests.clear()
+    download_file(url, dest, size=len(data), md5=_md5(data))
+    assert server.requests == []
+
+
+def test_fetch_image_rejects_undecodable_bytes(server, tmp_path):
+    (server.root / "bad.jpg").write_bytes(b"not a jpeg")
+    url = f"{server.url}/bad.jpg"
+    with pytest.raises(RuntimeError, match=re.escape(url)):
+        fetch_image(url, tmp_path / "bad.jpg")
+    assert list(tmp_path.glob("bad.jpg*")) == []
+
+
+def test_mirror_url_and_subset():
+    url = "http://images.cocodataset.org/train2017/000000391895.jpg"
+    mirrored = mirror_url(url, "http://127.0.0.1:8000/")
+    assert mirrored == "http://127.0.0.1:8000/train2017/000000391895.jpg"
+    train = _instances("train")
+    subset = subset_annotations(train, [105, 102])
+    assert [im["id"] for im in subset["images"]] == [105, 102]
+    assert {a["image_id"] for a in subset["annotations"]} == {102, 105}
+    assert subset["categories"] == train["categories"] and subset["info"] == train["info"]
+
+
+def test_choose_images_only_annotated_and_too_many():
+    train = _instances("train")
+    assert set(choose_images(train, 8, seed=3)) == ANNOTATED_TRAIN_IDS
+    first = choose_images(train, 3, seed=3)
+    assert first == sorted(first) == choose_images(train, 3, seed=3)
+    rest = choose_images(train, 5, seed=4, exclude=set(first))
+    assert not set(first) & set(rest)
+    with pytest.raises(ValueError, match=r"asked for 9 images but only 8"):
+        choose_images(train, 9, seed=0)
+    with pytest.raises(ValueError, match=r"asked for 6 images but only 5"):
+        choose_images(train, 6, seed=0, exclude=set(first))
+
+
+# --- a tiny fake COCO -------------------------------------------------------------------
+
+
+def _jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (seed * 37 % 256, 80, 160)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _instances(split: str) -> dict:
+    """Return a small COCO-format annotation dict for `split` ('val' or 'train')."""
+    ids = list(range(1, 7)) if split == "val" else list(range(101, 111))
+    images = [
+        {
+            "id": i,
+            "file_name": f"{i:012d}.jpg",
+            "width": 32,
+            "height": 24,
+            "coco_url": f"http://images.cocodataset.org/{split}2017/{i:012d}.jpg",
+        }
+        for i in ids
+    ]
+    annotations = []
+    for i in ids[:-2]:  # the last two: one crowd-only (below), one without annotations
+        for k in range(2):
+            annotations.append(
+                {"id": len(annotations) + 1, "image_id": i, "category_id": 1 + k,
+                 "bbox": [2.0, 3.0, 10.0, 8.0], "area": 80.0, "iscrowd": 0}
+            )
+    annotations.append(
+        {"id": len(annotations) + 1, "image_id": ids[-2], "category_id": 1,
+         "bbox": [0.0, 0.0, 32.0, 24.0], "area": 768.0, "iscrowd": 1,
+         "segmentation": {"counts": [0, 768], "size": [24, 32]}}
+    )
+    return {
+        "info": {"description": "fake COCO for tests"},
+        "licenses": [],
+        "categories": [{"id": 1, "name": "cat", "supercategory": "animal"},
+                       {"id": 2, "name": "dog", "supercategory": "animal"}],
+        "images": images,
+        "annotations": annotations,
+    }
+
+
+def _serve_fake_coco(root: Path) -> dict[str, Archive]:
+    """Lay out the fake COCO archives and train images under `root` as the mirror does."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "zips").mkdir()
+    (root / "train2017").mkdir()
+    with zipfile.ZipFile(root / "annotations/annotations_trainval2017.zip", "w") as z:
+        z.writestr("annotations/instances_val2017.json", json.dumps(_instances("val")))
+        z.writestr("annotations/instances_train2017.json", json.dumps(_instances("train")))
+        z.writestr("annotations/captions_val2017.json", "{}")
+    with zipfile.ZipFile(root / "zips/val2017.zip", "w") as z:
+        for im in _instances("val")["images"]:
+            z.writestr(f"val2017/{im['file_name']}", _jpeg(im["id"]))
+    for im in _instances("train")["images"]:
+        (root / "train2017" / im["file_name"]).write_bytes(_jpeg(im["id"]))
+    archives = {}
+    for name, rel in (("annotations_trainval2017.zip", "annotations/annotations_trainval2017.zip"),
+                      ("val2017.zip", "zips/val2017.zip")):
+        data = (root / rel).read_bytes()
+        archives[name] = Archive(rel, len(data), _md5(data))
+    return archives
+
+
+def _local_root(root: Path) -> Path:
+    (root / "annotations").mkdir(parents=True)
+    for split in ("val", "train"):
+        instances = _instances(split)
+        (root / f"annotations/instances_{split}2017.json").write_text(json.dumps(instances))
+        (root / f"{split}2017").mkdir()
+        for im in instances["images"]:
+            (root / f"{split}2017" / im["file_name"]).write_bytes(_jpeg(im["id"]))
+    return root
+
+
+def _check_output(out: Path, splits: dict, val_count: int) -> dict[str, list[int]]:
+    """Check splits.json and the files it names; return the image ids of each split."""
+    from pycocotools.coco import COCO
+
+    assert json.loads((out / "splits.json").read_text()) == splits
+    ids = {}
+    for name, split in splits.items():
+        assert split["annotations"] == f"instances_{name}.json"
+        images = Path(split["images"])
+        assert images.is_absolute()
+        coco = COCO(str(out / split["annotations"]))
+        ids[name] = sorted(coco.getImgIds())
+        for im in coco.loadImgs(ids[name]):
+            assert (images / im["file_name"]).is_file()
+    assert len(ids["val"]) == val_count
+    assert len(ids["train"]) == 3 and len(ids["calibration"]) == 2
+    assert not set(ids["train"]) & set(ids["calibration"])
+    assert set(ids["train"]) | set(ids["calibration"]) <= ANNOTATED_TRAIN_IDS
+    return ids
+
+
+def test_prepare_coco_downloads_from_mirror(server, tmp_path):
+    archives = _serve_fake_coco(server.root)
+    cache = tmp_path / "cache"
+    kwargs = dict(root=None, base_url=server.url, download_dir=cache, val_images=2,
+                  train_images=3, calibration_images=2, seed=0, archives=archives)
+
+    splits = prepare_coco(out_dir=tmp_path / "out", **kwargs)
+    ids = _check_output(tmp_path / "out", splits, val_count=2)
+    assert Path(splits["val"]["images"]) == (cache / "val2017").resolve()
+    assert Path(splits["train"]["images"]) == (cache / "train2017").resolve()
+    assert set(ids["val"]) <= {1, 2, 3, 4}
+    # Train images came from the local mirror, one request each, not from cocodataset.org.
+    fetched = sorted(p for p, _ in server.requests if p.startswith("/train2017/"))
+    assert fetched == sorted(f"/train2017/{i:012d}.jpg" for i in ids["train"] + ids["calibration"])
+    on_disk = sorted(p.name for p in (cache / "train2017").iterdir())
+    assert on_disk == [p.rsplit("/", 1)[1] for p in fetched]
+    assert not list(cache.rglob("*.part"))
+
+    # Everything is cached: the same call again makes no request and gives the same files.
+    server.requests.clear()
+    again = prepare_coco(out_dir=tmp_path / "again", **kwargs)
+    assert server.requests == []
+    assert again == splits
+    for name in ("splits", "instances_val", "instances_train", "instances_calibration"):
+        file = f"{name}.json"
+        assert (tmp_path / "again" / file).read_bytes() == (tmp_path / "out" / file).read_bytes()
+
+    # val_images=0: the whole val annotation file, still without any request.
+    full = prepare_coco(out_dir=tmp_path / "full", **{**kwargs, "val_images": 0})
+    assert server.requests == []
+    assert _check_output(tmp_path / "full", full, val_count=6)["val"] == list(range(1, 7))
+
+
+def test_prepare_coco_from_local_root(tmp_path):
+    root = _local_root(tmp_path / "coco")
+    cache = tmp_path / "unused-cache"
+    kwargs = dict(root=root, base_url="http://127.0.0.1:9", download_dir=cache, val_images=3,
+                  train_images=3, calibration_images=2, seed=7)
+    splits = prepare_coco(out_dir=tmp_path / "out", **kwargs)
+    _check_output(tmp_path / "out", splits, val_count=3)
+    assert Path(splits["val"]["images"]) == (root / "val2017").resolve()
+    assert Path(splits["calibration"]["images"]) == (root / "train2017").resolve()
+    assert not cache.exists()
+
+    for path in (root / "val2017").iterdir():
+        path.unlink()
+    (root / "val2017").rmdir()
+    with pytest.raises(FileNotFoundError, match=r"val2017.*a COCO root must contain"):
+        prepare_coco(out_dir=tmp_path / "missing", **kwargs)

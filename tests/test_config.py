@@ -1,0 +1,238 @@
+"""params.yaml validation: the real file loads; every kind of bad value fails early with a readable message."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from detr_sparsity.config import ConfigError, InputSize, StudyConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+SCHEMA = REPO / "workflow" / "schemas" / "params.schema.yaml"
+
+
+def real_params() -> dict[str, Any]:
+    return yaml.safe_load(PARAMS.read_text())
+
+
+def set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set raw[a][b][c] = value for dotted 'a.b.c' (creating nothing: every parent must exist)."""
+    *parents, last = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    node[last] = value
+
+
+def write_params(tmp_path: Path, raw: dict[str, Any]) -> Path:
+    """params.yaml in tmp_path, with the schema beside it where load_config looks first."""
+    schema_dir = tmp_path / "workflow" / "schemas"
+    schema_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SCHEMA, schema_dir / SCHEMA.name)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def modified(tmp_path: Path, changes: dict[str, Any]) -> Path:
+    raw = copy.deepcopy(real_params())
+    for dotted, value in changes.items():
+        set_key(raw, dotted, value)
+    return write_params(tmp_path, raw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real file
+
+
+def test_real_params_load_as_synthetic_study():
+    cfg = load_config(PARAMS)
+    raw = real_params()
+    assert isinstance(cfg, StudyConfig)
+    assert cfg.name == "synthetic" == raw["study"]
+    assert cfg.seed == raw["seed"] and isinstance(cfg.seed, int)
+    assert cfg.experiment == f"{raw['tracking']['experiment_prefix']}-synthetic"
+    assert isinstance(cfg.input, InputSize)
+    assert cfg.input == InputSize(**raw["studies"]["synthetic"]["input"])
+    assert isinstance(cfg.input.shortest_edge, int) and isinstance(cfg.input.longest_edge, int)
+    assert cfg.data["source"] == "synthetic"
+    assert cfg.data["min_objects"] <= cfg.data["max_objects"]
+    assert cfg.model["source"] == "pretrain"
+    assert isinstance(cfg.model["architecture"]["ffn_dim"], int)
+    assert all(isinstance(t, float) and 0 < t < 1 for t in cfg.mgs["targets"])
+    assert cfg.evaluate["split"] in ("train", "calibration", "val")
+    assert cfg.results_dir == Path("results") / "synthetic"
+
+
+def test_study_override_selects_coco_block():
+    cfg = load_config(PARAMS, study="coco")
+    assert cfg.name == "coco"
+    assert cfg.data["source"] == "coco" and cfg.model["source"] == "hub"
+    assert cfg.input == InputSize(800, 1333)
+    assert cfg.experiment.endswith("-coco")
+
+
+def test_params_hash_tracks_stage_params(tmp_path):
+    base = load_config(PARAMS)
+    changed = load_config(modified(tmp_path, {"studies.synthetic.evaluate.batch_size": 3}))
+    # Only the stages that read the `evaluate` block see a different hash.
+    assert base.params_hash("evaluate") != changed.params_hash("evaluate")
+    assert base.params_hash("model") == changed.params_hash("model")
+    assert base.params_hash("data") == changed.params_hash("data")
+
+
+def test_copy_of_real_params_in_tmp_loads(tmp_path):
+    # The helper itself produces a valid file: errors below come from the change, not from the copy.
+    cfg = load_config(write_params(tmp_path, real_params()))
+    assert cfg == load_config(PARAMS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad values: each error names the key path, the bad value and what is allowed
+
+BAD_VALUES = {
+    "unknown study": (
+        {"study": "nope"},
+        ["study", '"nope"', "known studies", "synthetic", "coco"],
+    ),
+    "target above 1": (
+        {"studies.synthetic.mgs.targets": [0.5, 1.2]},
+        ["studies.synthetic.mgs.targets.1", "1.2", "must be < 1"],
+    ),
+    "target 0": (
+        {"studies.synthetic.mgs.targets": [0.0, 0.5]},
+        ["studies.synthetic.mgs.targets.0", "0.0", "must be > 0"],
+    ),
+    "negative count": (
+        {"studies.synthetic.data.splits.train": -5},
+        ["studies.synthetic.data.splits.train", "-5", "must be >= 0"],
+    ),
+    "zero val images": (
+        {"studies.synthetic.data.splits.val": 0},
+        ["studies.synthetic.data.splits.val", "= 0", "must be >= 1"],
+    ),
+    "coco root missing": (
+        {"study": "coco", "studies.coco.data.root": "/no/such/coco/root"},
+        ["studies.coco.data.root", '"/no/such/coco/root"', "no such directory"],
+    ),
+    "local model dir missing": (
+        {"study": "coco", "studies.coco.model.name_or_path": "./no/such/dir"},
+        ["studies.coco.model.name_or_path", '"./no/such/dir"', "must exist and hold config.json"],
+    ),
+    "unknown key in evaluate": (
+        {"studies.synthetic.evaluate.batchsize": 4},
+        ["studies.synthetic.evaluate", "unknown key(s) batchsize", "allowed keys: batch_size, split"],
+    ),
+    "unknown key in synthetic data": (
+        {"studies.synthetic.data.colour": "red"},
+        ["studies.synthetic.data", "unknown key(s) colour", "allowed keys:", "min_objects"],
+    ),
+    "unknown top-level key": (
+        {"sed": 1},
+        ["<top level>", "unknown key(s) sed", "allowed keys: seed, studies, study, tracking"],
+    ),
+    "min_objects > max_objects": (
+        {"studies.synthetic.data.min_objects": 5, "studies.synthetic.data.max_objects": 3},
+        ["studies.synthetic.data.min_objects", "= 5", "must be <= max_objects (3)"],
+    ),
+    "string for integer": (
+        {"studies.synthetic.evaluate.batch_size": "four"},
+        ["studies.synthetic.evaluate.batch_size", '"four"', "must be of type integer"],
+    ),
+    "float seed": (
+        {"seed": 1.5},
+        ["seed", "1.5", "must be of type integer"],
+    ),
+    "bad enum": (
+        {"studies.synthetic.evaluate.split": "test"},
+        ["studies.synthetic.evaluate.split", '"test"', "allowed values: train, calibration, val"],
+    ),
+    "too many classes": (
+        {"studies.synthetic.data.num_classes": 9},
+        ["studies.synthetic.data.num_classes", "9", "must be <= 8"],
+    ),
+}
+
+
+@pytest.mark.parametrize("changes, expected", BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_bad_value_raises_config_error_naming_key_value_and_rule(tmp_path, monkeypatch, changes, expected):
+    monkeypatch.chdir(tmp_path)  # relative paths (./no/such/dir) are resolved against the working directory
+    path = modified(tmp_path, changes)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    message = str(excinfo.value)
+    assert message.startswith("invalid params.yaml")
+    for part in expected:
+        assert part in message, f"{part!r} not in message:\n{message}"
+
+
+def test_existing_coco_root_and_local_model_dir_are_accepted(tmp_path, monkeypatch):
+    # The counterpart of the two missing-path cases: the same keys pointing at real directories pass.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "coco").mkdir()
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    cfg = load_config(modified(tmp_path, {"study": "coco", "studies.coco.data.root": str(tmp_path / "coco"),
+                                          "studies.coco.model.name_or_path": "./model"}))
+    assert cfg.name == "coco" and cfg.model["name_or_path"] == "./model"
+
+
+def test_local_model_dir_without_config_json_is_rejected(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ConfigError, match=r"studies\.coco\.model\.name_or_path = \"\./model\""):
+        load_config(modified(tmp_path, {"study": "coco", "studies.coco.model.name_or_path": "./model"}))
+
+
+def test_every_schema_violation_is_reported_at_once(tmp_path):
+    path = modified(tmp_path, {"studies.synthetic.data.splits.train": -5, "studies.synthetic.mgs.targets": [1.2]})
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    message = str(excinfo.value)
+    assert "studies.synthetic.data.splits.train = -5" in message
+    assert "studies.synthetic.mgs.targets.0 = 1.2" in message
+
+
+def test_missing_required_key_is_named(tmp_path):
+    raw = real_params()
+    del raw["studies"]["synthetic"]["mgs"]["group_size"]
+    with pytest.raises(ConfigError, match=r"studies\.synthetic\.mgs: missing key\(s\) group_size"):
+        load_config(write_params(tmp_path, raw))
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def run_cli(params: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "detr_sparsity", "--params", str(params), "validate"],
+                          cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_validate_rejects_bad_file_with_exit_code_2(tmp_path):
+    path = modified(tmp_path, {"studies.synthetic.mgs.targets": [0.5, 1.2]})
+    result = run_cli(path, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "error: invalid params.yaml" in result.stderr
+    assert "studies.synthetic.mgs.targets.1 = 1.2 is not allowed: must be < 1" in result.stderr
+    assert "is valid" not in result.stdout
+
+
+def test_cli_validate_accepts_real_file(tmp_path):
+    result = run_cli(PARAMS, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "params.yaml is valid; study 'synthetic'" in result.stdout

@@ -1,0 +1,287 @@
+"""The COCO study's code path for DETR-R50, without the hub: a randomly initialised DETR-R50-shaped model in a
+local directory goes through the real model stage and the real evaluation (DETR's 800/1333 input, padding,
+every query scored, COCOeval, natural sparsity, FLOP counting, MLflow run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from detr_sparsity import tracking
+from detr_sparsity.config import load_config
+from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
+from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
+from detr_sparsity.evaluation.evaluate import evaluate
+from detr_sparsity.models.load import load_detr
+from detr_sparsity.models.stage import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow" / "schemas" / "params.schema.yaml"
+
+D_MODEL, FFN, LAYERS, QUERIES, LABELS = 256, 2048, 6, 100, 91
+# (height, width) of the two images: COCO-like, portrait and landscape, so a batch of both is padded.
+IMAGE_SIZES = {1: (800, 1066), 2: (1066, 800)}
+PIPELINE_RUN = "test-detr-r50-local"
+
+
+def detr_r50_config() -> transformers.DetrConfig:
+    backbone = transformers.ResNetConfig(layer_type="bottleneck", depths=[3, 4, 6, 3],
+                                         hidden_sizes=[256, 512, 1024, 2048], embedding_size=64,
+                                         out_features=["stage4"])
+    return transformers.DetrConfig(use_timm_backbone=False, backbone_config=backbone, d_model=D_MODEL,
+                                   encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, encoder_layers=LAYERS,
+                                   decoder_layers=LAYERS, num_queries=QUERIES, num_labels=LABELS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def detr_dir(tmp_path_factory) -> Path:
+    """A randomly initialised DETR-R50 saved with save_pretrained (what a local copy of the hub model looks like)."""
+    path = tmp_path_factory.mktemp("detr-r50")
+    torch.manual_seed(0)
+    model = transformers.DetrForObjectDetection(detr_r50_config())
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A tiny COCO-format split directory as the data stage writes it: instances JSON, images, splits.json."""
+    root = tmp_path_factory.mktemp("coco-data")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    images = []
+    for image_id, (h, w) in IMAGE_SIZES.items():
+        # Blocky random colours: JPEG-friendly, not a constant image.
+        blocks = rng.integers(0, 256, size=(h // 100 + 1, w // 100 + 1, 3), dtype=np.uint8)
+        Image.fromarray(blocks).resize((w, h), Image.NEAREST).save(root / "images" / f"{image_id:012d}.jpg",
+                                                                   quality=90)
+        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": h, "width": w})
+    boxes = [(1, 1, [100.0, 150.0, 300.0, 500.0]), (1, 18, [600.0, 400.0, 200.0, 150.0]),
+             (2, 1, [50.0, 80.0, 400.0, 800.0]), (2, 18, [500.0, 900.0, 25.0, 20.0])]
+    annotations = [{"id": i, "image_id": img, "category_id": cat, "bbox": bbox, "area": bbox[2] * bbox[3],
+                    "iscrowd": 0} for i, (img, cat, bbox) in enumerate(boxes, start=1)]
+    instances = {"info": {}, "licenses": [], "images": images, "annotations": annotations,
+                 "categories": [{"id": 1, "name": "person", "supercategory": "person"},
+                                {"id": 18, "name": "dog", "supercategory": "animal"}]}
+    (root / "instances_val.json").write_text(json.dumps(instances))
+    entry = {"annotations": "instances_val.json", "images": "images"}
+    (root / "splits.json").write_text(json.dumps({"val": entry, "train": entry, "calibration": entry}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, detr_dir, data_dir) -> dict:
+    """The coco study's config pointing at the local model; the model stage and the dense evaluation, run for real."""
+    work = tmp_path_factory.mktemp("study")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["study"] = "coco"
+    raw["studies"]["coco"]["model"]["name_or_path"] = str(detr_dir)
+    raw["studies"]["coco"]["evaluate"]["batch_size"] = 2
+    (work / "workflow" / "schemas").mkdir(parents=True)
+    shutil.copy(SCHEMA, work / "workflow" / "schemas" / SCHEMA.name)
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv(tracking.PIPELINE_RUN_ENV, PIPELINE_RUN)
+        cfg = load_config(work / "params.yaml")
+        tracking.init_store(cfg)
+        model_dir = work / "results" / "coco" / "model"
+        with tracking.stage_run(cfg, "model") as run:
+            info = build_model(cfg, data_dir, model_dir, run)
+            model_run_id = run.run_id
+        detections = work / "results" / "coco" / "detections" / "dense.json"
+        row_path = work / "results" / "coco" / "rows" / "dense.json"
+        with tracking.stage_run(cfg, "evaluate", setting="dense") as run:
+            returned = evaluate(cfg, "dense", model_dir, data_dir, detections, row_path, run)
+        yield {"cfg": cfg, "work": work, "uri": uri, "info": info, "model_dir": model_dir,
+               "model_run_id": model_run_id, "detections": detections, "row_path": row_path,
+               "row": json.loads(row_path.read_text()), "returned": returned}
+        mlflow.set_tracking_uri(None)  # leave no process-wide MLflow state behind
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+@pytest.fixture(scope="module")
+def source_model(detr_dir) -> transformers.DetrForObjectDetection:
+    return load_detr(detr_dir)
+
+
+@pytest.fixture(scope="module")
+def stage_model(stages) -> transformers.DetrForObjectDetection:
+    return load_detr(stages["model_dir"])
+
+
+@pytest.mark.parametrize("which", ["source_model", "stage_model"])
+def test_loaded_model_has_detr_r50_shape(request, which):
+    model = request.getfixturevalue(which)
+    assert not model.training
+    assert model.config.backbone_config.model_type == "resnet"
+    assert len(model.model.encoder.layers) == LAYERS and len(model.model.decoder.layers) == LAYERS
+    assert model.config.d_model == D_MODEL
+    for layer in (*model.model.encoder.layers, *model.model.decoder.layers):
+        assert (layer.mlp.fc1.in_features, layer.mlp.fc1.out_features) == (D_MODEL, FFN)
+        assert (layer.mlp.fc2.in_features, layer.mlp.fc2.out_features) == (FFN, D_MODEL)
+    assert model.model.query_position_embeddings.num_embeddings == QUERIES == model.config.num_queries
+    assert model.config.num_labels == LABELS
+    assert model.class_labels_classifier.out_features == LABELS + 1  # + "no object"
+
+
+def test_model_stage_copies_the_local_model(source_model, stage_model, stages, detr_dir):
+    source, copy_ = source_model.state_dict(), stage_model.state_dict()
+    assert source.keys() == copy_.keys()
+    assert all(torch.equal(source[k], copy_[k]) for k in source)
+    info = json.loads((stages["model_dir"] / "model_info.json").read_text())
+    assert info == stages["info"]
+    assert info["name_or_path"] == str(detr_dir) and info["revision"] == "no_timm"
+    assert info["parameters"] == sum(p.numel() for p in source_model.parameters())
+    processor = json.loads((stages["model_dir"] / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"shortest_edge": 800, "longest_edge": 1333}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def test_every_query_of_every_image_is_a_detection(stages):
+    detections = json.loads(stages["detections"].read_text())
+    assert len(detections) == len(IMAGE_SIZES) * QUERIES
+    for image_id in IMAGE_SIZES:
+        assert sum(d["image_id"] == image_id for d in detections) == QUERIES
+    for d in detections:
+        assert set(d) == {"image_id", "category_id", "bbox", "score"}
+        assert isinstance(d["category_id"], int) and 0 <= d["category_id"] < LABELS
+        assert len(d["bbox"]) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in d["bbox"])
+        assert 0 < d["score"] <= 1
+        # Boxes are in the original image's pixels (sigmoid-bounded centre/size, scaled by the image size).
+        h, w = IMAGE_SIZES[d["image_id"]]
+        x, y, bw, bh = d["bbox"]
+        assert -w <= x <= w and -h <= y <= h and 0 <= bw <= w + 0.01 and 0 <= bh <= h + 0.01
+
+
+def test_row_metrics_are_cocoeval_of_its_own_files(stages, data_dir):
+    row = stages["row"]
+    assert row == stages["returned"]
+    assert row["method"] == "dense" and row["images"] == len(IMAGE_SIZES)
+    assert Path(row["detections"]) == stages["detections"]
+    assert Path(row["annotations"]) == data_dir / "instances_val.json"
+    recomputed = coco_ap(row["annotations"], row["detections"])
+    assert set(recomputed) == set(AP_METRICS)
+    for name in AP_METRICS:
+        assert row[name] == recomputed[name], name
+        assert row[name] == -1.0 or 0.0 <= row[name] <= 1.0
+
+
+def padded_batch_shape(cfg, data_dir) -> tuple[torch.Size, torch.Tensor]:
+    """pixel_values shape and pixel_mask of the evaluation batch, as the evaluation's collate builds it."""
+    dataset = CocoDetection(load_split(data_dir, "val"))
+    batch = DetrCollate(image_processor(cfg.input), with_labels=False)([dataset[0], dataset[1]])
+    return batch["pixel_values"].shape, batch["pixel_mask"]
+
+
+def test_natural_sparsity_covers_all_twelve_ffn_blocks(stages):
+    row = stages["row"]
+    natural = row["natural_sparsity"]
+    assert 0.0 <= natural["overall"] <= 1.0
+    assert set(natural["per_block"]) == {f"{part}.{i}" for part in ("encoder", "decoder") for i in range(LAYERS)}
+    assert all(0.0 <= v <= 1.0 for v in natural["per_block"].values())
+    assert min(natural["encoder"], natural["decoder"]) <= natural["overall"] <= max(natural["encoder"],
+                                                                                    natural["decoder"])
+    # Dense evaluation: nothing induced, effective == natural.
+    assert row["induced_sparsity"]["overall"] == 0.0
+    assert set(row["induced_sparsity"]["per_block"]) == set(natural["per_block"])
+    assert row["effective_sparsity"] == natural["overall"]
+
+
+def test_natural_sparsity_counts_real_encoder_tokens_only(stages, data_dir):
+    # Each encoder block's fraction is zeros / (real tokens x FFN), where real tokens are the positions of the
+    # downsampled pixel mask that are not padding; decoder blocks count all 2 x 100 query positions.
+    shape, mask = padded_batch_shape(stages["cfg"], data_dir)
+    side = math.ceil(1066 / 32)
+    real = int(torch.nn.functional.interpolate(mask[None].float(), size=(side, side)).to(torch.bool).sum())
+    padded = shape[0] * side * side
+    assert 0 < real < padded
+    per_block = stages["row"]["natural_sparsity"]["per_block"]
+    for name, fraction in per_block.items():
+        denominator = (real if name.startswith("encoder") else shape[0] * QUERIES) * FFN
+        zeros = fraction * denominator
+        assert abs(zeros - round(zeros)) < 1e-6, (name, zeros)
+    # Counting padded positions instead would not give whole numbers of zeros.
+    assert any(abs(f * padded * FFN - round(f * padded * FFN)) > 1e-3
+               for n, f in per_block.items() if n.startswith("encoder"))
+
+
+def test_ffn_flops_match_closed_form_for_the_padded_batch(stages, data_dir, stage_model):
+    cfg = stages["cfg"]
+    shape, mask = padded_batch_shape(cfg, data_dir)
+    # 800x1066 and 1066x800 are already at DETR's 800/1333 size; one batch pads both to 1066x1066.
+    assert tuple(shape) == (2, 3, 1066, 1066)
+    assert 0 < int(mask.sum()) < mask.numel(), "the batch must contain padding"
+    # The encoder's sequence length: the backbone's last feature map for that padded batch (shapes only).
+    with torch.device("meta"):
+        meta = transformers.DetrForObjectDetection(stage_model.config)
+    feature_map, _ = meta.model.backbone(torch.empty(shape, device="meta"),
+                                         torch.ones(shape[0], *shape[2:], dtype=torch.long, device="meta"))[-1]
+    tokens = feature_map.shape[-2] * feature_map.shape[-1]
+    assert tokens == math.ceil(1066 / 32) ** 2
+    encoder = 2 * 2 * tokens * D_MODEL * FFN * LAYERS  # fc1 + fc2, 2 FLOPs per MAC, padded tokens counted
+    decoder = 2 * 2 * QUERIES * D_MODEL * FFN * LAYERS
+    row = stages["row"]
+    assert row["ffn_flops"]["dense"] == pytest.approx(encoder + decoder, rel=1e-6)
+    assert row["ffn_flops"]["as_run"] == row["ffn_flops"]["dense"]
+    assert row["total_flops"]["dense"] > row["ffn_flops"]["dense"]
+    assert row["total_flops"]["as_run"] == row["total_flops"]["dense"]
+    assert "2 x multiply-accumulates" in row["flops_convention"]
+
+
+def test_mlflow_runs_are_finished_and_tagged(stages):
+    cfg, row = stages["cfg"], stages["row"]
+    client = MlflowClient(tracking_uri=stages["uri"])
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    assert experiment is not None and cfg.experiment == "detr-sparsity-coco"
+
+    run = client.get_run(row["mlflow_run_id"])
+    assert run.info.experiment_id == experiment.experiment_id
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["study"] == "coco" and tags["stage"] == "evaluate" and tags["setting"] == "dense"
+    assert tags["git_commit"]
+    assert tags["params_hash"] == cfg.params_hash("evaluate")
+    assert tags["pipeline_run"] == PIPELINE_RUN
+    for name in AP_METRICS:
+        assert run.data.metrics[name] == pytest.approx(row[name])
+    assert run.data.metrics["natural_sparsity"] == pytest.approx(row["natural_sparsity"]["overall"])
+    assert run.data.metrics["ffn_gflops"] == pytest.approx(row["ffn_flops"]["dense"] / 1e9)
+    assert run.data.params["evaluate.batch_size"] == "2" and run.data.params["study"] == "coco"
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert stages["row_path"].name in artifacts
+
+    model_run = client.get_run(stages["model_run_id"])
+    assert model_run.info.status == "FINISHED"
+    assert model_run.data.tags["stage"] == "model"
+    assert model_run.data.tags["params_hash"] == cfg.params_hash("model")
+    assert model_run.data.params["model.name_or_path"] == cfg.model["name_or_path"]

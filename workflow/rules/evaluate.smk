@@ -1,0 +1,20 @@
+rule evaluate:
+    input:
+        code=code("evaluation", "sparsity"),
+        model=f"{RESULTS}/model",
+        data=f"{RESULTS}/data",
+    output:
+        detections=f"{RESULTS}/evaluate/{{method}}/detections.json",
+        row=f"{RESULTS}/evaluate/{{method}}/row.json",
+    params:
+        settings=stage_params("evaluate"),
+    log:
+        f"{RESULTS}/logs/evaluate-{{method}}.log",
+    message:
+        f"evaluate: COCO AP of method {{wildcards.method}} on the {STUDY} study"
+    conda:
+        "../envs/study.yaml"
+    threads: MAX_THREADS
+    shell:
+        "python -m detr_sparsity --log {log} evaluate --method {wildcards.method} --model {input.model}"
+        " --data {input.data} --detections {output.detections} --row {output.row}"

@@ -1,0 +1,17 @@
+rule model:
+    input:
+        code=code("models"),
+        data=f"{RESULTS}/data",
+    output:
+        directory(f"{RESULTS}/model"),
+    params:
+        settings=stage_params("model"),
+    log:
+        f"{RESULTS}/logs/model.log",
+    message:
+        f"model: pretraining or fetching the dense DETR of the {STUDY} study"
+    conda:
+        "../envs/study.yaml"
+    threads: MAX_THREADS
+    shell:
+        "python -m detr_sparsity --log {log} model --data {input.data} --out {output}"
