@@ -30,3 +30,9 @@ rule all:
 onstart:
     # One process creates the MLflow store and experiment before parallel jobs open it.
     shell("python -m detr_sparsity init-tracking")
+
+
+onsuccess:
+    # Record what Snakemake produced in dvc.lock and DVC's cache: DVC versions the artifacts, and a
+    # following `dvc repro` or `dvc status` sees the same pipeline as up to date.
+    shell("dvc commit --force --quiet")

@@ -16,15 +16,16 @@ PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", ".dvc/confi
 
 TINY = {
     "data": {"source": "synthetic", "splits": {"train": 16, "calibration": 4, "val": 6},
-             "image_size": 96, "num_classes": 6, "min_objects": 1, "max_objects": 4},
+             "image_size": 96, "num_classes": 6, "min_objects": 1, "max_objects": 4, "count_decay": 0.75},
     "input": {"shortest_edge": 64, "longest_edge": 64},
     "model": {
         "source": "pretrain",
         "architecture": {"d_model": 16, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1,
-                         "attention_heads": 2, "num_queries": 5, "backbone_hidden_sizes": [8, 16],
-                         "backbone_depths": [1, 1]},
+                         "attention_heads": 2, "num_queries": 8, "backbone_hidden_sizes": [8, 16],
+                         "backbone_depths": [1, 1], "dropout": 0.0},
         "pretrain": {"steps": 3, "batch_size": 4, "learning_rate": 1.0e-4, "weight_decay": 0.0,
-                     "warmup_steps": 1, "grad_clip": 0.1},
+                     "warmup_steps": 1, "grad_clip": 0.1, "target_copies": 2,
+                     "one_to_many_fraction": 0.5, "checkpoint_every": 2},
     },
     "evaluate": {"split": "val", "batch_size": 3},
     "mgs": {"targets": [0.5, 0.9], "group_size": 16},

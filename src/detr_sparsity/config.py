@@ -86,16 +86,16 @@ def _describe(error: jsonschema.ValidationError) -> str:
     """One readable sentence for a schema violation: key, bad value, what is allowed."""
     key, value, rule, kind = _key(error.absolute_path), error.instance, error.validator_value, error.validator
     allowed = {
-        "minimum": f"must be >= {rule}",
-        "maximum": f"must be <= {rule}",
-        "exclusiveMinimum": f"must be > {rule}",
-        "exclusiveMaximum": f"must be < {rule}",
-        "enum": f"allowed values: {', '.join(map(str, rule))}",
-        "type": f"must be of type {rule}",
-        "minItems": f"needs at least {rule} item(s)",
-        "uniqueItems": "items must be unique",
-        "pattern": f"must match {rule!r}",
-        "minLength": f"must have at least {rule} character(s)",
+        "minimum": lambda: f"must be >= {rule}",
+        "maximum": lambda: f"must be <= {rule}",
+        "exclusiveMinimum": lambda: f"must be > {rule}",
+        "exclusiveMaximum": lambda: f"must be < {rule}",
+        "enum": lambda: f"allowed values: {', '.join(map(str, rule))}",
+        "type": lambda: f"must be of type {rule}",
+        "minItems": lambda: f"needs at least {rule} item(s)",
+        "uniqueItems": lambda: "items must be unique",
+        "pattern": lambda: f"must match {rule!r}",
+        "minLength": lambda: f"must have at least {rule} character(s)",
     }
     if kind == "required":
         missing = [k for k in rule if k not in value]
@@ -104,7 +104,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         extra = sorted(set(value) - set(error.schema.get("properties", {})))
         allowed_keys = ", ".join(sorted(error.schema.get("properties", {})))
         return f"{key}: unknown key(s) {', '.join(extra)}; allowed keys: {allowed_keys}"
-    return f"{key} = {json.dumps(value)} is not allowed: {allowed.get(kind, error.message)}"
+    reason = allowed[kind]() if kind in allowed else error.message
+    return f"{key} = {json.dumps(value)} is not allowed: {reason}"
 
 
 def validate(raw: dict[str, Any], schema: dict[str, Any]) -> None:
@@ -145,6 +146,10 @@ def _cross_field_problems(raw: dict[str, Any]) -> list[str]:
         if len(arch["backbone_hidden_sizes"]) != len(arch["backbone_depths"]):
             problems.append(f"{prefix}.model.architecture.backbone_depths = {arch['backbone_depths']} is not "
                             "allowed: needs one depth per entry of backbone_hidden_sizes")
+        copies = model["pretrain"]["target_copies"]
+        if data["source"] == "synthetic" and arch["num_queries"] < copies * data["max_objects"]:
+            problems.append(f"{prefix}.model.architecture.num_queries = {arch['num_queries']} is not allowed: "
+                            f"must be >= pretrain.target_copies x data.max_objects ({copies * data['max_objects']})")
         if arch["ffn_dim"] % cfg["mgs"]["group_size"]:
             problems.append(f"{prefix}.mgs.group_size = {cfg['mgs']['group_size']} is not allowed: "
                             f"must divide ffn_dim ({arch['ffn_dim']})")

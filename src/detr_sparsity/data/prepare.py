@@ -25,6 +25,7 @@ def prepare_data(cfg: StudyConfig, out_dir: Path) -> dict:
                 num_classes=data["num_classes"],
                 min_objects=data["min_objects"],
                 max_objects=data["max_objects"],
+                count_decay=data["count_decay"],
             )
             manifest = generate_synthetic(tmp, data["splits"], spec, cfg.seed)
             write_json(tmp / MANIFEST, manifest)

@@ -43,6 +43,19 @@ class HorizontalFlip(Dataset):
         return image, {**target, "annotations": anns}
 
 
+def _repeat_targets(labels: list[dict], copies: int) -> list[dict]:
+    """Each ground-truth box `copies` times, so Hungarian matching gives it that many queries.
+
+    One-to-many assignment (as H-DETR and Group DETR use it) multiplies the positive training signal per
+    image; a from-scratch DETR otherwise spends most of a CPU budget on a plateau where every class score
+    stays uniform (measured: AP50 0.009 vs 0.070 after 1000 steps). The last part of pretraining returns
+    to DETR's one-to-one matching, so the model learns again to give each object a single query.
+    """
+    if copies == 1:
+        return labels
+    return [{k: v.repeat(copies, *[1] * (v.dim() - 1)) for k, v in lab.items()} for lab in labels]
+
+
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to 10 % of the peak."""
     if step < warmup:
@@ -95,7 +108,10 @@ def pretrain(
         for i, batch in enumerate(loader):
             if i < skip:
                 continue
-            out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=batch["labels"])
+            labels = batch["labels"]
+            if step < settings["one_to_many_fraction"] * steps:
+                labels = _repeat_targets(labels, settings["target_copies"])
+            out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=labels)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
@@ -109,7 +125,7 @@ def pretrain(
             if step % 50 == 0:
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}")
                 log.info("step %d/%d loss %.4f", step, steps, metrics["loss"])
-            if step % 500 == 0 and step < steps:
+            if step % settings["checkpoint_every"] == 0 and step < steps:
                 _save_checkpoint(checkpoint, model, optimizer, scheduler, step, time.perf_counter() - start)
             if step >= steps:
                 break
