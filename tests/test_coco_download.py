@@ -355,3 +355,32 @@ def test_prepare_coco_from_local_root(tmp_path):
     (root / "val2017").rmdir()
     with pytest.raises(FileNotFoundError, match=r"val2017.*a COCO root must contain"):
         prepare_coco(out_dir=tmp_path / "missing", **kwargs)
+
+
+def test_data_stage_of_the_coco_study_uses_a_local_root(tmp_path, monkeypatch):
+    """The `data` command with `study: coco` and a local root: the real stage, settings from params.yaml."""
+    import shutil
+
+    import yaml
+
+    from detr_sparsity.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    root = _local_root(tmp_path / "coco")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["study"] = "coco"
+    params["studies"]["coco"]["data"].update(root=str(root), val_images=3, train_images=3, calibration_images=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "workflow/schemas").mkdir(parents=True)
+    shutil.copy(repo / "workflow/schemas/params.schema.yaml", tmp_path / "workflow/schemas")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    assert main(["--params", "params.yaml", "data", "--out", "results/coco/data"]) == 0
+    out = tmp_path / "results/coco/data"
+    splits = json.loads((out / "splits.json").read_text())
+    counts = {name: len(json.loads((out / s["annotations"]).read_text())["images"]) for name, s in splits.items()}
+    assert counts == {"val": 3, "train": 3, "calibration": 2}
+    assert Path(splits["train"]["images"]) == (root / "train2017").resolve()
+    # Nothing but the finished output is left behind (the stage writes into a temporary directory first).
+    assert sorted(p.name for p in out.parent.iterdir()) == ["data"]

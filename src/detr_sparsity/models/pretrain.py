@@ -98,16 +98,16 @@ def pretrain(
     model.train()
     progress = tqdm(total=steps, initial=step, desc="pretrain", mininterval=10)
     start = time.perf_counter() - elapsed
+    per_epoch = len(data) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the train split ({len(data)} images)")
     while step < steps:
-        # Epoch-seeded shuffling, so a resumed run sees the same order as an uninterrupted one.
-        data.epoch = step * batch_size // len(data)
-        generator = torch.Generator().manual_seed(seed + data.epoch)
-        loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
-                            collate_fn=collate, generator=generator)
-        skip = (step * batch_size % len(data)) // batch_size
-        for i, batch in enumerate(loader):
-            if i < skip:
-                continue
+        # Epoch-seeded shuffling: a resumed run sees exactly the batches an uninterrupted one would.
+        data.epoch, offset = divmod(step, per_epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + data.epoch)).tolist()
+        batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(offset, per_epoch)]
+        loader = DataLoader(data, batch_sampler=batches, collate_fn=collate)
+        for batch in loader:
             labels = batch["labels"]
             if step < settings["one_to_many_fraction"] * steps:
                 labels = _repeat_targets(labels, settings["target_copies"])
