@@ -143,6 +143,14 @@ BAD_VALUES = {
         {"studies.synthetic.data.min_objects": 5, "studies.synthetic.data.max_objects": 3},
         ["studies.synthetic.data.min_objects", "= 5", "must be <= max_objects (3)"],
     ),
+    "pretraining batch larger than the train split": (
+        {"studies.synthetic.data.splits.train": 8, "studies.synthetic.model.pretrain.batch_size": 16},
+        ["studies.synthetic.model.pretrain.batch_size", "= 16", "must be <= data.splits.train (8)"],
+    ),
+    "too few queries for one-to-many matching": (
+        {"studies.synthetic.model.architecture.num_queries": 20},
+        ["studies.synthetic.model.architecture.num_queries", "= 20", "target_copies x data.max_objects (30)"],
+    ),
     "string for integer": (
         {"studies.synthetic.evaluate.batch_size": "four"},
         ["studies.synthetic.evaluate.batch_size", '"four"', "must be of type integer"],

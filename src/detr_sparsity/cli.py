@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -24,14 +23,6 @@ def _setup_logging(log_file: Path | None) -> None:
         handlers.append(logging.FileHandler(log_file, mode="w"))
     logging.basicConfig(level=logging.INFO, handlers=handlers,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-
-
-def _threads() -> None:
-    # Snakemake exports OMP_NUM_THREADS=<rule threads>; torch would otherwise take every core per job.
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ:
-        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
 def cmd_init_tracking(cfg: StudyConfig, args) -> None:
@@ -64,7 +55,6 @@ def cmd_model(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.models.stage import build_model
 
-    _threads()
     with tracking.stage_run(cfg, "model") as run:
         info = build_model(cfg, args.data, args.out, run)
         run.log_metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})
@@ -76,7 +66,6 @@ def cmd_evaluate(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.evaluation.evaluate import evaluate
 
-    _threads()
     with tracking.stage_run(cfg, "evaluate", setting=args.method) as run:
         evaluate(cfg, args.method, args.model, args.data, args.detections, args.row, run)
 

@@ -146,6 +146,10 @@ def _cross_field_problems(raw: dict[str, Any]) -> list[str]:
         if len(arch["backbone_hidden_sizes"]) != len(arch["backbone_depths"]):
             problems.append(f"{prefix}.model.architecture.backbone_depths = {arch['backbone_depths']} is not "
                             "allowed: needs one depth per entry of backbone_hidden_sizes")
+        batch = model["pretrain"]["batch_size"]
+        if data["source"] == "synthetic" and batch > data["splits"]["train"]:
+            problems.append(f"{prefix}.model.pretrain.batch_size = {batch} is not allowed: "
+                            f"must be <= data.splits.train ({data['splits']['train']})")
         copies = model["pretrain"]["target_copies"]
         if data["source"] == "synthetic" and arch["num_queries"] < copies * data["max_objects"]:
             problems.append(f"{prefix}.model.architecture.num_queries = {arch['num_queries']} is not allowed: "

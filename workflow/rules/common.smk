@@ -12,5 +12,6 @@ def stage_params(stage):
     return CFG.stage_params(stage)
 
 
-# Torch threads per job: never more than the machine has, whatever --cores says.
+# Torch threads per job (Snakemake exports OMP_NUM_THREADS=threads, which torch honours): never more than
+# the machine has, whatever --cores says.
 MAX_THREADS = min(workflow.cores, os.cpu_count() or 1)
