@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CORES ?= 8
 
-.PHONY: study test install lint clean
+.PHONY: study test install lint benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install
 
 lint: install
 	snakemake --lint
+
+# Measurements on the default study's outputs (run `make study` first); JSON under results/<study>/benchmark/.
+benchmark: install
+	$(PYTHON) benchmarks/profiling_overhead.py --repeats 7
 
 clean:
 	rm -rf results .snakemake mlflow.db mlruns mlartifacts

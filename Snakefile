@@ -18,6 +18,9 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/profile.smk"
+include: "workflow/rules/masking.smk"
+include: "workflow/rules/sibs.smk"
 include: "workflow/rules/summary.smk"
 
 

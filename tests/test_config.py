@@ -137,7 +137,7 @@ BAD_VALUES = {
     ),
     "unknown top-level key": (
         {"sed": 1},
-        ["<top level>", "unknown key(s) sed", "allowed keys: seed, studies, study, tracking"],
+        ["<top level>", "unknown key(s) sed", "allowed keys: masking, profile, seed, sibs, studies, study, tracking"],
     ),
     "min_objects > max_objects": (
         {"studies.synthetic.data.min_objects": 5, "studies.synthetic.data.max_objects": 3},
@@ -162,6 +162,26 @@ BAD_VALUES = {
     "bad enum": (
         {"studies.synthetic.evaluate.split": "test"},
         ["studies.synthetic.evaluate.split", '"test"', "allowed values: train, calibration, val"],
+    ),
+    "keep-ratio of zero": (
+        {"masking.keep_ratios": [1.0, 0]},
+        ["masking.keep_ratios.1", "= 0", "must be > 0"],
+    ),
+    "keep-ratio above one": (
+        {"masking.keep_ratios": [1.5]},
+        ["masking.keep_ratios.0", "= 1.5", "must be <= 1"],
+    ),
+    "unknown masking method": (
+        {"masking.methods": ["topk", "bottomk"]},
+        ["masking.methods.1", '"bottomk"', "allowed values: topk, random"],
+    ),
+    "unknown SIBS indicator": (
+        {"sibs.indicator": "variance"},
+        ["sibs.indicator", '"variance"', "allowed values: firing_frequency, mean_activation"],
+    ),
+    "negative SIBS threshold": (
+        {"sibs.thresholds": [0.0, -0.1]},
+        ["sibs.thresholds.1", "-0.1", "must be >= 0"],
     ),
     "too many classes": (
         {"studies.synthetic.data.num_classes": 9},

@@ -30,6 +30,11 @@ TINY = {
     "evaluate": {"split": "val", "batch_size": 3},
     "mgs": {"targets": [0.5, 0.9], "group_size": 16},
 }
+# Small sweeps: keep-ratio 1.0 and threshold 0.0 must reproduce the dense row exactly.
+TINY_SWEEPS = {
+    "masking": {"methods": ["topk", "random"], "keep_ratios": [1.0, 0.25]},
+    "sibs": {"indicator": "firing_frequency", "thresholds": [0.0, 0.2]},
+}
 
 
 def tool_env(root: Path) -> dict[str, str]:
@@ -57,6 +62,7 @@ def make_tiny_project(dest: Path) -> Path:
     shutil.copy2(REPO / ".gitignore", dest / ".gitignore")
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["studies"]["synthetic"] = TINY
+    params.update(TINY_SWEEPS)
     write_params(dest, params)
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "add", "-A"], dest)

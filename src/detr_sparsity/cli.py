@@ -70,12 +70,36 @@ def cmd_evaluate(cfg: StudyConfig, args) -> None:
         evaluate(cfg, args.method, args.model, args.data, args.detections, args.row, run)
 
 
+def cmd_profile(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.sparsity.profile import profile_stage
+
+    with tracking.stage_run(cfg, "profile") as run:
+        profile_stage(cfg, args.model, args.data, args.out, run)
+
+
+def cmd_masking(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.sparsity.masking import masking_stage
+
+    with tracking.stage_run(cfg, "masking", setting=f"{args.method} keep={args.keep_ratio}") as run:
+        masking_stage(cfg, args.method, args.keep_ratio, args.model, args.data, args.detections, args.rows, run)
+
+
+def cmd_sibs(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.sparsity.sibs import sibs_stage
+
+    with tracking.stage_run(cfg, "sibs", setting=f"threshold={args.threshold}") as run:
+        sibs_stage(cfg, args.threshold, args.model, args.data, args.profile, args.detections, args.row, run)
+
+
 def cmd_summary(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
-    from detr_sparsity.reporting.summary import gather
+    from detr_sparsity.reporting.summary import gather, row_files
 
     with tracking.stage_run(cfg, "summary") as run:
-        rows = gather(args.rows, args.out)
+        rows = gather(row_files(cfg), args.out)
         run.log_metrics({"rows": len(rows)})
         run.log_artifact(args.out)
 
@@ -107,8 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--row", type=Path, required=True)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("summary", help="gather row files into summary.json")
-    p.add_argument("rows", type=Path, nargs="+")
+    p = sub.add_parser("profile", help="activation statistics of the dense model on the calibration split")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("masking", help="top-k or random keep of k of H activations, every block alone and all")
+    p.add_argument("--method", required=True, help="topk or random")
+    p.add_argument("--keep-ratio", type=float, required=True, help="k / H, in (0, 1]")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--detections", type=Path, required=True, help="directory for one detections file per scope")
+    p.add_argument("--rows", type=Path, required=True)
+    p.set_defaults(func=cmd_masking)
+
+    p = sub.add_parser("sibs", help="static indicator-based sparsification at one threshold")
+    p.add_argument("--threshold", type=float, required=True)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--profile", type=Path, required=True)
+    p.add_argument("--detections", type=Path, required=True)
+    p.add_argument("--row", type=Path, required=True)
+    p.set_defaults(func=cmd_sibs)
+
+    p = sub.add_parser("summary", help="gather the row files of every configured evaluation into summary.json")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_summary)
     return parser

@@ -26,7 +26,17 @@ STAGE_SECTIONS: dict[str, list[str]] = {
     "data": ["data"],
     "model": ["input", "model"],
     "evaluate": ["input", "evaluate"],
+    "profile": ["input", "evaluate"],
+    "masking": ["input", "evaluate"],
+    "sibs": ["input", "evaluate"],
     "summary": [],
+}
+# Study-independent params a stage depends on, as dotted keys of params.yaml. A sweep's list is not among
+# them: each point is its own job, and its value is part of the job's command.
+STAGE_KEYS: dict[str, list[str]] = {
+    "profile": ["profile.split"],
+    "sibs": ["sibs.indicator"],
+    "summary": ["masking.methods", "masking.keep_ratios", "sibs.thresholds"],  # which rows are gathered
 }
 
 
@@ -55,6 +65,18 @@ class StudyConfig:
     raw: dict[str, Any] = field(repr=False)
 
     @property
+    def profile(self) -> dict[str, Any]:
+        return self.raw["profile"]
+
+    @property
+    def masking(self) -> dict[str, Any]:
+        return self.raw["masking"]
+
+    @property
+    def sibs(self) -> dict[str, Any]:
+        return self.raw["sibs"]
+
+    @property
     def results_dir(self) -> Path:
         return Path("results") / self.name
 
@@ -62,12 +84,20 @@ class StudyConfig:
         """The params a stage depends on (what DVC lists under `params:`), for logging and hashing."""
         study = self.raw["studies"][self.name]
         sections = STAGE_SECTIONS.get(stage, [])
-        return {"study": self.name, "seed": self.seed, **{s: study[s] for s in sections}}
+        keys = {key: _lookup(self.raw, key) for key in STAGE_KEYS.get(stage, [])}
+        return {"study": self.name, "seed": self.seed, **{s: study[s] for s in sections}, **keys}
 
     def params_hash(self, stage: str) -> str:
         """Short hash of a stage's params: equal hashes mean equal settings."""
         blob = json.dumps(self.stage_params(stage), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _lookup(raw: dict[str, Any], dotted: str) -> Any:
+    value = raw
+    for part in dotted.split("."):
+        value = value[part]
+    return value
 
 
 def _schema_path(params_path: Path) -> Path:

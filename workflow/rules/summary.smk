@@ -1,11 +1,10 @@
-# Every evaluated configuration; later stages add theirs here and in dvc.yaml's summary deps.
-EVALUATIONS = ["dense"]
+from detr_sparsity.reporting.summary import row_files
 
 
 rule summary:
     input:
         code=code("reporting"),
-        rows=expand(f"{RESULTS}/evaluate/{{method}}/row.json", method=EVALUATIONS),
+        rows=[str(path) for path in row_files(CFG)],
     output:
         f"{RESULTS}/summary.json",
     params:
@@ -13,9 +12,9 @@ rule summary:
     log:
         f"{RESULTS}/logs/summary.log",
     message:
-        "summary: gathering {input.rows} into {output}"
+        "summary: gathering the rows of every evaluation into {output}"
     conda:
         "../envs/study.yaml"
     threads: 1
     shell:
-        "python -m detr_sparsity --log {log} summary {input.rows} --out {output}"
+        "python -m detr_sparsity --log {log} summary --out {output}"

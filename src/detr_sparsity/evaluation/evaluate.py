@@ -1,78 +1,106 @@
-"""Stage `evaluate`: one method's detections on the evaluation split, its AP, sparsity and FLOPs as one row.
+"""Evaluating a configuration: detections on the evaluation split with FFN policies installed, their COCO AP,
+the sparsity the wrappers counted and the FLOPs as run, as one row of summary.json.
 
-Each evaluation writes only its own files (detections + row); the `summary` stage gathers the rows, so
-parallel evaluations never write to one file.
+`evaluate_policies` is the one evaluation used by every method (dense here, top-k / random in `masking`,
+SIBS in `sibs`, ...). Each job writes only its own files; the `summary` stage gathers the rows, so parallel
+evaluations never write to one file.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
-import torch
 from torch.utils.data import DataLoader
+from transformers import DetrForObjectDetection, DetrImageProcessorPil
 
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
-from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
-from detr_sparsity.evaluation.coco_eval import coco_ap
+from detr_sparsity.data.dataset import CocoDetection, DetrCollate, Split, image_processor, load_split
+from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
 from detr_sparsity.evaluation.detections import detect
-from detr_sparsity.evaluation.flops import FLOPS_CONVENTION, FlopCount
+from detr_sparsity.evaluation.flops import FLOPS_CONVENTION, FlopCount, flops_per_image
 from detr_sparsity.models.load import load_detr
-from detr_sparsity.sparsity.natural import NaturalSparsityCounter
+from detr_sparsity.sparsity.ffn import sparse_ffns
+from detr_sparsity.sparsity.policies import Policy
 from detr_sparsity.tracking import StageRun
 
 log = logging.getLogger(__name__)
 
+# Methods of the `evaluate` stage itself; the other methods have their own stages.
 METHODS = ("dense",)
 
 
-def evaluate(
-    cfg: StudyConfig,
-    method: str,
-    model_dir: Path,
-    data_dir: Path,
-    detections_path: Path,
-    row_path: Path,
-    run: StageRun,
-) -> dict:
-    """Detect on the evaluation split with `method`, score with COCOeval, write detections and the row."""
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not known; allowed: {', '.join(METHODS)}")
-    split = load_split(data_dir, cfg.evaluate["split"])
-    dataset = CocoDetection(split)
-    processor = image_processor(cfg.input)
-    loader = DataLoader(dataset, batch_size=cfg.evaluate["batch_size"], collate_fn=DetrCollate(processor, False))
-    model = load_detr(model_dir)
+@dataclass
+class EvaluationSplit:
+    """The split a study is evaluated on, with its loader (DETR's resize and padding, no labels)."""
 
-    sparsity = NaturalSparsityCounter()
+    split: Split
+    processor: DetrImageProcessorPil
+    loader: DataLoader
+
+    @property
+    def images(self) -> int:
+        return len(self.loader.dataset)
+
+
+def evaluation_split(cfg: StudyConfig, data_dir: Path, split_name: str | None = None) -> EvaluationSplit:
+    split = load_split(data_dir, split_name or cfg.evaluate["split"])
+    processor = image_processor(cfg.input)
+    loader = DataLoader(CocoDetection(split), batch_size=cfg.evaluate["batch_size"],
+                        collate_fn=DetrCollate(processor, with_labels=False))
+    return EvaluationSplit(split, processor, loader)
+
+
+def evaluate_policies(model: DetrForObjectDetection, data: EvaluationSplit, policies: Mapping[str, Policy],
+                      detections_path: Path) -> dict:
+    """Detect with `policies` installed (blocks not named run dense), score with COCOeval, count FLOPs.
+
+    Returns the measured part of a row: AP metrics, natural / induced / effective sparsity, FLOPs.
+    """
     flops = FlopCount()
-    with sparsity.attach(model), flops:
-        detections = detect(model, processor, loader, total=len(loader),
+    with sparse_ffns(model, policies) as sparsity, flops:
+        detections = detect(model, data.processor, data.loader, total=len(data.loader),
                             on_batch=lambda batch, _out: flops.add_images(len(batch["image_ids"])))
     write_json(detections_path, detections, indent=None)
-    metrics = coco_ap(split.annotations, detections_path)
-    per_image = flops.per_image()
-    natural = sparsity.summary()
-    row = {
-        "method": method,
-        "setting": None,
-        **metrics,
-        "natural_sparsity": natural,
-        # The dense policy skips no hidden neuron; effective sparsity is then the natural one.
-        "induced_sparsity": {"overall": 0.0, "per_block": {name: 0.0 for name in natural["per_block"]}},
-        "effective_sparsity": natural["overall"],
-        "ffn_flops": {"dense": per_image["ffn"], "as_run": per_image["ffn"]},
-        "total_flops": {"dense": per_image["total"], "as_run": per_image["total"]},
+    per_image = flops_per_image(flops, sparsity)
+    return {
+        **coco_ap(data.split.annotations, detections_path),
+        "natural_sparsity": sparsity.natural_sparsity(),
+        "induced_sparsity": sparsity.induced_sparsity(),
+        "effective_sparsity": sparsity.effective_sparsity(),
+        "ffn_flops": per_image["ffn"],
+        "total_flops": per_image["total"],
         "flops_convention": FLOPS_CONVENTION,
-        "images": len(dataset),
+        "images": data.images,
         "detections": str(detections_path),
-        "annotations": str(split.annotations),
-        "mlflow_run_id": run.run_id,
+        "annotations": str(data.split.annotations),
     }
+
+
+def row_metrics(row: dict) -> dict[str, float]:
+    """The scalar metrics of a row, as logged to MLflow."""
+    return {**{k: row[k] for k in AP_METRICS},
+            "natural_sparsity": row["natural_sparsity"]["overall"],
+            "induced_sparsity": row["induced_sparsity"]["overall"],
+            "effective_sparsity": row["effective_sparsity"]["overall"],
+            "ffn_gflops": row["ffn_flops"]["as_run"] / 1e9, "total_gflops": row["total_flops"]["as_run"] / 1e9}
+
+
+def evaluate(cfg: StudyConfig, method: str, model_dir: Path, data_dir: Path, detections_path: Path,
+             row_path: Path, run: StageRun) -> dict:
+    """Stage `evaluate`: the dense model's row."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not known; allowed: {', '.join(METHODS)}")
+    data = evaluation_split(cfg, data_dir)
+    model = load_detr(model_dir)
+    row = {"method": method, "setting": None,
+           **evaluate_policies(model, data, {}, detections_path), "mlflow_run_id": run.run_id}
     write_json(row_path, row)
-    run.log_metrics({**metrics, "natural_sparsity": natural["overall"],
-                     "ffn_gflops": per_image["ffn"] / 1e9, "total_gflops": per_image["total"] / 1e9})
+    run.log_metrics(row_metrics(row))
     run.log_artifact(row_path)
-    log.info("%s: AP %.4f AP50 %.4f natural sparsity %.3f", method, metrics["AP"], metrics["AP50"], natural["overall"])
+    log.info("%s: AP %.4f AP50 %.4f natural sparsity %.3f", method, row["AP"], row["AP50"],
+             row["natural_sparsity"]["overall"])
     return row

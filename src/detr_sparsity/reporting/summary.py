@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from detr_sparsity.atomic import write_json
+from detr_sparsity.config import StudyConfig
 from detr_sparsity.evaluation.coco_eval import AP_METRICS
 
 log = logging.getLogger(__name__)
@@ -15,15 +16,33 @@ REQUIRED = ("method", "setting", *AP_METRICS, "natural_sparsity", "induced_spars
             "total_flops", "detections", "annotations", "mlflow_run_id")
 
 
+def row_files(cfg: StudyConfig) -> list[Path]:
+    """Every evaluated configuration's row file, in summary order: dense, the masking sweep, the SIBS sweep.
+
+    The paths are the outputs of the rules in workflow/rules (Snakemake fails on a path no rule makes).
+    """
+    results = cfg.results_dir
+    return [
+        results / "evaluate" / "dense" / "row.json",
+        *(results / "masking" / f"{method}-{keep}" / "rows.json"
+          for method in cfg.masking["methods"] for keep in cfg.masking["keep_ratios"]),
+        *(results / "sibs" / str(threshold) / "row.json" for threshold in cfg.sibs["thresholds"]),
+    ]
+
+
 def gather(row_paths: list[Path], out_path: Path) -> list[dict]:
-    """One list of rows, in the given order; a row missing a field of the record is an error."""
+    """One list of rows, in the given order; a row missing a field of the record is an error.
+
+    A row file holds one row (an evaluation) or a list of rows (a sweep point evaluated on several scopes).
+    """
     rows = []
     for path in row_paths:
-        row = json.loads(Path(path).read_text())
-        missing = [k for k in REQUIRED if k not in row]
-        if missing:
-            raise ValueError(f"row file {path} lacks field(s) {', '.join(missing)}")
-        rows.append(row)
+        found = json.loads(Path(path).read_text())
+        for row in found if isinstance(found, list) else [found]:
+            missing = [k for k in REQUIRED if k not in row]
+            if missing:
+                raise ValueError(f"row file {path} lacks field(s) {', '.join(missing)}")
+            rows.append(row)
     write_json(out_path, rows)
     log.info("gathered %d row(s) into %s", len(rows), out_path)
     return rows

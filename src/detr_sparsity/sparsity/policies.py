@@ -1,0 +1,89 @@
+"""Policies: which hidden neurons of an FFN block each token computes (the mask m of y = fc2(m * relu(fc1 x))).
+
+A policy only decides the mask; the wrapper in `sparsity.ffn` applies it and does all the counting. A
+policy declares what deciding costs, so FLOPs stay honest:
+- `reads_activations`: the mask is chosen from relu(fc1 x) itself (the top-k oracle), so fc1 must run in
+  full and a skipped neuron saves only its fc2 column; otherwise it saves its fc1 row too.
+- `overhead_macs_per_token`: work the policy adds per token (a gate's matmul), counted back into FLOPs.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+
+class Policy:
+    """Dense: every neuron of every token is computed (m = 1)."""
+
+    name = "dense"
+    reads_activations = False
+
+    def mask(self, inputs: torch.Tensor, activations: torch.Tensor) -> torch.Tensor | None:
+        """Boolean keep-mask broadcastable to `activations` (..., H), or None for all kept."""
+        return None
+
+    def overhead_macs_per_token(self, d_model: int, hidden: int) -> int:
+        return 0
+
+
+Dense = Policy
+
+
+def keep_count(keep_ratio: float, hidden: int) -> int:
+    """k of H neurons kept per token for a keep-ratio: rounded, at least 1 (a ratio of 1.0 keeps all H)."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio = {keep_ratio} is not allowed: must be in (0, 1]")
+    return max(1, min(hidden, round(keep_ratio * hidden)))
+
+
+def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    return keep.scatter_(-1, scores.topk(k, dim=-1, sorted=False).indices, True)
+
+
+class TopK(Policy):
+    """Oracle: keep the k largest hidden activations of each token."""
+
+    name = "topk"
+    reads_activations = True
+
+    def __init__(self, keep_ratio: float) -> None:
+        self.keep_ratio = keep_ratio
+
+    def mask(self, inputs, activations):
+        return _keep_top(activations, keep_count(self.keep_ratio, activations.shape[-1]))
+
+
+class RandomKeep(Policy):
+    """Keep k random hidden neurons of each token (seeded; the control for top-k at the same sparsity)."""
+
+    name = "random"
+
+    def __init__(self, keep_ratio: float, seed: int, block: str) -> None:
+        self.keep_ratio = keep_ratio
+        # One stream per block, so a block's draws do not depend on which other blocks are masked.
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(block.encode()))
+
+    def mask(self, inputs, activations):
+        k = keep_count(self.keep_ratio, activations.shape[-1])
+        scores = torch.rand(activations.shape, generator=self.generator).to(activations.device)
+        return _keep_top(scores, k)
+
+
+class StaticMask(Policy):
+    """SIBS: one input-independent keep-mask over the H neurons, the same for every token."""
+
+    name = "sibs"
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        if keep.dtype != torch.bool or keep.dim() != 1:
+            raise ValueError(f"a static mask is a 1-d boolean tensor over the hidden neurons, got {keep.dtype} "
+                             f"of shape {tuple(keep.shape)}")
+        self.keep = keep
+
+    def mask(self, inputs, activations):
+        if activations.shape[-1] != self.keep.numel():
+            raise ValueError(f"static mask has {self.keep.numel()} neurons, the block has {activations.shape[-1]}")
+        return self.keep.to(activations.device)
