@@ -26,6 +26,8 @@ from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
 from detr_sparsity.evaluation.evaluate import evaluate
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.models.stage import build_model
+from detr_sparsity.sparsity.profile import load_indicator, profile_stage
+from detr_sparsity.sparsity.sibs import sibs_stage
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "params.schema.yaml"
@@ -288,3 +290,42 @@ def test_mlflow_runs_are_finished_and_tagged(stages):
     assert model_run.data.tags["stage"] == "model"
     assert model_run.data.tags["params_hash"] == cfg.params_hash("model")
     assert model_run.data.params["model.name_or_path"] == cfg.model["name_or_path"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation analysis on the padded batch
+
+
+def test_profile_and_sibs_stages_count_real_tokens_of_the_padded_batch(stages, data_dir):
+    cfg, work, model_dir = stages["cfg"], stages["work"], stages["model_dir"]
+    results = work / "results" / "coco"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("MLFLOW_TRACKING_URI", stages["uri"])
+        with tracking.stage_run(cfg, "profile") as run:
+            profile = profile_stage(cfg, model_dir, data_dir, results / "profile", run)
+        threshold = 0.5
+        with tracking.stage_run(cfg, "sibs", setting=f"threshold={threshold}") as run:
+            row = sibs_stage(cfg, threshold, model_dir, data_dir, results / "profile",
+                             results / "sibs" / "detections.json", results / "sibs" / "row.json", run)
+
+    # The calibration split here holds the val images: the profile counts exactly what the dense row counted.
+    assert profile["natural_sparsity"] == stages["row"]["natural_sparsity"]
+    shape, mask = padded_batch_shape(cfg, data_dir)
+    side = math.ceil(1066 / 32)
+    real = int(torch.nn.functional.interpolate(mask[None].float(), size=(side, side)).to(torch.bool).sum())
+    for i in range(LAYERS):
+        assert profile["per_block"][f"encoder.{i}"]["tokens"] == real < shape[0] * side * side
+        assert profile["per_block"][f"decoder.{i}"]["tokens"] == shape[0] * QUERIES
+    assert len(profile["per_image_sparsity"]["encoder.0"]) == len(IMAGE_SIZES)
+
+    # SIBS: the kept neurons come from the saved profile; FLOPs follow from them in closed form.
+    kept = row["shrunk_ffn"]["kept_neurons"]
+    firing = load_indicator(results / "profile", "firing_frequency")
+    assert kept == {name: int((values >= threshold).sum()) for name, values in firing.items()}
+    assert 0 < row["induced_sparsity"]["overall"] < 1
+    tokens = {name: real if name.startswith("encoder") else shape[0] * QUERIES for name in kept}
+    as_run = sum(2 * tokens[n] * D_MODEL * 2 * kept[n] for n in kept) / shape[0]
+    assert row["ffn_flops"]["as_run"] == pytest.approx(as_run, rel=1e-9)
+    assert row["shrunk_ffn"]["label_mismatches"] == 0
+    assert coco_ap(row["annotations"], row["detections"]) == {k: row[k] for k in AP_METRICS}

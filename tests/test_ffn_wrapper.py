@@ -19,7 +19,8 @@ from detr_sparsity.sparsity.sibs import compare_detections, static_keep_masks
 
 D, H, QUERIES = 32, 256, 10
 ARCH = {"d_model": D, "ffn_dim": H, "encoder_layers": 2, "decoder_layers": 2, "attention_heads": 4,
-        "num_queries": QUERIES, "backbone_hidden_sizes": [8, 16, 32], "backbone_depths": [1, 1, 1], "dropout": 0.0}
+        "num_queries": QUERIES, "backbone_hidden_sizes": [8, 16, 32], "backbone_depths": [1, 1, 1],
+        "dropout": 0.1}  # as DETR-R50: the wrapper must follow the model's eval mode, where dropout does nothing
 CATEGORIES = [{"id": i + 1, "name": f"class{i}"} for i in range(4)]
 BLOCKS = ["encoder.0", "encoder.1", "decoder.0", "decoder.1"]
 

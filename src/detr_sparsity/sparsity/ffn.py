@@ -69,6 +69,8 @@ class SparseFFN(nn.Module):
         self.token_mask: torch.Tensor | None = None  # (batch, tokens) real positions; None: all real
         self.observers: list[Observer] = []
         self.counts = BlockCounts()
+        # A new module starts in training mode; take the block's, or dropout would run in an evaluation.
+        self.train(block.training)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         block = self.block
