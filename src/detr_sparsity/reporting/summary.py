@@ -30,15 +30,23 @@ def row_files(cfg: StudyConfig) -> list[Path]:
     ]
 
 
+def _scope_order(scope: str) -> tuple:
+    # 'all' first, then encoder blocks, then decoder blocks, each by depth.
+    if scope == "all":
+        return (0, 0)
+    kind, index = scope.split(".")
+    return (1 if kind == "encoder" else 2, int(index))
+
+
 def gather(row_paths: list[Path], out_path: Path) -> list[dict]:
     """One list of rows, in the given order; a row missing a field of the record is an error.
 
-    A row file holds one row (an evaluation) or a list of rows (a sweep point evaluated on several scopes).
+    A row file holds one row (an evaluation) or rows keyed by scope (a masking point: `all` and each block).
     """
     rows = []
     for path in row_paths:
         found = json.loads(Path(path).read_text())
-        for row in found if isinstance(found, list) else [found]:
+        for row in [found] if "method" in found else [found[scope] for scope in sorted(found, key=_scope_order)]:
             missing = [k for k in REQUIRED if k not in row]
             if missing:
                 raise ValueError(f"row file {path} lacks field(s) {', '.join(missing)}")

@@ -32,8 +32,9 @@ def masking_policy(method: str, keep_ratio: float, seed: int, block: str) -> Pol
 
 
 def masking_stage(cfg: StudyConfig, method: str, keep_ratio: float, model_dir: Path, data_dir: Path,
-                  detections_dir: Path, rows_path: Path, run: StageRun) -> list[dict]:
-    """Rows for every scope (all blocks, then each block alone) at one point of the sweep."""
+                  detections_dir: Path, rows_path: Path, run: StageRun) -> dict[str, dict]:
+    """Rows for every scope (all blocks, then each block alone) at one point of the sweep, keyed by scope
+    (a mapping, so that `dvc metrics show` lists them as `<scope>.AP`, ...)."""
     masking_policy(method, keep_ratio, cfg.seed, "encoder.0")  # bad method or ratio: fail before any work
     keep_count(keep_ratio, 1)
     data = evaluation_split(cfg, data_dir)
@@ -42,7 +43,7 @@ def masking_stage(cfg: StudyConfig, method: str, keep_ratio: float, model_dir: P
     hidden = model.config.encoder_ffn_dim
     if model.config.decoder_ffn_dim != hidden:
         raise ValueError("masking assumes one FFN width for encoder and decoder blocks")
-    rows = []
+    rows = {}
     for scope in [ALL_BLOCKS, *blocks]:
         masked = blocks if scope == ALL_BLOCKS else [scope]
         policies = {name: masking_policy(method, keep_ratio, cfg.seed, name) for name in masked}
@@ -50,7 +51,7 @@ def masking_stage(cfg: StudyConfig, method: str, keep_ratio: float, model_dir: P
         row = {"method": method,
                "setting": {"keep_ratio": keep_ratio, "k": keep_count(keep_ratio, hidden), "scope": scope},
                **measured, "mlflow_run_id": run.run_id}
-        rows.append(row)
+        rows[scope] = row
         run.log_metrics({f"{key}.{scope}": value for key, value in row_metrics(row).items()})
         log.info("%s keep %s (k=%d) on %s: AP %.4f AP50 %.4f, induced sparsity %.3f", method, keep_ratio,
                  row["setting"]["k"], scope, row["AP"], row["AP50"], row["induced_sparsity"]["overall"])
