@@ -253,7 +253,7 @@ def planned_jobs(root: Path) -> dict[str, str]:
 def test_dvc_repro_runs_the_study_and_then_has_nothing_to_do(tmp_path):
     root = make_tiny_project(tmp_path / "project")
     run(["dvc", "repro"], root)
-    check_summary(root)
+    by_key = check_summary(root)
     assert {r.data.tags["stage"] for r in mlflow_runs(root)} == STAGES
     assert (root / "dvc.lock").exists()
 
@@ -263,7 +263,10 @@ def test_dvc_repro_runs_the_study_and_then_has_nothing_to_do(tmp_path):
     assert "up to date" in status.stdout
 
     metrics = run(["dvc", "metrics", "show", "--json"], root).stdout
-    assert "AP50" in metrics
+    shown = next(iter(json.loads(metrics).values()))["data"]
+    assert shown["results/synthetic/evaluate/dense/row.json"]["data"]["AP50"] == by_key[("dense", None, None)]["AP50"]
+    masking = shown["results/synthetic/masking/topk-0.25/rows.json"]["data"]
+    assert masking["encoder.0"]["AP"] == by_key[("topk", 0.25, "encoder.0")]["AP"]
 
     # A longer sweep: DVC sees only the new points (and the summary) as changed.
     params = yaml.safe_load((root / "params.yaml").read_text())
