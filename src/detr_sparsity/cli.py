@@ -104,6 +104,12 @@ def cmd_summary(cfg: StudyConfig, args) -> None:
         run.log_artifact(args.out)
 
 
+def _model_and_data(parser: argparse.ArgumentParser) -> None:
+    """The inputs of every stage that runs the dense model: its directory and the data stage's."""
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m detr_sparsity", description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file")
@@ -125,31 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="detections, COCO AP, sparsity and FLOPs of one method")
     p.add_argument("--method", required=True)
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
+    _model_and_data(p)
     p.add_argument("--detections", type=Path, required=True)
     p.add_argument("--row", type=Path, required=True)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("profile", help="activation statistics of the dense model on the calibration split")
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
+    _model_and_data(p)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("masking", help="top-k or random keep of k of H activations, every block alone and all")
     p.add_argument("--method", required=True, help="topk or random")
     p.add_argument("--keep-ratio", type=float, required=True, help="k / H, in (0, 1]")
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
+    _model_and_data(p)
     p.add_argument("--detections", type=Path, required=True, help="directory for one detections file per scope")
     p.add_argument("--rows", type=Path, required=True)
     p.set_defaults(func=cmd_masking)
 
     p = sub.add_parser("sibs", help="static indicator-based sparsification at one threshold")
     p.add_argument("--threshold", type=float, required=True)
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
+    _model_and_data(p)
     p.add_argument("--profile", type=Path, required=True)
     p.add_argument("--detections", type=Path, required=True)
     p.add_argument("--row", type=Path, required=True)

@@ -3,7 +3,7 @@ from detr_sparsity.reporting.summary import row_files
 
 rule summary:
     input:
-        code=code("reporting"),
+        code=code("reporting", "sparsity"),  # sparsity: the block and scope order of the rows
         rows=[str(path) for path in row_files(CFG)],
     output:
         f"{RESULTS}/summary.json",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
+from detr_sparsity.sparsity.blocks import scope_order
 from detr_sparsity.evaluation.coco_eval import AP_METRICS
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,6 @@ def row_files(cfg: StudyConfig) -> list[Path]:
     ]
 
 
-def _scope_order(scope: str) -> tuple:
-    # 'all' first, then encoder blocks, then decoder blocks, each by depth.
-    if scope == "all":
-        return (0, 0)
-    kind, index = scope.split(".")
-    return (1 if kind == "encoder" else 2, int(index))
-
-
 def gather(row_paths: list[Path], out_path: Path) -> list[dict]:
     """One list of rows, in the given order; a row missing a field of the record is an error.
 
@@ -46,7 +39,7 @@ def gather(row_paths: list[Path], out_path: Path) -> list[dict]:
     rows = []
     for path in row_paths:
         found = json.loads(Path(path).read_text())
-        for row in [found] if "method" in found else [found[scope] for scope in sorted(found, key=_scope_order)]:
+        for row in [found] if "method" in found else [found[scope] for scope in sorted(found, key=scope_order)]:
             missing = [k for k in REQUIRED if k not in row]
             if missing:
                 raise ValueError(f"row file {path} lacks field(s) {', '.join(missing)}")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import DetrForObjectDetection
 
+from detr_sparsity.sparsity.blocks import block_order
 from detr_sparsity.sparsity.policies import Dense, Policy
 
 # An observer sees each block's post-ReLU activations (before masking), its real-token mask (None: all real)
@@ -29,18 +30,17 @@ from detr_sparsity.sparsity.policies import Dense, Policy
 Observer = Callable[[str, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
 
 
+def _ffn_layers(model: DetrForObjectDetection) -> dict[str, nn.Module]:
+    """Every transformer layer holding an FFN block (as `.mlp`), by block name."""
+    inner = model.model
+    layers = {f"encoder.{i}": layer for i, layer in enumerate(inner.encoder.layers)}
+    layers.update({f"decoder.{i}": layer for i, layer in enumerate(inner.decoder.layers)})
+    return layers
+
+
 def ffn_blocks(model: DetrForObjectDetection) -> dict[str, nn.Module]:
     """Every FFN block (DetrMLP: fc1 -> ReLU -> fc2, or its wrapper), named 'encoder.<i>' / 'decoder.<i>'."""
-    inner = model.model
-    blocks = {f"encoder.{i}": layer.mlp for i, layer in enumerate(inner.encoder.layers)}
-    blocks.update({f"decoder.{i}": layer.mlp for i, layer in enumerate(inner.decoder.layers)})
-    return blocks
-
-
-def block_order(name: str) -> tuple[int, int]:
-    """Sort key: encoder blocks first, then decoder, each by depth."""
-    kind, index = name.split(".")
-    return (0 if kind == "encoder" else 1, int(index))
+    return {name: layer.mlp for name, layer in _ffn_layers(model).items()}
 
 
 @dataclass
@@ -173,25 +173,23 @@ class FFNSparsity:
 
 
 def _install(model: DetrForObjectDetection, policies: Mapping[str, Policy]) -> dict[str, SparseFFN]:
-    blocks = ffn_blocks(model)
-    unknown = sorted(set(policies) - set(blocks))
+    layers = _ffn_layers(model)
+    unknown = sorted(set(policies) - set(layers))
     if unknown:
-        raise ValueError(f"no FFN block named {', '.join(unknown)}; blocks: {', '.join(blocks)}")
+        raise ValueError(f"no FFN block named {', '.join(unknown)}; blocks: {', '.join(layers)}")
+    wrapped = [name for name, layer in layers.items() if isinstance(layer.mlp, SparseFFN)]
+    if wrapped:  # checked before any change, so a refused install leaves the model as it was
+        raise RuntimeError(f"FFN block {wrapped[0]} is already wrapped")
     wrappers = {}
-    for layers, kind in ((model.model.encoder.layers, "encoder"), (model.model.decoder.layers, "decoder")):
-        for i, layer in enumerate(layers):
-            name = f"{kind}.{i}"
-            if isinstance(layer.mlp, SparseFFN):
-                raise RuntimeError(f"FFN block {name} is already wrapped")
-            wrappers[name] = layer.mlp = SparseFFN(layer.mlp, name, policies.get(name, Dense()))
+    for name, layer in layers.items():
+        wrappers[name] = layer.mlp = SparseFFN(layer.mlp, name, policies.get(name, Dense()))
     return wrappers
 
 
 def _remove(model: DetrForObjectDetection) -> None:
-    for layers in (model.model.encoder.layers, model.model.decoder.layers):
-        for layer in layers:
-            if isinstance(layer.mlp, SparseFFN):
-                layer.mlp = layer.mlp.block
+    for layer in _ffn_layers(model).values():
+        if isinstance(layer.mlp, SparseFFN):
+            layer.mlp = layer.mlp.block
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.evaluation.evaluate import evaluate_policies, evaluation_split, row_metrics
 from detr_sparsity.models.load import load_detr
+from detr_sparsity.sparsity.blocks import ALL_BLOCKS
 from detr_sparsity.sparsity.ffn import ffn_blocks
 from detr_sparsity.sparsity.policies import Policy, RandomKeep, TopK, keep_count
 from detr_sparsity.tracking import StageRun
@@ -20,7 +21,6 @@ from detr_sparsity.tracking import StageRun
 log = logging.getLogger(__name__)
 
 MASKING_METHODS = ("topk", "random")
-ALL_BLOCKS = "all"
 
 
 def masking_policy(method: str, keep_ratio: float, seed: int, block: str) -> Policy:
@@ -35,8 +35,7 @@ def masking_stage(cfg: StudyConfig, method: str, keep_ratio: float, model_dir: P
                   detections_dir: Path, rows_path: Path, run: StageRun) -> dict[str, dict]:
     """Rows for every scope (all blocks, then each block alone) at one point of the sweep, keyed by scope
     (a mapping, so that `dvc metrics show` lists them as `<scope>.AP`, ...)."""
-    masking_policy(method, keep_ratio, cfg.seed, "encoder.0")  # bad method or ratio: fail before any work
-    keep_count(keep_ratio, 1)
+    masking_policy(method, keep_ratio, cfg.seed, "encoder.0")  # a bad method or ratio fails here, before any work
     data = evaluation_split(cfg, data_dir)
     model = load_detr(model_dir)
     blocks = list(ffn_blocks(model))

@@ -31,11 +31,15 @@ class Policy:
 Dense = Policy
 
 
-def keep_count(keep_ratio: float, hidden: int) -> int:
-    """k of H neurons kept per token for a keep-ratio: rounded, at least 1 (a ratio of 1.0 keeps all H)."""
+def check_keep_ratio(keep_ratio: float) -> float:
     if not 0.0 < keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio = {keep_ratio} is not allowed: must be in (0, 1]")
-    return max(1, min(hidden, round(keep_ratio * hidden)))
+    return keep_ratio
+
+
+def keep_count(keep_ratio: float, hidden: int) -> int:
+    """k of H neurons kept per token for a keep-ratio: rounded, at least 1 (a ratio of 1.0 keeps all H)."""
+    return max(1, min(hidden, round(check_keep_ratio(keep_ratio) * hidden)))
 
 
 def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -50,7 +54,7 @@ class TopK(Policy):
     reads_activations = True
 
     def __init__(self, keep_ratio: float) -> None:
-        self.keep_ratio = keep_ratio
+        self.keep_ratio = check_keep_ratio(keep_ratio)
 
     def mask(self, inputs, activations):
         return _keep_top(activations, keep_count(self.keep_ratio, activations.shape[-1]))
@@ -62,7 +66,7 @@ class RandomKeep(Policy):
     name = "random"
 
     def __init__(self, keep_ratio: float, seed: int, block: str) -> None:
-        self.keep_ratio = keep_ratio
+        self.keep_ratio = check_keep_ratio(keep_ratio)
         # One stream per block, so a block's draws do not depend on which other blocks are masked.
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(block.encode()))
 

@@ -22,7 +22,8 @@ from detr_sparsity.atomic import atomic_dir, write_json
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.evaluation.evaluate import evaluation_split
 from detr_sparsity.models.load import load_detr
-from detr_sparsity.sparsity.ffn import block_order, sparse_ffns
+from detr_sparsity.sparsity.blocks import block_order
+from detr_sparsity.sparsity.ffn import sparse_ffns
 from detr_sparsity.tracking import StageRun
 
 log = logging.getLogger(__name__)
