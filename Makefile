@@ -30,6 +30,7 @@ lint: install
 # Measurements on the default study's outputs (run `make study` first); JSON under results/<study>/benchmark/.
 benchmark: install
 	$(PYTHON) benchmarks/profiling_overhead.py --repeats 7
+	$(PYTHON) benchmarks/gate_training_cache.py --repeats 5
 
 clean:
 	rm -rf results .snakemake mlflow.db mlruns mlartifacts

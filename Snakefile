@@ -21,6 +21,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/profile.smk"
 include: "workflow/rules/masking.smk"
 include: "workflow/rules/sibs.smk"
+include: "workflow/rules/mgs.smk"
 include: "workflow/rules/summary.smk"
 
 

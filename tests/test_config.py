@@ -104,12 +104,32 @@ BAD_VALUES = {
         ["study", '"nope"', "known studies", "synthetic", "coco"],
     ),
     "target above 1": (
-        {"studies.synthetic.mgs.targets": [0.5, 1.2]},
-        ["studies.synthetic.mgs.targets.1", "1.2", "must be < 1"],
+        {"mgs.targets": [0.5, 1.2]},
+        ["mgs.targets.1", "1.2", "must be < 1"],
     ),
     "target 0": (
-        {"studies.synthetic.mgs.targets": [0.0, 0.5]},
-        ["studies.synthetic.mgs.targets.0", "0.0", "must be > 0"],
+        {"mgs.targets": [0.0, 0.5]},
+        ["mgs.targets.0", "0.0", "must be > 0"],
+    ),
+    "unknown gate objective": (
+        {"mgs.objective": "l1"},
+        ["mgs.objective", '"l1"', "allowed values: task, distillation, oracle"],
+    ),
+    "group size not dividing the FFN width": (
+        {"mgs.group_size": 48},
+        ["mgs.group_size = 48", "must divide studies.synthetic.model.architecture.ffn_dim (1024)"],
+    ),
+    "gate threshold of 1": (
+        {"mgs.gate_threshold": 1.0},
+        ["mgs.gate_threshold", "1.0", "must be < 1"],
+    ),
+    "gated block that is not an FFN block name": (
+        {"mgs.blocks": ["ffn.3"]},
+        ["mgs.blocks", '["ffn.3"]', 'allowed: FFN blocks that get a gate ("all", or names such as encoder.0'],
+    ),
+    "more cached images than the split has": (
+        {"studies.synthetic.mgs.cache.images": 9000},
+        ["studies.synthetic.mgs.cache.images = 9000", "must be <= data.splits.train (8000)"],
     ),
     "negative count": (
         {"studies.synthetic.data.splits.train": -5},
@@ -137,7 +157,7 @@ BAD_VALUES = {
     ),
     "unknown top-level key": (
         {"sed": 1},
-        ["<top level>", "unknown key(s) sed", "allowed keys: masking, profile, seed, sibs, studies, study, tracking"],
+        ["<top level>", "unknown key(s) sed", "allowed keys: masking, mgs, profile, seed, sibs, studies, study, tracking"],
     ),
     "min_objects > max_objects": (
         {"studies.synthetic.data.min_objects": 5, "studies.synthetic.data.max_objects": 3},
@@ -222,18 +242,18 @@ def test_local_model_dir_without_config_json_is_rejected(tmp_path, monkeypatch):
 
 
 def test_every_schema_violation_is_reported_at_once(tmp_path):
-    path = modified(tmp_path, {"studies.synthetic.data.splits.train": -5, "studies.synthetic.mgs.targets": [1.2]})
+    path = modified(tmp_path, {"studies.synthetic.data.splits.train": -5, "mgs.targets": [1.2]})
     with pytest.raises(ConfigError) as excinfo:
         load_config(path)
     message = str(excinfo.value)
     assert "studies.synthetic.data.splits.train = -5" in message
-    assert "studies.synthetic.mgs.targets.0 = 1.2" in message
+    assert "mgs.targets.0 = 1.2" in message
 
 
 def test_missing_required_key_is_named(tmp_path):
     raw = real_params()
-    del raw["studies"]["synthetic"]["mgs"]["group_size"]
-    with pytest.raises(ConfigError, match=r"studies\.synthetic\.mgs: missing key\(s\) group_size"):
+    del raw["mgs"]["group_size"]
+    with pytest.raises(ConfigError, match=r"^invalid params.yaml:\n  mgs: missing key\(s\) group_size"):
         load_config(write_params(tmp_path, raw))
 
 
@@ -252,11 +272,11 @@ def run_cli(params: Path, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_validate_rejects_bad_file_with_exit_code_2(tmp_path):
-    path = modified(tmp_path, {"studies.synthetic.mgs.targets": [0.5, 1.2]})
+    path = modified(tmp_path, {"mgs.targets": [0.5, 1.2]})
     result = run_cli(path, tmp_path)
     assert result.returncode == 2, result.stderr
     assert "error: invalid params.yaml" in result.stderr
-    assert "studies.synthetic.mgs.targets.1 = 1.2 is not allowed: must be < 1" in result.stderr
+    assert "mgs.targets.1 = 1.2 is not allowed: must be < 1" in result.stderr
     assert "is valid" not in result.stdout
 
 

@@ -116,12 +116,14 @@ def test_snakemake_lint_is_clean():
 
 # ---------------------------------------------------------------- end to end on the tiny study
 
-STAGES = {"data", "model", "evaluate", "profile", "masking", "sibs", "summary"}
+STAGES = {"data", "model", "evaluate", "profile", "masking", "sibs", "mgs_cache", "mgs_train", "mgs_evaluate",
+          "summary"}
 
 
 def row_key(row: dict) -> tuple:
     setting = row["setting"] or {}
-    return (row["method"], setting.get("keep_ratio", setting.get("threshold")), setting.get("scope"))
+    point = setting.get("target", setting.get("keep_ratio", setting.get("threshold")))
+    return (row["method"], point, setting.get("scope"))
 
 
 def check_summary(root: Path) -> dict[tuple, dict]:
@@ -132,7 +134,8 @@ def check_summary(root: Path) -> dict[tuple, dict]:
     keeps, thresholds = TINY_SWEEPS["masking"]["keep_ratios"], TINY_SWEEPS["sibs"]["thresholds"]
     expected = [("dense", None, None),
                 *((method, keep, scope) for method in ("topk", "random") for keep in keeps for scope in scopes),
-                *(("sibs", threshold, None) for threshold in thresholds)]
+                *(("sibs", threshold, None) for threshold in thresholds),
+                *(("mgs", target, None) for target in TINY_SWEEPS["mgs"]["targets"])]
     assert [row_key(r) for r in rows] == expected
     by_key = {row_key(r): r for r in rows}
     for row in rows:
@@ -192,6 +195,13 @@ def check_counts_independently(root: Path, by_key: dict[tuple, dict]) -> None:
         alone = by_key[(method, keep, "encoder.0")]
         assert alone["induced_sparsity"]["per_block"] == {"encoder.0": pytest.approx(1 - k / hidden), "decoder.0": 0.0}
 
+    # MGS: both matrices of a skipped neuron are saved, and each token pays its gate, d x H / G MACs.
+    row = by_key[("mgs", TINY_SWEEPS["mgs"]["targets"][0], None)]
+    groups = hidden // TINY_SWEEPS["mgs"]["group_size"]
+    kept = {b: (1 - row["induced_sparsity"]["per_block"][b]) * hidden for b in tokens}
+    gate_flops = sum(2 * t * d * groups for t in tokens.values())
+    assert row["ffn_flops"]["as_run"] == pytest.approx(ffn_flops(kept, True) + gate_flops, rel=1e-9)
+
 
 def mlflow_runs(root: Path) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
@@ -213,7 +223,7 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     stage_of_run = {r.info.run_id: r.data.tags["stage"] for r in runs}
     for key, row in by_key.items():
         assert stage_of_run[row["mlflow_run_id"]] == {"dense": "evaluate", "topk": "masking", "random": "masking",
-                                                      "sibs": "sibs"}[key[0]]
+                                                      "sibs": "sibs", "mgs": "mgs_evaluate"}[key[0]]
     assert by_stage["profile"].data.metrics["natural_sparsity"] == pytest.approx(
         json.loads((root / "results/synthetic/profile/profile.json").read_text())["natural_sparsity"]["overall"])
     for r in runs:
@@ -221,7 +231,16 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     assert len(set(r.data.tags["pipeline_run"] for r in runs)) == 1
     assert "loss" in by_stage["model"].data.metrics
     assert by_stage["evaluate"].data.metrics["AP"] == by_key[("dense", None, None)]["AP"]
-    for stage in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "summary"):
+    # Gate training logs every step: overall and per-block sparsity, losses, the multiplier.
+    mgs_row = by_key[("mgs", 0.5, None)]
+    assert stage_of_run[mgs_row["training"]["mlflow_run_id"]] == "mgs_train"
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    steps = TINY["mgs"]["training"]["steps"]
+    for metric in ("induced_sparsity", "induced_sparsity.encoder.0", "objective_loss", "multiplier"):
+        history = client.get_metric_history(mgs_row["training"]["mlflow_run_id"], metric)
+        assert sorted(m.step for m in history) == list(range(1, steps + 1)), metric
+    for stage in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "mgs-cache",
+                  "mgs-train-0.5", "mgs-evaluate-0.5", "summary"):
         assert (root / f"results/synthetic/logs/{stage}.log").stat().st_size > 0
 
     again = run(["snakemake", "-n", "--cores", "2"], root)
@@ -240,8 +259,13 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     # A setting every evaluation reads reruns all of them, and nothing upstream.
     params["studies"]["synthetic"]["evaluate"]["batch_size"] = 2
     write_params(root, params)
-    assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "summary": "1",
-                                  "all": "1", "total": "13"}
+    assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_evaluate": "1",
+                                  "summary": "1", "all": "1", "total": "14"}
+    # A new MGS target trains and evaluates only that target; the cached front end is reused.
+    params["mgs"]["targets"].append(0.75)
+    write_params(root, params)
+    assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_train": "1",
+                                  "mgs_evaluate": "2", "summary": "1", "all": "1", "total": "16"}
 
 
 def planned_jobs(root: Path) -> dict[str, str]:
@@ -274,3 +298,5 @@ def test_dvc_repro_runs_the_study_and_then_has_nothing_to_do(tmp_path):
     write_params(root, params)
     changed = json.loads(run(["dvc", "status", "--json"], root).stdout)
     assert set(changed) == {"masking@topk-0.5", "masking@random-0.5", "summary"}
+    mgs = shown["results/synthetic/mgs/0.5/row.json"]["data"]
+    assert mgs["AP"] == by_key[("mgs", 0.5, None)]["AP"] and mgs["method"] == "mgs"

@@ -94,6 +94,31 @@ def cmd_sibs(cfg: StudyConfig, args) -> None:
         sibs_stage(cfg, args.threshold, args.model, args.data, args.profile, args.detections, args.row, run)
 
 
+def cmd_mgs_cache(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.mgs.stage import mgs_cache_stage
+
+    with tracking.stage_run(cfg, "mgs_cache") as run:
+        mgs_cache_stage(cfg, args.model, args.data, args.out, run)
+
+
+def cmd_mgs_train(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.mgs.stage import mgs_train_stage
+
+    with tracking.stage_run(cfg, "mgs_train", setting=f"target={args.target}") as run:
+        mgs_train_stage(cfg, args.target, args.model, args.cache, args.gates, args.training, run)
+
+
+def cmd_mgs_evaluate(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.mgs.stage import mgs_evaluate_stage
+
+    with tracking.stage_run(cfg, "mgs_evaluate", setting=f"target={args.target}") as run:
+        mgs_evaluate_stage(cfg, args.target, args.model, args.data, args.gates, args.training, args.detections,
+                           args.row, run)
+
+
 def cmd_summary(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.reporting.summary import gather, row_files
@@ -156,6 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detections", type=Path, required=True)
     p.add_argument("--row", type=Path, required=True)
     p.set_defaults(func=cmd_sibs)
+
+    p = sub.add_parser("mgs-cache", help="frozen front end and dense outputs of the gate-training images")
+    _model_and_data(p)
+    p.add_argument("--out", type=Path, required=True, help="safetensors file")
+    p.set_defaults(func=cmd_mgs_cache)
+
+    p = sub.add_parser("mgs-train", help="train MGS gates toward one induced-sparsity target, model frozen")
+    p.add_argument("--target", type=float, required=True, help="induced sparsity, in (0, 1)")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--cache", type=Path, required=True, help="the mgs-cache output")
+    p.add_argument("--gates", type=Path, required=True, help="safetensors file for the trained gates")
+    p.add_argument("--training", type=Path, required=True, help="JSON record of the training")
+    p.set_defaults(func=cmd_mgs_train)
+
+    p = sub.add_parser("mgs-evaluate", help="detections, COCO AP, sparsity and FLOPs of one trained gate set")
+    p.add_argument("--target", type=float, required=True)
+    _model_and_data(p)
+    p.add_argument("--gates", type=Path, required=True)
+    p.add_argument("--training", type=Path, required=True)
+    p.add_argument("--detections", type=Path, required=True)
+    p.add_argument("--row", type=Path, required=True)
+    p.set_defaults(func=cmd_mgs_evaluate)
 
     p = sub.add_parser("summary", help="gather the row files of every configured evaluation into summary.json")
     p.add_argument("--out", type=Path, required=True)

@@ -20,7 +20,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 SCHEMA_FILENAME = Path("workflow/schemas/params.schema.yaml")
 
 
-# The blocks of a study each stage depends on (besides `study` and `seed`). Snakemake's params and
+# The blocks of a study each stage depends on (besides `study` and `seed`), dotted below the study. Snakemake's params and
 # dvc.yaml's `params:` list the same; tests/test_orchestration.py keeps them in step.
 STAGE_SECTIONS: dict[str, list[str]] = {
     "data": ["data"],
@@ -29,6 +29,9 @@ STAGE_SECTIONS: dict[str, list[str]] = {
     "profile": ["input", "evaluate"],
     "masking": ["input", "evaluate"],
     "sibs": ["input", "evaluate"],
+    "mgs_cache": ["input", "mgs.cache"],
+    "mgs_train": ["mgs.training"],
+    "mgs_evaluate": ["input", "evaluate"],
     "summary": [],
 }
 # Study-independent params a stage depends on, as dotted keys of params.yaml. A sweep's list is not among
@@ -36,7 +39,9 @@ STAGE_SECTIONS: dict[str, list[str]] = {
 STAGE_KEYS: dict[str, list[str]] = {
     "profile": ["profile.split"],
     "sibs": ["sibs.indicator"],
-    "summary": ["masking.methods", "masking.keep_ratios", "sibs.thresholds"],  # which rows are gathered
+    "mgs_train": ["mgs.objective", "mgs.group_size", "mgs.blocks", "mgs.gate_threshold"],
+    # which rows are gathered
+    "summary": ["masking.methods", "masking.keep_ratios", "sibs.thresholds", "mgs.targets"],
 }
 
 
@@ -61,7 +66,7 @@ class StudyConfig:
     input: InputSize
     model: dict[str, Any]
     evaluate: dict[str, Any]
-    mgs: dict[str, Any]
+    gate_training: dict[str, Any]  # the study's MGS budget: `cache` and `training`
     raw: dict[str, Any] = field(repr=False)
 
     @property
@@ -77,15 +82,19 @@ class StudyConfig:
         return self.raw["sibs"]
 
     @property
+    def mgs(self) -> dict[str, Any]:
+        return self.raw["mgs"]
+
+    @property
     def results_dir(self) -> Path:
         return Path("results") / self.name
 
     def stage_params(self, stage: str) -> dict[str, Any]:
         """The params a stage depends on (what DVC lists under `params:`), for logging and hashing."""
         study = self.raw["studies"][self.name]
-        sections = STAGE_SECTIONS.get(stage, [])
+        sections = {s: _lookup(study, s) for s in STAGE_SECTIONS.get(stage, [])}
         keys = {key: _lookup(self.raw, key) for key in STAGE_KEYS.get(stage, [])}
-        return {"study": self.name, "seed": self.seed, **{s: study[s] for s in sections}, **keys}
+        return {"study": self.name, "seed": self.seed, **sections, **keys}
 
     def params_hash(self, stage: str) -> str:
         """Short hash of a stage's params: equal hashes mean equal settings."""
@@ -126,6 +135,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
         "uniqueItems": lambda: "items must be unique",
         "pattern": lambda: f"must match {rule!r}",
         "minLength": lambda: f"must have at least {rule} character(s)",
+        "oneOf": lambda: f"allowed: {error.schema.get('description', 'see the schema')}",
     }
     if kind == "required":
         missing = [k for k in rule if k not in value]
@@ -184,9 +194,19 @@ def _cross_field_problems(raw: dict[str, Any]) -> list[str]:
         if data["source"] == "synthetic" and arch["num_queries"] < copies * data["max_objects"]:
             problems.append(f"{prefix}.model.architecture.num_queries = {arch['num_queries']} is not allowed: "
                             f"must be >= pretrain.target_copies x data.max_objects ({copies * data['max_objects']})")
-        if arch["ffn_dim"] % cfg["mgs"]["group_size"]:
-            problems.append(f"{prefix}.mgs.group_size = {cfg['mgs']['group_size']} is not allowed: "
-                            f"must divide ffn_dim ({arch['ffn_dim']})")
+        if arch["ffn_dim"] % raw["mgs"]["group_size"]:
+            problems.append(f"mgs.group_size = {raw['mgs']['group_size']} is not allowed: "
+                            f"must divide {prefix}.model.architecture.ffn_dim ({arch['ffn_dim']})")
+    gate_budget = cfg["mgs"]
+    if data["source"] == "synthetic":
+        split_size = data["splits"][gate_budget["cache"]["split"]]
+        images = gate_budget["cache"]["images"] or split_size
+        if images > split_size:
+            problems.append(f"{prefix}.mgs.cache.images = {images} is not allowed: must be <= "
+                            f"data.splits.{gate_budget['cache']['split']} ({split_size})")
+        elif gate_budget["training"]["batch_size"] > images:
+            problems.append(f"{prefix}.mgs.training.batch_size = {gate_budget['training']['batch_size']} is not "
+                            f"allowed: must be <= the cached images ({images})")
     return problems
 
 
@@ -209,6 +229,6 @@ def load_config(params_path: str | Path = "params.yaml", study: str | None = Non
         input=InputSize(**cfg["input"]),
         model=cfg["model"],
         evaluate=cfg["evaluate"],
-        mgs=cfg["mgs"],
+        gate_training=cfg["mgs"],
         raw=raw,
     )

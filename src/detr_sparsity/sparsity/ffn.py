@@ -30,7 +30,7 @@ from detr_sparsity.sparsity.policies import Dense, Policy
 Observer = Callable[[str, torch.Tensor, torch.Tensor | None, torch.Tensor], None]
 
 
-def _ffn_layers(model: DetrForObjectDetection) -> dict[str, nn.Module]:
+def ffn_layers(model: DetrForObjectDetection) -> dict[str, nn.Module]:
     """Every transformer layer holding an FFN block (as `.mlp`), by block name."""
     inner = model.model
     layers = {f"encoder.{i}": layer for i, layer in enumerate(inner.encoder.layers)}
@@ -40,7 +40,7 @@ def _ffn_layers(model: DetrForObjectDetection) -> dict[str, nn.Module]:
 
 def ffn_blocks(model: DetrForObjectDetection) -> dict[str, nn.Module]:
     """Every FFN block (DetrMLP: fc1 -> ReLU -> fc2, or its wrapper), named 'encoder.<i>' / 'decoder.<i>'."""
-    return {name: layer.mlp for name, layer in _ffn_layers(model).items()}
+    return {name: layer.mlp for name, layer in ffn_layers(model).items()}
 
 
 @dataclass
@@ -173,7 +173,7 @@ class FFNSparsity:
 
 
 def _install(model: DetrForObjectDetection, policies: Mapping[str, Policy]) -> dict[str, SparseFFN]:
-    layers = _ffn_layers(model)
+    layers = ffn_layers(model)
     unknown = sorted(set(policies) - set(layers))
     if unknown:
         raise ValueError(f"no FFN block named {', '.join(unknown)}; blocks: {', '.join(layers)}")
@@ -187,7 +187,7 @@ def _install(model: DetrForObjectDetection, policies: Mapping[str, Policy]) -> d
 
 
 def _remove(model: DetrForObjectDetection) -> None:
-    for layer in _ffn_layers(model).values():
+    for layer in ffn_layers(model).values():
         if isinstance(layer.mlp, SparseFFN):
             layer.mlp = layer.mlp.block
 

@@ -1,0 +1,125 @@
+"""Gate-training throughput with the cached front end against recomputing it at every step.
+
+Both arms run the pipeline's `train_gates` with the study's objective and batch size, on the same training
+images, from fresh gates, interleaved, several times; medians reported:
+- cached:    what stage `mgs_train` does: the backbone's projected features and the dense model's outputs
+             are read from the `mgs_cache` file;
+- recomputed: every step loads and preprocesses its images from disk and runs the frozen backbone and input
+             projection (and the dense model, which the distillation objective learns from) again.
+
+    python benchmarks/gate_training_cache.py                 # default study, results/<study>/...
+    python benchmarks/gate_training_cache.py --steps 40 --repeats 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from detr_sparsity.atomic import write_json
+from detr_sparsity.config import load_config
+from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
+from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache
+from detr_sparsity.mgs.gates import make_gates
+from detr_sparsity.mgs.training import GateTraining, train_gates
+from detr_sparsity.models.load import load_detr
+from detr_sparsity.sparsity.ffn import ffn_blocks
+
+
+class RecomputedFrontEnd:
+    """Stands in for the cache: each batch is loaded, preprocessed and run through a dense copy of the model."""
+
+    def __init__(self, dataset: CocoDetection, collate: DetrCollate, dense_model, images: int) -> None:
+        self.dataset, self.collate, self.dense, self.images = dataset, collate, dense_model, images
+
+    def __len__(self) -> int:
+        return self.images
+
+    def batch(self, index: list[int]) -> dict:
+        pixels = self.collate([self.dataset[i] for i in index])
+        return build_front_end_cache(self.dense, [pixels]).batch(list(range(len(index))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (mgs_train jobs run with 1)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--out", type=Path, default=None, help="default: results/<study>/benchmark/gate_training_cache.json")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.params)
+    torch.set_num_threads(args.threads)
+    model_dir, data_dir = cfg.results_dir / "model", cfg.results_dir / "data"
+    cache_path = cfg.results_dir / "mgs" / "cache" / "front_end.safetensors"
+    if not (model_dir / "config.json").is_file() or not cache_path.is_file():
+        print(f"error: no model at {model_dir} or no cache at {cache_path}; run the pipeline first "
+              "(snakemake --cores 8)", file=sys.stderr)
+        return 2
+    model = load_detr(model_dir)
+    cached = FrontEndCache.load(cache_path)
+    dataset = CocoDetection(load_split(data_dir, cfg.gate_training["cache"]["split"]))
+    collate = DetrCollate(image_processor(cfg.input), with_labels=True)
+    recomputed = RecomputedFrontEnd(dataset, collate, copy.deepcopy(model).eval(), len(cached))
+    sources = {"cached": cached, "recomputed": recomputed}
+    budget = cfg.gate_training["training"]
+    settings = GateTraining(target=args.target, objective=cfg.mgs["objective"], steps=args.steps,
+                            batch_size=budget["batch_size"], learning_rate=budget["learning_rate"],
+                            multiplier_rate=budget["multiplier_rate"], target_warmup=budget["target_warmup"],
+                            checkpoint_every=args.steps)
+
+    def measure(source) -> float:
+        gates = make_gates(ffn_blocks(model), list(ffn_blocks(model)), cfg.mgs["group_size"], cfg.mgs["gate_threshold"])
+        start = time.perf_counter()
+        train_gates(model, gates, source, settings, seed=cfg.seed)
+        return time.perf_counter() - start
+
+    for source in sources.values():  # warm-up
+        train_gates(model, make_gates(ffn_blocks(model), list(ffn_blocks(model)), cfg.mgs["group_size"], 0.5),
+                    source, GateTraining(target=args.target, objective=settings.objective, steps=2,
+                                         batch_size=settings.batch_size), seed=cfg.seed)
+    seconds: dict[str, list[float]] = {name: [] for name in sources}
+    for repeat in range(args.repeats):
+        # Alternate the order, so drift in machine speed does not favour one arm.
+        for name in (list(sources) if repeat % 2 == 0 else list(reversed(sources))):
+            seconds[name].append(measure(sources[name]))
+
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    steps_per_second = {name: args.steps / value for name, value in median.items()}
+    result = {
+        "benchmark": "gate_training_cache",
+        "study": cfg.name,
+        "objective": settings.objective,
+        "batch_size": settings.batch_size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "seconds": seconds,
+        "median_seconds": median,
+        "steps_per_second": steps_per_second,
+        "images_per_second": {name: v * settings.batch_size for name, v in steps_per_second.items()},
+        "speedup_cached_vs_recomputed": median["recomputed"] / median["cached"],
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+    out = args.out or cfg.results_dir / "benchmark" / "gate_training_cache.json"
+    write_json(out, result)
+    print(f"cached front end: {steps_per_second['cached']:.2f} steps/s, recomputed: "
+          f"{steps_per_second['recomputed']:.2f} steps/s; speed-up {result['speedup_cached_vs_recomputed']:.2f}x ({out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""MGS on a small random DETR: gates, the cached front end, gate training and the gated model to take away."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DetrImageProcessorPil
+
+from detr_sparsity.mgs import load_gated_detr
+from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache, cached_front_end
+from detr_sparsity.mgs.gated_detr import add_gates
+from detr_sparsity.mgs.gates import MicroGate, gate_metadata, load_gates, make_gates, save_gates
+from detr_sparsity.mgs.objectives import OBJECTIVES, objective_loss, oracle_groups
+from detr_sparsity.mgs.stage import weights_digest
+from detr_sparsity.mgs.training import GateTraining, train_gates
+from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
+from detr_sparsity.sparsity.ffn import ffn_blocks, sparse_ffns
+
+D, H, G = 32, 256, 16
+ARCH = {"d_model": D, "ffn_dim": H, "encoder_layers": 2, "decoder_layers": 2, "attention_heads": 4,
+        "num_queries": 10, "backbone_hidden_sizes": [8, 16, 32], "backbone_depths": [1, 1, 1], "dropout": 0.0}
+CATEGORIES = [{"id": i + 1, "name": f"class{i}"} for i in range(4)]
+
+
+@pytest.fixture()
+def model():
+    torch.manual_seed(0)
+    return build_small_detr(small_detr_config(ARCH, CATEGORIES)).eval()
+
+
+def batches(n_batches=2, images=4, padded=True):
+    """Pixel batches as the collate makes them; with `padded`, the last image of a batch is narrower."""
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n_batches):
+        pixel_values = torch.randn(images, 3, 96, 128, generator=generator)
+        pixel_mask = torch.ones(images, 96, 128, dtype=torch.long)
+        if padded:
+            pixel_mask[-1, :, 64:] = 0
+            pixel_values[-1, :, :, 64:] = 0
+        labels = [{"class_labels": torch.randint(0, 4, (2,), generator=generator),
+                   "boxes": torch.rand(2, 4, generator=generator) * 0.5 + 0.25} for _ in range(images)]
+        out.append({"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels})
+    return out
+
+
+def trained_gates(model, cache, target=0.75, objective="task", steps=12, **kwargs):
+    gates = make_gates(ffn_blocks(model), list(ffn_blocks(model)), G, 0.5)
+    settings = GateTraining(target=target, objective=objective, steps=steps, batch_size=4, learning_rate=0.05,
+                            multiplier_rate=0.5, target_warmup=0.25, checkpoint_every=4)
+    train_gates(model, gates, cache, settings, seed=0, **kwargs)
+    return gates
+
+
+# ---------------------------------------------------------------- the cached front end
+
+def test_cached_front_end_reproduces_the_full_forward_of_a_padded_batch(model, tmp_path):
+    data = batches()
+    cache = build_front_end_cache(model, data)
+    cache.save(tmp_path / "cache.safetensors")
+    cache = FrontEndCache.load(tmp_path / "cache.safetensors")
+    assert len(cache) == 8 and cache.shapes[3].tolist() == [6, 4] and cache.shapes[0].tolist() == [6, 8]
+    batch = cache.batch([0, 1, 2, 3])
+    with torch.no_grad():
+        full = model(pixel_values=data[0]["pixel_values"], pixel_mask=data[0]["pixel_mask"])
+        with cached_front_end(model) as front:
+            cached = model(**front.inputs(batch["features"], batch["mask"]))
+    torch.testing.assert_close(cached.logits, full.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached.pred_boxes, full.pred_boxes, rtol=0, atol=1e-5)
+    assert torch.equal(batch["teacher_logits"], full.logits)  # the dense outputs of the same forward
+    assert torch.equal(batch["labels"][1]["boxes"], data[0]["labels"][1]["boxes"])
+    assert not isinstance(model.model.input_projection, torch.nn.Identity)  # restored on exit
+
+
+def test_a_batch_of_narrow_images_only_is_padded_to_its_own_size(model):
+    cache = build_front_end_cache(model, batches())
+    narrow = cache.batch([3, 7])
+    assert narrow["features"].shape[-2:] == (6, 4) and narrow["mask"].all()
+
+
+# ---------------------------------------------------------------- the gate
+
+def test_gate_mask_opens_whole_groups_and_passes_gradients_straight_through():
+    gate = MicroGate(D, H, G)
+    torch.nn.init.normal_(gate.gate.weight)
+    x = torch.randn(2, 5, D)
+    gate.eval()
+    keep = gate.mask(x, None)
+    assert keep.dtype == torch.bool and keep.shape == (2, 5, H)
+    grouped = keep.view(2, 5, H // G, G)
+    assert torch.equal(grouped.all(-1), grouped.any(-1))  # a group is open or closed as a whole
+    assert torch.equal(keep[..., ::G], torch.sigmoid(gate(x)) > 0.5)
+    gate.train()
+    soft = gate.mask(x, None)
+    assert torch.equal(soft.detach(), keep.float())  # the forward pass applies exactly the hard mask
+    soft.sum().backward()
+    assert gate.gate.weight.grad.abs().sum() > 0  # and the backward pass the gradient of p
+    assert gate.overhead_macs_per_token(D, H) == D * H // G
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"group_size": 48}, "group_size = 48 is not allowed: must divide the FFN width 256"),
+    ({"threshold": 1.0}, r"threshold = 1.0 is not allowed: must be in \(0, 1\)"),
+])
+def test_bad_gate_settings_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        MicroGate(D, H, **{"group_size": G, **bad})
+
+
+def test_gates_for_unknown_blocks_are_refused(model):
+    with pytest.raises(ValueError, match=r"mgs.blocks names encoder.7, not FFN blocks.*encoder.0, encoder.1"):
+        make_gates(ffn_blocks(model), ["encoder.0", "encoder.7"], G, 0.5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"target": 1.0}, "target = 1.0 is not allowed"),
+    ({"objective": "l1"}, "mgs.objective = 'l1' is not allowed: allowed values: task, distillation, oracle"),
+    ({"target_warmup": 1.5}, "target_warmup = 1.5 is not allowed"),
+])
+def test_bad_training_settings_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        GateTraining(**{"target": 0.5, **bad})
+
+
+def test_oracle_groups_are_the_largest_summed_activations():
+    activations = torch.tensor([[0.0, 1.0, 5.0, 0.0, 2.0, 2.0, 0.0, 0.5]])  # groups of 2: sums 1, 5, 4, 0.5
+    assert oracle_groups(activations, 2, 2).tolist() == [[0.0, 1.0, 1.0, 0.0]]
+
+
+# ---------------------------------------------------------------- training
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_objective_reaches_the_gates(model, objective):
+    cache = build_front_end_cache(model, batches(padded=False))
+    batch = cache.batch([0, 1, 2, 3])
+    gates = make_gates(ffn_blocks(model), list(ffn_blocks(model)), G, 0.5)
+    for gate in gates.values():  # gates that already close some groups, so distillation has a signal
+        torch.nn.init.normal_(gate.gate.weight, std=0.5)
+    with cached_front_end(model) as front, sparse_ffns(model, gates) as sparsity:
+        for gate in gates.values():
+            gate.train()
+            gate.keep_activations = True
+        outputs = model(**front.inputs(batch["features"], batch["mask"]), labels=batch["labels"])
+        loss = objective_loss(objective, outputs, batch, gates, sparsity, target=0.75, box_weight=5.0)
+        loss.backward()
+    assert torch.isfinite(loss)
+    assert all(gate.gate.weight.grad.abs().sum() > 0 for gate in gates.values())
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_training_changes_only_the_gates_and_reaches_the_target(model, objective):
+    data = batches(padded=False)
+    cache = build_front_end_cache(model, data)
+    before = weights_digest(model)
+    gates = trained_gates(model, cache, target=0.75, objective=objective, steps=80)
+    assert weights_digest(model) == before  # the dense DETR is frozen
+    assert all(not p.requires_grad for p in model.parameters())
+    with sparse_ffns(model, gates) as sparsity, torch.no_grad():
+        for batch in data:
+            model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+    assert sparsity.induced_sparsity()["overall"] == pytest.approx(0.75, abs=0.1)
+
+
+def test_interrupted_training_resumes_to_the_same_gates(model, tmp_path):
+    cache = build_front_end_cache(model, batches(padded=False))
+    straight = trained_gates(model, cache)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_at_step_7(step, _metrics):
+        if step == 7:
+            raise Interrupted
+
+    checkpoint = tmp_path / "gates.ckpt"
+    with pytest.raises(Interrupted):
+        trained_gates(model, cache, checkpoint=checkpoint, log_step=interrupt_at_step_7)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 4  # the last checkpoint before the interruption
+    assert all(not isinstance(layer.mlp, torch.nn.Identity) for layer in model.model.encoder.layers)
+    resumed = trained_gates(model, cache, checkpoint=checkpoint)
+    for name in straight:
+        assert torch.equal(straight[name].gate.weight, resumed[name].gate.weight), name
+
+
+# ---------------------------------------------------------------- the gated model to take away
+
+def test_saved_gates_reload_and_the_gated_model_gives_the_evaluated_detections(model, tmp_path):
+    data = batches()
+    cache = build_front_end_cache(model, data)
+    gates = trained_gates(model, cache, target=0.5)
+    path = tmp_path / "gates.safetensors"
+    save_gates(path, gates, {"target": 0.5})
+    assert gate_metadata(path)["info"] == {"target": 0.5} and gate_metadata(path)["group_size"] == G
+    model.save_pretrained(tmp_path / "model")
+
+    with sparse_ffns(model, gates) as sparsity, torch.no_grad():  # what the evaluation ran
+        evaluated = model(pixel_values=data[0]["pixel_values"], pixel_mask=data[0]["pixel_mask"])
+    assert sparsity.induced_sparsity()["overall"] > 0.2
+
+    gated = load_gated_detr(tmp_path / "model", path)
+    reloaded = load_gated_detr(tmp_path / "model", path)
+    processor = DetrImageProcessorPil()
+    sizes = [(96, 128)] * 4
+    with torch.no_grad():
+        outputs = [m(pixel_values=data[0]["pixel_values"], pixel_mask=data[0]["pixel_mask"]) for m in (gated, reloaded)]
+    assert torch.equal(outputs[0].logits, evaluated.logits) and torch.equal(outputs[0].pred_boxes, evaluated.pred_boxes)
+    detections = [processor.post_process_object_detection(out, threshold=0.0, target_sizes=sizes) for out in outputs]
+    assert len(detections[0]) == 4 and detections[0][0]["boxes"].shape == (10, 4)
+    for a, b in zip(*detections):
+        assert all(torch.equal(a[k], b[k]) for k in ("scores", "labels", "boxes"))
+
+
+def test_gates_for_another_model_are_refused(model, tmp_path):
+    gate = MicroGate(D, H, G)
+    path = tmp_path / "gates.safetensors"
+    save_gates(path, {"encoder.5": gate}, {})
+    with pytest.raises(ValueError, match="names encoder.5, not FFN blocks of this model"):
+        add_gates(model, load_gates(path))
+    save_gates(path, {"encoder.0": MicroGate(2 * D, H, G)}, {})
+    with pytest.raises(ValueError, match="does not fit an FFN block with d = 32"):
+        add_gates(model, load_gates(path))
+    with pytest.raises(ValueError, match="is not an MGS gate file"):
+        load_gates(_plain_safetensors(tmp_path))
+
+
+def _plain_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    return tmp_path / "plain.safetensors"

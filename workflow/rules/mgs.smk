@@ -1,0 +1,76 @@
+# MGS: the frozen front end of the training images once, then one gate set per target of params.yaml's
+# mgs.targets (the summary asks for their rows), each evaluated like every other method.
+MGS_TARGET = r"0\.[0-9]+"
+
+
+rule mgs_cache:
+    input:
+        code=code("mgs", "sparsity", "evaluation"),
+        model=f"{RESULTS}/model",
+        data=f"{RESULTS}/data",
+    output:
+        f"{RESULTS}/mgs/cache/front_end.safetensors",
+    params:
+        settings=stage_params("mgs_cache"),
+    log:
+        f"{RESULTS}/logs/mgs-cache.log",
+    message:
+        "mgs_cache: backbone features and dense outputs of the gate-training images, computed once"
+    conda:
+        "../envs/study.yaml"
+    threads: MAX_THREADS
+    shell:
+        "python -m detr_sparsity --log {log} mgs-cache --model {input.model} --data {input.data} --out {output}"
+
+
+rule mgs_train:
+    input:
+        code=code("mgs", "sparsity", "evaluation"),
+        model=f"{RESULTS}/model",
+        cache=rules.mgs_cache.output[0],
+    output:
+        gates=f"{RESULTS}/mgs/{{target}}/gates.safetensors",
+        training=f"{RESULTS}/mgs/{{target}}/training.json",
+    params:
+        settings=stage_params("mgs_train"),
+    log:
+        f"{RESULTS}/logs/mgs-train-{{target}}.log",
+    message:
+        f"mgs_train: {CFG.mgs['objective']} gates of {CFG.mgs['group_size']} neurons toward {{wildcards.target}} induced sparsity"
+    wildcard_constraints:
+        target=MGS_TARGET,
+    conda:
+        "../envs/study.yaml"
+    # Targets train as parallel jobs of one thread each: the gates are small, and one thread per target
+    # uses the cores better than several threads on one target.
+    threads: 1
+    shell:
+        "python -m detr_sparsity --log {log} mgs-train --target {wildcards.target} --model {input.model}"
+        " --cache {input.cache} --gates {output.gates} --training {output.training}"
+
+
+rule mgs_evaluate:
+    input:
+        code=code("mgs", "sparsity", "evaluation"),
+        model=f"{RESULTS}/model",
+        data=f"{RESULTS}/data",
+        gates=rules.mgs_train.output.gates,
+        training=rules.mgs_train.output.training,
+    output:
+        detections=f"{RESULTS}/mgs/{{target}}/detections.json",
+        row=f"{RESULTS}/mgs/{{target}}/row.json",
+    params:
+        settings=stage_params("mgs_evaluate"),
+    log:
+        f"{RESULTS}/logs/mgs-evaluate-{{target}}.log",
+    message:
+        "mgs_evaluate: the gates of target {wildcards.target} on the evaluation split"
+    wildcard_constraints:
+        target=MGS_TARGET,
+    conda:
+        "../envs/study.yaml"
+    threads: 1
+    shell:
+        "python -m detr_sparsity --log {log} mgs-evaluate --target {wildcards.target} --model {input.model}"
+        " --data {input.data} --gates {input.gates} --training {input.training}"
+        " --detections {output.detections} --row {output.row}"
