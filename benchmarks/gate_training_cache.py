@@ -1,6 +1,6 @@
 """Gate-training throughput with the cached front end against recomputing it at every step.
 
-Both arms run the pipeline's `train_gates` with the study's objective and batch size, on the same training
+Both arms run the pipeline's `train_gates` with the study's first objective and its batch size, on the same training
 images, from fresh gates, interleaved, several times; medians reported:
 - cached:    what stage `mgs_train` does: the backbone's projected features and the dense model's outputs
              are read from the `mgs_cache` file;
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     recomputed = RecomputedFrontEnd(dataset, collate, copy.deepcopy(model).eval(), len(cached))
     sources = {"cached": cached, "recomputed": recomputed}
     budget = cfg.gate_training["training"]
-    settings = GateTraining(target=args.target, objective=cfg.mgs["objective"], steps=args.steps,
+    settings = GateTraining(target=args.target, objective=cfg.mgs["objectives"][0], steps=args.steps,
                             batch_size=budget["batch_size"], learning_rate=budget["learning_rate"],
                             multiplier_rate=budget["multiplier_rate"], target_warmup=budget["target_warmup"],
                             checkpoint_every=args.steps)

@@ -7,6 +7,7 @@ import torch
 from transformers import DetrImageProcessorPil
 
 from detr_sparsity.mgs import load_gated_detr
+from detr_sparsity.mgs.calibration import calibrate_gates, gated_sparsity
 from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache, cached_front_end
 from detr_sparsity.mgs.gated_detr import add_gates
 from detr_sparsity.mgs.gates import MicroGate, gate_metadata, load_gates, make_gates, save_gates
@@ -180,6 +181,20 @@ def test_interrupted_training_resumes_to_the_same_gates(model, tmp_path):
     resumed = trained_gates(model, cache, checkpoint=checkpoint)
     for name in straight:
         assert torch.equal(straight[name].gate.weight, resumed[name].gate.weight), name
+
+
+def test_calibration_sets_the_held_out_sparsity_to_the_target(model):
+    data = batches(padded=True)
+    cache = build_front_end_cache(model, data)
+    gates = trained_gates(model, cache, target=0.5)
+    held_out = [4, 5, 6, 7]
+    result = calibrate_gates(model, gates, cache, held_out, target=0.8, batch_size=4, tolerance=0.005)
+    assert result["sparsity_after"] == pytest.approx(0.8, abs=0.005) and result["offset"] > 0
+    assert gated_sparsity(model, gates, cache, held_out, batch_size=2) == pytest.approx(result["sparsity_after"])
+    with sparse_ffns(model, gates) as sparsity, torch.no_grad():  # the same images, from pixels
+        model(pixel_values=data[1]["pixel_values"], pixel_mask=data[1]["pixel_mask"])
+    assert sparsity.induced_sparsity()["overall"] == pytest.approx(result["sparsity_after"], abs=1e-6)
+    assert all(gate.threshold == 0.5 for gate in gates.values())
 
 
 # ---------------------------------------------------------------- the gated model to take away

@@ -123,7 +123,7 @@ STAGES = {"data", "model", "evaluate", "profile", "masking", "sibs", "mgs_cache"
 def row_key(row: dict) -> tuple:
     setting = row["setting"] or {}
     point = setting.get("target", setting.get("keep_ratio", setting.get("threshold")))
-    return (row["method"], point, setting.get("scope"))
+    return (row["method"], point, setting.get("scope", setting.get("objective")))
 
 
 def check_summary(root: Path) -> dict[tuple, dict]:
@@ -135,7 +135,8 @@ def check_summary(root: Path) -> dict[tuple, dict]:
     expected = [("dense", None, None),
                 *((method, keep, scope) for method in ("topk", "random") for keep in keeps for scope in scopes),
                 *(("sibs", threshold, None) for threshold in thresholds),
-                *(("mgs", target, None) for target in TINY_SWEEPS["mgs"]["targets"])]
+                *(("mgs", target, objective) for objective in TINY_SWEEPS["mgs"]["objectives"]
+                  for target in TINY_SWEEPS["mgs"]["targets"])]
     assert [row_key(r) for r in rows] == expected
     by_key = {row_key(r): r for r in rows}
     for row in rows:
@@ -196,7 +197,7 @@ def check_counts_independently(root: Path, by_key: dict[tuple, dict]) -> None:
         assert alone["induced_sparsity"]["per_block"] == {"encoder.0": pytest.approx(1 - k / hidden), "decoder.0": 0.0}
 
     # MGS: both matrices of a skipped neuron are saved, and each token pays its gate, d x H / G MACs.
-    row = by_key[("mgs", TINY_SWEEPS["mgs"]["targets"][0], None)]
+    row = by_key[("mgs", TINY_SWEEPS["mgs"]["targets"][0], "task")]
     groups = hidden // TINY_SWEEPS["mgs"]["group_size"]
     kept = {b: (1 - row["induced_sparsity"]["per_block"][b]) * hidden for b in tokens}
     gate_flops = sum(2 * t * d * groups for t in tokens.values())
@@ -232,7 +233,7 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     assert "loss" in by_stage["model"].data.metrics
     assert by_stage["evaluate"].data.metrics["AP"] == by_key[("dense", None, None)]["AP"]
     # Gate training logs every step: overall and per-block sparsity, losses, the multiplier.
-    mgs_row = by_key[("mgs", 0.5, None)]
+    mgs_row = by_key[("mgs", 0.5, "task")]
     assert stage_of_run[mgs_row["training"]["mlflow_run_id"]] == "mgs_train"
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     steps = TINY["mgs"]["training"]["steps"]
@@ -240,7 +241,7 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
         history = client.get_metric_history(mgs_row["training"]["mlflow_run_id"], metric)
         assert sorted(m.step for m in history) == list(range(1, steps + 1)), metric
     for stage in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "mgs-cache",
-                  "mgs-train-0.5", "mgs-evaluate-0.5", "summary"):
+                  "mgs-train-task-0.5", "mgs-evaluate-distillation-0.5", "summary"):
         assert (root / f"results/synthetic/logs/{stage}.log").stat().st_size > 0
 
     again = run(["snakemake", "-n", "--cores", "2"], root)
@@ -259,13 +260,13 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     # A setting every evaluation reads reruns all of them, and nothing upstream.
     params["studies"]["synthetic"]["evaluate"]["batch_size"] = 2
     write_params(root, params)
-    assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_evaluate": "1",
-                                  "summary": "1", "all": "1", "total": "14"}
-    # A new MGS target trains and evaluates only that target; the cached front end is reused.
+    assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_evaluate": "2",
+                                  "summary": "1", "all": "1", "total": "15"}
+    # A new MGS target trains and evaluates only that target, per objective; the cached front end is reused.
     params["mgs"]["targets"].append(0.75)
     write_params(root, params)
-    assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_train": "1",
-                                  "mgs_evaluate": "2", "summary": "1", "all": "1", "total": "16"}
+    assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_train": "2",
+                                  "mgs_evaluate": "4", "summary": "1", "all": "1", "total": "19"}
 
 
 def planned_jobs(root: Path) -> dict[str, str]:
@@ -298,5 +299,5 @@ def test_dvc_repro_runs_the_study_and_then_has_nothing_to_do(tmp_path):
     write_params(root, params)
     changed = json.loads(run(["dvc", "status", "--json"], root).stdout)
     assert set(changed) == {"masking@topk-0.5", "masking@random-0.5", "summary"}
-    mgs = shown["results/synthetic/mgs/0.5/row.json"]["data"]
-    assert mgs["AP"] == by_key[("mgs", 0.5, None)]["AP"] and mgs["method"] == "mgs"
+    mgs = shown["results/synthetic/mgs/distillation/0.5/row.json"]["data"]
+    assert mgs["AP"] == by_key[("mgs", 0.5, "distillation")]["AP"] and mgs["method"] == "mgs"

@@ -30,13 +30,15 @@ TINY = {
     "evaluate": {"split": "val", "batch_size": 3},
     "mgs": {"cache": {"split": "train", "images": 8, "batch_size": 4},
             "training": {"steps": 4, "batch_size": 4, "learning_rate": 0.05, "multiplier_rate": 0.5,
-                         "target_warmup": 0.5, "checkpoint_every": 2}},
+                         "target_warmup": 0.5, "checkpoint_every": 2,
+                         "calibration_images": 4}},
 }
 # Small sweeps: keep-ratio 1.0 and threshold 0.0 must reproduce the dense row exactly.
 TINY_SWEEPS = {
     "masking": {"methods": ["topk", "random"], "keep_ratios": [1.0, 0.25]},
     "sibs": {"indicator": "firing_frequency", "thresholds": [0.0, 0.2]},
-    "mgs": {"targets": [0.5], "objective": "task", "group_size": 16, "blocks": "all", "gate_threshold": 0.5},
+    "mgs": {"targets": [0.5], "objectives": ["task", "distillation"], "group_size": 16, "blocks": "all",
+            "gate_threshold": 0.5},
 }
 
 

@@ -106,16 +106,16 @@ def cmd_mgs_train(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.mgs.stage import mgs_train_stage
 
-    with tracking.stage_run(cfg, "mgs_train", setting=f"target={args.target}") as run:
-        mgs_train_stage(cfg, args.target, args.model, args.cache, args.gates, args.training, run)
+    with tracking.stage_run(cfg, "mgs_train", setting=f"{args.objective} target={args.target}") as run:
+        mgs_train_stage(cfg, args.objective, args.target, args.model, args.cache, args.gates, args.training, run)
 
 
 def cmd_mgs_evaluate(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.mgs.stage import mgs_evaluate_stage
 
-    with tracking.stage_run(cfg, "mgs_evaluate", setting=f"target={args.target}") as run:
-        mgs_evaluate_stage(cfg, args.target, args.model, args.data, args.gates, args.training, args.detections,
+    with tracking.stage_run(cfg, "mgs_evaluate", setting=f"{args.objective} target={args.target}") as run:
+        mgs_evaluate_stage(cfg, args.objective, args.target, args.model, args.data, args.gates, args.training, args.detections,
                            args.row, run)
 
 
@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mgs_cache)
 
     p = sub.add_parser("mgs-train", help="train MGS gates toward one induced-sparsity target, model frozen")
+    p.add_argument("--objective", required=True, help="task, distillation or oracle")
     p.add_argument("--target", type=float, required=True, help="induced sparsity, in (0, 1)")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--cache", type=Path, required=True, help="the mgs-cache output")
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mgs_train)
 
     p = sub.add_parser("mgs-evaluate", help="detections, COCO AP, sparsity and FLOPs of one trained gate set")
+    p.add_argument("--objective", required=True)
     p.add_argument("--target", type=float, required=True)
     _model_and_data(p)
     p.add_argument("--gates", type=Path, required=True)

@@ -39,9 +39,9 @@ STAGE_SECTIONS: dict[str, list[str]] = {
 STAGE_KEYS: dict[str, list[str]] = {
     "profile": ["profile.split"],
     "sibs": ["sibs.indicator"],
-    "mgs_train": ["mgs.objective", "mgs.group_size", "mgs.blocks", "mgs.gate_threshold"],
+    "mgs_train": ["mgs.group_size", "mgs.blocks", "mgs.gate_threshold"],
     # which rows are gathered
-    "summary": ["masking.methods", "masking.keep_ratios", "sibs.thresholds", "mgs.targets"],
+    "summary": ["masking.methods", "masking.keep_ratios", "sibs.thresholds", "mgs.objectives", "mgs.targets"],
 }
 
 

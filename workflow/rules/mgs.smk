@@ -1,5 +1,6 @@
-# MGS: the frozen front end of the training images once, then one gate set per target of params.yaml's
-# mgs.targets (the summary asks for their rows), each evaluated like every other method.
+# MGS: the frozen front end of the training images once, then one gate set per objective and target of
+# params.yaml's mgs section (the summary asks for their rows), each evaluated like every other method.
+MGS_OBJECTIVE = "task|distillation|oracle"
 MGS_TARGET = r"0\.[0-9]+"
 
 
@@ -29,15 +30,16 @@ rule mgs_train:
         model=f"{RESULTS}/model",
         cache=rules.mgs_cache.output[0],
     output:
-        gates=f"{RESULTS}/mgs/{{target}}/gates.safetensors",
-        training=f"{RESULTS}/mgs/{{target}}/training.json",
+        gates=f"{RESULTS}/mgs/{{objective}}/{{target}}/gates.safetensors",
+        training=f"{RESULTS}/mgs/{{objective}}/{{target}}/training.json",
     params:
         settings=stage_params("mgs_train"),
     log:
-        f"{RESULTS}/logs/mgs-train-{{target}}.log",
+        f"{RESULTS}/logs/mgs-train-{{objective}}-{{target}}.log",
     message:
-        f"mgs_train: {CFG.mgs['objective']} gates of {CFG.mgs['group_size']} neurons toward {{wildcards.target}} induced sparsity"
+        f"mgs_train: {{wildcards.objective}} gates of {CFG.mgs['group_size']} neurons toward {{wildcards.target}} induced sparsity"
     wildcard_constraints:
+        objective=MGS_OBJECTIVE,
         target=MGS_TARGET,
     conda:
         "../envs/study.yaml"
@@ -45,7 +47,8 @@ rule mgs_train:
     # uses the cores better than several threads on one target.
     threads: 1
     shell:
-        "python -m detr_sparsity --log {log} mgs-train --target {wildcards.target} --model {input.model}"
+        "python -m detr_sparsity --log {log} mgs-train --objective {wildcards.objective} --target {wildcards.target}"
+        " --model {input.model}"
         " --cache {input.cache} --gates {output.gates} --training {output.training}"
 
 
@@ -57,20 +60,22 @@ rule mgs_evaluate:
         gates=rules.mgs_train.output.gates,
         training=rules.mgs_train.output.training,
     output:
-        detections=f"{RESULTS}/mgs/{{target}}/detections.json",
-        row=f"{RESULTS}/mgs/{{target}}/row.json",
+        detections=f"{RESULTS}/mgs/{{objective}}/{{target}}/detections.json",
+        row=f"{RESULTS}/mgs/{{objective}}/{{target}}/row.json",
     params:
         settings=stage_params("mgs_evaluate"),
     log:
-        f"{RESULTS}/logs/mgs-evaluate-{{target}}.log",
+        f"{RESULTS}/logs/mgs-evaluate-{{objective}}-{{target}}.log",
     message:
-        "mgs_evaluate: the gates of target {wildcards.target} on the evaluation split"
+        "mgs_evaluate: the {wildcards.objective} gates of target {wildcards.target} on the evaluation split"
     wildcard_constraints:
+        objective=MGS_OBJECTIVE,
         target=MGS_TARGET,
     conda:
         "../envs/study.yaml"
     threads: 1
     shell:
-        "python -m detr_sparsity --log {log} mgs-evaluate --target {wildcards.target} --model {input.model}"
+        "python -m detr_sparsity --log {log} mgs-evaluate --objective {wildcards.objective} --target {wildcards.target}"
+        " --model {input.model}"
         " --data {input.data} --gates {input.gates} --training {input.training}"
         " --detections {output.detections} --row {output.row}"

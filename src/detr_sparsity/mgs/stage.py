@@ -17,6 +17,7 @@ from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
 from detr_sparsity.evaluation.evaluate import evaluate_policies, evaluation_split, row_metrics
+from detr_sparsity.mgs.calibration import calibrate_gates
 from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache
 from detr_sparsity.mgs.gates import load_gates, make_gates, save_gates
 from detr_sparsity.mgs.training import GateTraining, train_gates
@@ -63,46 +64,57 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def mgs_train_stage(cfg: StudyConfig, target: float, model_dir: Path, cache_path: Path, gates_path: Path,
-                    training_path: Path, run: StageRun) -> dict:
-    """Stage `mgs_train`: gates for one sparsity target on the frozen model; saved with their training record."""
+def mgs_train_stage(cfg: StudyConfig, objective: str, target: float, model_dir: Path, cache_path: Path,
+                    gates_path: Path, training_path: Path, run: StageRun) -> dict:
+    """Stage `mgs_train`: gates for one objective and sparsity target on the frozen model, saved with their
+    training record."""
     mgs = cfg.mgs
-    settings = GateTraining(target=target, objective=mgs["objective"], **cfg.gate_training["training"])
+    settings = GateTraining(target=target, objective=objective, **cfg.gate_training["training"])
     model = load_detr(model_dir)
     # Every setting is checked (block names, group size against the FFN width) before the cache is read.
     gates = make_gates(ffn_blocks(model), gated_block_names(cfg, model), mgs["group_size"],
                        mgs["gate_threshold"])
     cache = FrontEndCache.load(cache_path)
     before = weights_digest(model)
-    # Outside the outputs, so an interrupted job resumes (Snakemake removes a failed job's outputs).
-    checkpoint = cfg.results_dir / "checkpoints" / f"mgs-{target}-{cfg.params_hash('mgs_train')}.pt"
+    # Outside the outputs, so an interrupted job resumes (Snakemake removes a failed job's outputs); named
+    # after the settings and the dense weights, so a checkpoint is never resumed on another model.
+    checkpoint = (cfg.results_dir / "checkpoints"
+                  / f"mgs-{objective}-{target}-{cfg.params_hash('mgs_train')}-{before[:12]}.pt")
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     log.info("training %d gates (G = %d, %s objective) toward %.0f %% induced sparsity on %d cached images",
-             len(gates), mgs["group_size"], mgs["objective"], 100 * target, len(cache))
+             len(gates), mgs["group_size"], objective, 100 * target, len(cache))
     final = train_gates(model, gates, cache, settings, cfg.seed, checkpoint,
                         log_step=lambda step, metrics: run.log_metrics(metrics, step=step))
+    calibration = None
+    if settings.calibration_images:
+        held_out = list(range(len(cache) - settings.calibration_images, len(cache)))
+        calibration = calibrate_gates(model, gates, cache, held_out, target, settings.batch_size)
+        run.log_metrics({f"calibration_{k}": v for k, v in calibration.items()})
     if weights_digest(model) != before:
         raise RuntimeError("gate training changed the dense model's weights; only the gates may train")
-    record = {"target": target, "objective": mgs["objective"], "group_size": mgs["group_size"],
+    record = {"target": target, "objective": objective, "group_size": mgs["group_size"],
               "gate_threshold": mgs["gate_threshold"], "blocks": sorted(gates), "images": len(cache),
-              "settings": cfg.gate_training["training"], "final": final, "dense_weights_sha256": before,
+              "settings": cfg.gate_training["training"], "final": final, "calibration": calibration,
+              "dense_weights_sha256": before,
               "mlflow_run_id": run.run_id}
-    save_gates(gates_path, gates, {"target": target, "objective": mgs["objective"], "model": str(model_dir),
+    save_gates(gates_path, gates, {"target": target, "objective": objective, "model": str(model_dir),
                                    "mlflow_run_id": run.run_id})
     write_json(training_path, record)
     checkpoint.unlink(missing_ok=True)
     run.log_metrics({"train_seconds": final["train_seconds"], "final_induced_sparsity": final["induced_sparsity"]})
-    log.info("gates for target %.2f: training sparsity %.3f after %d steps (%.0f s)", target,
-             final["induced_sparsity"], final["steps"], final["train_seconds"])
+    log.info("%s gates for target %.2f: last training batch at sparsity %.3f after %d steps (%.0f s)", objective,
+             target, final["induced_sparsity"], final["steps"], final["train_seconds"])
     return record
 
 
-def mgs_evaluate_stage(cfg: StudyConfig, target: float, model_dir: Path, data_dir: Path, gates_path: Path,
-                       training_path: Path, detections_path: Path, row_path: Path, run: StageRun) -> dict:
+def mgs_evaluate_stage(cfg: StudyConfig, objective: str, target: float, model_dir: Path, data_dir: Path,
+                       gates_path: Path, training_path: Path, detections_path: Path, row_path: Path,
+                       run: StageRun) -> dict:
     """Stage `mgs_evaluate`: the gated model's row, measured by the same evaluation as every method."""
     training = json.loads(Path(training_path).read_text())
-    if training["target"] != target:
-        raise ValueError(f"{training_path} records target {training['target']}, not {target}")
+    if (training["objective"], training["target"]) != (objective, target):
+        raise ValueError(f"{training_path} records {training['objective']} gates for target {training['target']}, "
+                         f"not {objective} gates for {target}")
     gates = load_gates(gates_path)
     data = evaluation_split(cfg, data_dir)
     model = load_detr(model_dir)
@@ -111,12 +123,12 @@ def mgs_evaluate_stage(cfg: StudyConfig, target: float, model_dir: Path, data_di
     row = {"method": "mgs", "setting": setting, **measured, "gates": str(gates_path),
            "training": {"steps": training["final"]["steps"], "train_seconds": training["final"]["train_seconds"],
                         "induced_sparsity": training["final"]["induced_sparsity"],
-                        "mlflow_run_id": training["mlflow_run_id"]},
+                        "calibration": training["calibration"], "mlflow_run_id": training["mlflow_run_id"]},
            "mlflow_run_id": run.run_id}
     write_json(row_path, row)
     run.log_metrics({**row_metrics(row),
                      **{f"induced_sparsity.{n}": v for n, v in row["induced_sparsity"]["per_block"].items()}})
     run.log_artifact(row_path)
-    log.info("mgs target %.2f: induced sparsity %.3f, AP %.4f (AP50 %.4f)", target,
+    log.info("mgs %s, target %.2f: induced sparsity %.3f, AP %.4f (AP50 %.4f)", objective, target,
              row["induced_sparsity"]["overall"], row["AP"], row["AP50"])
     return row

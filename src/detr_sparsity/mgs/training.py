@@ -48,6 +48,7 @@ class GateTraining:
     multiplier_rate: float = 0.05  # dual-ascent step of lambda, per unit of constraint violation
     target_warmup: float = 0.3  # fraction of the steps over which the budget falls from 1 to 1 - target
     checkpoint_every: int = 250
+    calibration_images: int = 0  # the cache's last images, held out of training for `calibration`
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -90,9 +91,12 @@ def _batches(n: int, batch_size: int, seed: int, step: int) -> list[int]:
 def train_gates(model: DetrForObjectDetection, gates: dict[str, MicroGate], cache: FrontEndCache,
                 settings: GateTraining, seed: int, checkpoint: Path | None = None,
                 log_step: StepLogger | None = None) -> dict[str, float]:
-    """Train `gates` in place on the cached front end; returns the last step's metrics and the training time."""
-    if len(cache) < settings.batch_size:
-        raise ValueError(f"batch_size {settings.batch_size} is larger than the cached split ({len(cache)} images)")
+    """Train `gates` in place on the cached front end (or any source with the same `len()` and `batch(index)`);
+    returns the last step's metrics and the training time."""
+    images = len(cache) - settings.calibration_images
+    if images < settings.batch_size:
+        raise ValueError(f"batch_size {settings.batch_size} is larger than the {images} cached images left for "
+                         f"training ({len(cache)} cached, {settings.calibration_images} held out for calibration)")
     model.eval()  # frozen: no dropout, batch norm statistics fixed
     for p in model.parameters():
         p.requires_grad_(False)
@@ -116,19 +120,19 @@ def train_gates(model: DetrForObjectDetection, gates: dict[str, MicroGate], cach
             gate.train()
             gate.keep_activations = settings.objective == "oracle"
         while step < settings.steps:
-            batch = cache.batch(_batches(len(cache), settings.batch_size, seed, step))
+            batch = cache.batch(_batches(images, settings.batch_size, seed, step))
             outputs = model(**front.inputs(batch["features"], batch["mask"]),
                             labels=batch["labels"] if needs_labels(settings.objective) else None)
-            task = objective_loss(settings.objective, outputs, batch, gates, sparsity, settings.target, box_weight)
+            objective_term = objective_loss(settings.objective, outputs, batch, gates, sparsity, settings.target, box_weight)
             soft, hard, per_block = open_fractions(sparsity, gates)
             budget = settings.budget(step)
-            loss = task + multiplier * (soft - budget)
+            loss = objective_term + multiplier * (soft - budget)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             multiplier = max(0.0, multiplier + settings.multiplier_rate * (hard - budget))
             step += 1
-            metrics = {"loss": float(loss.detach()), "objective_loss": float(task.detach()),
+            metrics = {"loss": float(loss.detach()), "objective_loss": float(objective_term.detach()),
                        "induced_sparsity": 1.0 - hard, "multiplier": multiplier, "budget": budget,
                        **{f"induced_sparsity.{name}": 1.0 - value for name, value in per_block.items()}}
             if log_step is not None:

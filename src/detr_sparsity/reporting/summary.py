@@ -19,7 +19,7 @@ REQUIRED = ("method", "setting", *AP_METRICS, "natural_sparsity", "induced_spars
 
 def row_files(cfg: StudyConfig) -> list[Path]:
     """Every evaluated configuration's row file, in summary order: dense, the masking sweep, the SIBS sweep,
-    the MGS targets.
+    the MGS objectives and targets.
 
     The paths are the outputs of the rules in workflow/rules (Snakemake fails on a path no rule makes).
     """
@@ -29,7 +29,8 @@ def row_files(cfg: StudyConfig) -> list[Path]:
         *(results / "masking" / f"{method}-{keep}" / "rows.json"
           for method in cfg.masking["methods"] for keep in cfg.masking["keep_ratios"]),
         *(results / "sibs" / str(threshold) / "row.json" for threshold in cfg.sibs["thresholds"]),
-        *(results / "mgs" / str(target) / "row.json" for target in cfg.mgs["targets"]),
+        *(results / "mgs" / objective / str(target) / "row.json"
+          for objective in cfg.mgs["objectives"] for target in cfg.mgs["targets"]),
     ]
 
 
