@@ -112,8 +112,8 @@ BAD_VALUES = {
         ["mgs.targets.0", "0.0", "must be > 0"],
     ),
     "unknown gate objective": (
-        {"mgs.objective": "l1"},
-        ["mgs.objective", '"l1"', "allowed values: task, distillation, oracle"],
+        {"mgs.objectives": ["task", "l1"]},
+        ["mgs.objectives.1", '"l1"', "allowed values: task, distillation, oracle"],
     ),
     "group size not dividing the FFN width": (
         {"mgs.group_size": 48},
@@ -122,6 +122,10 @@ BAD_VALUES = {
     "gate threshold of 1": (
         {"mgs.gate_threshold": 1.0},
         ["mgs.gate_threshold", "1.0", "must be < 1"],
+    ),
+    "no cached image left for training": (
+        {"studies.synthetic.mgs.training.calibration_images": 8000},
+        ["studies.synthetic.mgs.training.batch_size = 16 is not allowed", "less the calibration_images (8000)"],
     ),
     "gated block that is not an FFN block name": (
         {"mgs.blocks": ["ffn.3"]},

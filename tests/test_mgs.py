@@ -101,7 +101,7 @@ def test_gate_mask_opens_whole_groups_and_passes_gradients_straight_through():
 
 @pytest.mark.parametrize("bad, message", [
     ({"group_size": 48}, "group_size = 48 is not allowed: must divide the FFN width 256"),
-    ({"threshold": 1.0}, r"threshold = 1.0 is not allowed: must be in \(0, 1\)"),
+    ({"threshold": 1.0}, r"gate_threshold = 1.0 is not allowed: must be in \(0, 1\)"),
 ])
 def test_bad_gate_settings_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -115,7 +115,7 @@ def test_gates_for_unknown_blocks_are_refused(model):
 
 @pytest.mark.parametrize("bad, message", [
     ({"target": 1.0}, "target = 1.0 is not allowed"),
-    ({"objective": "l1"}, "mgs.objective = 'l1' is not allowed: allowed values: task, distillation, oracle"),
+    ({"objective": "l1"}, "objective = 'l1' is not allowed: allowed values: task, distillation, oracle"),
     ({"target_warmup": 1.5}, "target_warmup = 1.5 is not allowed"),
 ])
 def test_bad_training_settings_are_refused(bad, message):

@@ -204,9 +204,10 @@ def _cross_field_problems(raw: dict[str, Any]) -> list[str]:
         if images > split_size:
             problems.append(f"{prefix}.mgs.cache.images = {images} is not allowed: must be <= "
                             f"data.splits.{gate_budget['cache']['split']} ({split_size})")
-        elif gate_budget["training"]["batch_size"] > images:
+        elif gate_budget["training"]["batch_size"] > images - gate_budget["training"]["calibration_images"]:
             problems.append(f"{prefix}.mgs.training.batch_size = {gate_budget['training']['batch_size']} is not "
-                            f"allowed: must be <= the cached images ({images})")
+                            f"allowed: must be <= the cached images ({images}) less the calibration_images "
+                            f"({gate_budget['training']['calibration_images']})")
     return problems
 
 

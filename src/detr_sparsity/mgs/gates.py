@@ -37,13 +37,13 @@ class MicroGate(nn.Module, Policy):
         if group_size < 1 or hidden % group_size:
             raise ValueError(f"group_size = {group_size} is not allowed: must divide the FFN width {hidden}")
         if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold = {threshold} is not allowed: must be in (0, 1)")
+            raise ValueError(f"gate_threshold = {threshold} is not allowed: must be in (0, 1)")
         self.group_size, self.threshold = group_size, threshold
         self.gate = nn.Linear(d_model, hidden // group_size)
         # Start with every group open (p = 0.88): training starts from the dense model and closes groups.
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, 2.0)
-        # What the last forward pass saw, for the training objectives (not used at inference).
+        # What the last training forward pass saw, for the sparsity term and the objectives.
         self.last_logits: torch.Tensor | None = None
         self.last_activations: torch.Tensor | None = None
         self.keep_activations = False  # the oracle objective needs the dense activations of each step
@@ -58,10 +58,10 @@ class MicroGate(nn.Module, Policy):
 
     def mask(self, inputs: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         logits = self(inputs)
-        self.last_logits = logits
-        self.last_activations = activations.detach() if self.keep_activations else None
         open_groups = self.open_groups(logits)
         if self.training:
+            self.last_logits = logits
+            self.last_activations = activations.detach() if self.keep_activations else None
             p = torch.sigmoid(logits)
             # Straight-through: the forward value is exactly the hard mask (p - p.detach() is exactly 0).
             groups = open_groups.to(p.dtype) + (p - p.detach())

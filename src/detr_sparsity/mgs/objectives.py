@@ -1,4 +1,4 @@
-"""What the gates learn from, besides the sparsity term (see `training`). Selected by `mgs.objective`.
+"""What the gates learn from, besides the sparsity term (see `training`). Listed in `mgs.objectives`.
 
 - `task`: DETR's set-prediction loss on the ground truth (Hungarian matching, DETR's loss weights): the
   gates close what the detections can do without.
@@ -26,7 +26,7 @@ OBJECTIVES = ("task", "distillation", "oracle")
 
 def check_objective(name: str) -> str:
     if name not in OBJECTIVES:
-        raise ValueError(f"mgs.objective = {name!r} is not allowed: allowed values: {', '.join(OBJECTIVES)}")
+        raise ValueError(f"objective = {name!r} is not allowed: allowed values: {', '.join(OBJECTIVES)}")
     return name
 
 

@@ -1,5 +1,6 @@
 """The MGS stages: `mgs_cache` (frozen front end of the training images, once), `mgs_train` (one gate set
-per sparsity target) and `mgs_evaluate` (its row of summary.json, through the common evaluation)."""
+per objective and sparsity target) and `mgs_evaluate` (its row of summary.json, through the common
+evaluation)."""
 
 from __future__ import annotations
 
