@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
+
+from environment import environment  # benchmarks/environment.py: the script's own folder is on sys.path
 
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import load_config
@@ -109,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_second": steps_per_second,
         "images_per_second": {name: v * settings.batch_size for name, v in steps_per_second.items()},
         "speedup_cached_vs_recomputed": median["recomputed"] / median["cached"],
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        **environment(),
     }
     out = args.out or cfg.results_dir / "benchmark" / "gate_training_cache.json"
     write_json(out, result)

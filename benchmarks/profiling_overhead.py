@@ -15,15 +15,14 @@ with JPEG decoding and resizing included).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
+
+from environment import environment  # benchmarks/environment.py: the script's own folder is on sys.path
 
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import load_config
@@ -94,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_ratio": {"profiled_vs_plain": median["profiled"] / median["plain"],
                            "wrapped_vs_plain": median["wrapped"] / median["plain"]},
         "goal": "profiled_vs_plain <= 1.30",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        **environment(),
     }
     out = args.out or cfg.results_dir / "benchmark" / "profiling_overhead.json"
     write_json(out, result)

@@ -329,3 +329,53 @@ def test_profile_and_sibs_stages_count_real_tokens_of_the_padded_batch(stages, d
     assert row["ffn_flops"]["as_run"] == pytest.approx(as_run, rel=1e-9)
     assert row["shrunk_ffn"]["label_mismatches"] == 0
     assert coco_ap(row["annotations"], row["detections"]) == {k: row[k] for k in AP_METRICS}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MGS on the COCO study's path: portrait and landscape images, the hub model format
+
+
+def test_mgs_stages_and_the_gated_model_on_detr_r50(stages, data_dir):
+    from dataclasses import replace
+
+    from detr_sparsity.evaluation.detections import detect
+    from detr_sparsity.evaluation.evaluate import evaluation_split
+    from detr_sparsity.mgs import load_gated_detr
+    from detr_sparsity.mgs.front_end import FrontEndCache, cached_front_end
+    from detr_sparsity.mgs.stage import mgs_cache_stage, mgs_evaluate_stage, mgs_train_stage
+
+    budget = {"cache": {"split": "train", "images": 0, "batch_size": 2},
+              "training": {"steps": 2, "batch_size": 2, "learning_rate": 0.01, "multiplier_rate": 0.05,
+                           "target_warmup": 0.0, "checkpoint_every": 1, "calibration_images": 0}}
+    cfg, model_dir = replace(stages["cfg"], gate_training=budget), stages["model_dir"]
+    out = stages["work"] / "results" / "coco" / "mgs"
+    with tracking.stage_run(cfg, "mgs_cache") as run:
+        mgs_cache_stage(cfg, model_dir, data_dir, out / "cache.safetensors", run)
+    cache = FrontEndCache.load(out / "cache.safetensors")
+    # Each image's real feature region, as DETR's mask marks it: the landscape 800 x 1066 and portrait 1066 x 800
+    # images share a batch padded to 1066 x 1066 (34 x 34 at stride 32), where 800 px become 26 rows.
+    assert cache.shapes.tolist() == [[26, 34], [34, 26]]
+    data = evaluation_split(cfg, data_dir)
+    model = load_detr(model_dir)
+    pixels = next(iter(data.loader))
+    batch = cache.batch([0, 1])
+    with torch.no_grad():
+        full = model(pixel_values=pixels["pixel_values"], pixel_mask=pixels["pixel_mask"])
+        with cached_front_end(model) as front:
+            cached = model(**front.inputs(batch["features"], batch["mask"]))
+    torch.testing.assert_close(cached.logits, full.logits, rtol=0, atol=1e-4)
+
+    gates, training = out / "distillation" / "gates.safetensors", out / "distillation" / "training.json"
+    with tracking.stage_run(cfg, "mgs_train", setting="distillation target=0.5") as run:
+        record = mgs_train_stage(cfg, "distillation", 0.5, model_dir, out / "cache.safetensors", gates, training, run)
+    assert record["final"]["steps"] == 2 and len(record["blocks"]) == 2 * LAYERS
+    detections, row_path = out / "distillation" / "detections.json", out / "distillation" / "row.json"
+    with tracking.stage_run(cfg, "mgs_evaluate", setting="distillation target=0.5") as run:
+        row = mgs_evaluate_stage(cfg, "distillation", 0.5, model_dir, data_dir, gates, training, detections,
+                                 row_path, run)
+    assert {k: row[k] for k in AP_METRICS} == coco_ap(data.split.annotations, detections)
+    assert set(row["induced_sparsity"]["per_block"]) == set(record["blocks"])
+
+    # The model to take away, from the hub-format directory and the gate file: the evaluated detections.
+    gated = load_gated_detr(model_dir, gates)
+    assert detect(gated, data.processor, data.loader) == json.loads(detections.read_text())
