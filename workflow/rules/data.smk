@@ -12,5 +12,7 @@ rule data:
     conda:
         "../envs/study.yaml"
     threads: 1
+    resources:
+        cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} data --out {output}"

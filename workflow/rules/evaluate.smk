@@ -17,6 +17,8 @@ rule evaluate:
     # One thread, as every evaluation job: matmuls split over another thread count round differently, and the
     # sanity points (top-k at keep-ratio 1, SIBS at threshold 0) must reproduce dense bit for bit.
     threads: 1
+    resources:
+        cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} evaluate --method {wildcards.method} --model {input.model}"
         " --data {input.data} --detections {output.detections} --row {output.row}"

@@ -20,6 +20,8 @@ rule masking:
     conda:
         "../envs/study.yaml"
     threads: 1
+    resources:
+        cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} masking --method {wildcards.method} --keep-ratio {wildcards.keep}"
         " --model {input.model} --data {input.data} --detections {output.detections} --rows {output.rows}"

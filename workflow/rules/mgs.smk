@@ -20,6 +20,8 @@ rule mgs_cache:
     conda:
         "../envs/study.yaml"
     threads: MAX_THREADS
+    resources:
+        cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} mgs-cache --model {input.model} --data {input.data} --out {output}"
 
@@ -46,6 +48,8 @@ rule mgs_train:
     # Targets train as parallel jobs of one thread each: the gates are small, and one thread per target
     # uses the cores better than several threads on one target.
     threads: 1
+    resources:
+        cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} mgs-train --objective {wildcards.objective} --target {wildcards.target}"
         " --model {input.model}"
@@ -74,6 +78,8 @@ rule mgs_evaluate:
     conda:
         "../envs/study.yaml"
     threads: 1
+    resources:
+        cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} mgs-evaluate --objective {wildcards.objective} --target {wildcards.target}"
         " --model {input.model}"

@@ -13,5 +13,7 @@ rule model:
     conda:
         "../envs/study.yaml"
     threads: MAX_THREADS
+    resources:
+        cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} model --data {input.data} --out {output}"

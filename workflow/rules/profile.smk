@@ -14,5 +14,7 @@ rule profile:
     conda:
         "../envs/study.yaml"
     threads: 1
+    resources:
+        cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} profile --model {input.model} --data {input.data} --out {output}"

@@ -19,6 +19,8 @@ rule sibs:
     conda:
         "../envs/study.yaml"
     threads: 1
+    resources:
+        cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} sibs --threshold {wildcards.threshold} --model {input.model}"
         " --data {input.data} --profile {input.profile} --detections {output.detections} --row {output.row}"

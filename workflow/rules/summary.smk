@@ -16,5 +16,7 @@ rule summary:
     conda:
         "../envs/study.yaml"
     threads: 1
+    resources:
+        cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} summary --out {output}"
