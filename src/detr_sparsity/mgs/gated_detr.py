@@ -1,7 +1,7 @@
 """A gated DETR to take away: a dense DETR with a saved MGS gate set built into its FFN blocks.
 
     from detr_sparsity.mgs import load_gated_detr
-    model = load_gated_detr("results/synthetic/model", "results/synthetic/mgs/0.9/gates.safetensors")
+    model = load_gated_detr("results/synthetic/model", "results/synthetic/mgs/distillation/0.9/gates.safetensors")
 
 The result is an ordinary `DetrForObjectDetection` (eval mode) whose gated FFN blocks compute
 fc2(m * relu(fc1 x)) with m the gate's hard mask, so `DetrImageProcessor.post_process_object_detection`
