@@ -15,7 +15,7 @@ from detr_sparsity.mgs.objectives import OBJECTIVES, objective_loss, oracle_grou
 from detr_sparsity.mgs.stage import weights_digest
 from detr_sparsity.mgs.training import GateTraining, train_gates
 from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
-from detr_sparsity.sparsity.ffn import ffn_blocks, sparse_ffns
+from detr_sparsity.sparsity.ffn import SparseFFN, ffn_blocks, sparse_ffns
 
 D, H, G = 32, 256, 16
 ARCH = {"d_model": D, "ffn_dim": H, "encoder_layers": 2, "decoder_layers": 2, "attention_heads": 4,
@@ -177,7 +177,9 @@ def test_interrupted_training_resumes_to_the_same_gates(model, tmp_path):
     with pytest.raises(Interrupted):
         trained_gates(model, cache, checkpoint=checkpoint, log_step=interrupt_at_step_7)
     assert torch.load(checkpoint, weights_only=False)["step"] == 4  # the last checkpoint before the interruption
-    assert all(not isinstance(layer.mlp, torch.nn.Identity) for layer in model.model.encoder.layers)
+    # The interruption left the model as it was: no FFN wrapper, the real backbone and input projection.
+    assert not any(isinstance(block, SparseFFN) for block in ffn_blocks(model).values())
+    assert not isinstance(model.model.input_projection, torch.nn.Identity)
     resumed = trained_gates(model, cache, checkpoint=checkpoint)
     for name in straight:
         assert torch.equal(straight[name].gate.weight, resumed[name].gate.weight), name
