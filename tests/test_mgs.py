@@ -49,7 +49,7 @@ def trained_gates(model, cache, target=0.75, objective="task", steps=12, **kwarg
     gates = make_gates(ffn_blocks(model), list(ffn_blocks(model)), G, 0.5)
     settings = GateTraining(target=target, objective=objective, steps=steps, batch_size=4, learning_rate=0.05,
                             multiplier_rate=0.5, target_warmup=0.25, checkpoint_every=4)
-    train_gates(model, gates, cache, settings, seed=0, **kwargs)
+    trained_gates.last = train_gates(model, gates, cache, settings, seed=0, **kwargs)
     return gates
 
 
@@ -165,6 +165,7 @@ def test_training_changes_only_the_gates_and_reaches_the_target(model, objective
 def test_interrupted_training_resumes_to_the_same_gates(model, tmp_path):
     cache = build_front_end_cache(model, batches(padded=False))
     straight = trained_gates(model, cache)
+    straight_curve = trained_gates.last["curve"]
 
     class Interrupted(Exception):
         pass
@@ -183,6 +184,9 @@ def test_interrupted_training_resumes_to_the_same_gates(model, tmp_path):
     resumed = trained_gates(model, cache, checkpoint=checkpoint)
     for name in straight:
         assert torch.equal(straight[name].gate.weight, resumed[name].gate.weight), name
+    # The curve kept in training.json spans every step, the ones before the interruption included.
+    assert [point["step"] for point in straight_curve] == list(range(1, 13))
+    assert trained_gates.last["curve"] == straight_curve
 
 
 def test_calibration_sets_the_held_out_sparsity_to_the_target(model):

@@ -86,6 +86,7 @@ def mgs_train_stage(cfg: StudyConfig, objective: str, target: float, model_dir: 
              len(gates), mgs["group_size"], objective, 100 * target, len(cache))
     final = train_gates(model, gates, cache, settings, cfg.seed, checkpoint,
                         log_step=lambda step, metrics: run.log_metrics(metrics, step=step))
+    curve = final.pop("curve")
     calibration = None
     if settings.calibration_images:
         held_out = list(range(len(cache) - settings.calibration_images, len(cache)))
@@ -95,7 +96,7 @@ def mgs_train_stage(cfg: StudyConfig, objective: str, target: float, model_dir: 
         raise RuntimeError("gate training changed the dense model's weights; only the gates may train")
     record = {"target": target, "objective": objective, "group_size": mgs["group_size"],
               "gate_threshold": mgs["gate_threshold"], "blocks": sorted(gates), "images": len(cache),
-              "settings": cfg.gate_training["training"], "final": final, "calibration": calibration,
+              "settings": cfg.gate_training["training"], "final": final, "calibration": calibration, "curve": curve,
               "dense_weights_sha256": before,
               "mlflow_run_id": run.run_id}
     save_gates(gates_path, gates, {"target": target, "objective": objective, "model": str(model_dir),

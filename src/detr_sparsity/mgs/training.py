@@ -12,7 +12,9 @@ take to respond and then overshoots: measured, every gate closed within 200 step
 
 Only the gates have trainable parameters; the dense model's weights are frozen and never change. Training
 reads the cached front end, and saves a checkpoint every `checkpoint_every` steps from which an interrupted
-run resumes exactly (batches are drawn from per-epoch seeded permutations, as in pretraining).
+run resumes exactly (batches are drawn from per-epoch seeded permutations, as in pretraining). The training
+curve (the step metrics at about 400 evenly spaced steps) is kept in the checkpoint too, so a resumed run
+returns the same curve as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from detr_sparsity.sparsity.ffn import FFNSparsity, sparse_ffns
 log = logging.getLogger(__name__)
 
 StepLogger = Callable[[int, dict[str, float]], None]
+CURVE_POINTS = 400  # steps of the training curve kept in training.json (every step goes to MLflow)
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def train_gates(model: DetrForObjectDetection, gates: dict[str, MicroGate], cach
                 settings: GateTraining, seed: int, checkpoint: Path | None = None,
                 log_step: StepLogger | None = None) -> dict[str, float]:
     """Train `gates` in place on the cached front end (or any source with the same `len()` and `batch(index)`);
-    returns the last step's metrics and the training time."""
+    returns the last step's metrics, the training time and the training curve (`curve`: step metrics)."""
     images = len(cache) - settings.calibration_images
     if images < settings.batch_size:
         raise ValueError(f"batch_size {settings.batch_size} is larger than the {images} cached images left for "
@@ -103,12 +106,15 @@ def train_gates(model: DetrForObjectDetection, gates: dict[str, MicroGate], cach
     params = [p for gate in gates.values() for p in gate.parameters()]
     optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
     multiplier, step, elapsed = 0.0, 0, 0.0
+    curve: list[dict[str, float]] = []
+    curve_every = max(1, settings.steps // CURVE_POINTS)
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         for name, gate in gates.items():
             gate.load_state_dict(state["gates"][name])
         optimizer.load_state_dict(state["optimizer"])
         multiplier, step, elapsed = state["multiplier"], state["step"], state["elapsed"]
+        curve = state["curve"]
         log.info("resuming gate training from %s at step %d", checkpoint, step)
     box_weight = float(model.config.bbox_loss_coefficient)
     metrics: dict[str, float] = {}
@@ -137,22 +143,25 @@ def train_gates(model: DetrForObjectDetection, gates: dict[str, MicroGate], cach
                        **{f"induced_sparsity.{name}": 1.0 - value for name, value in per_block.items()}}
             if log_step is not None:
                 log_step(step, metrics)
+            if step % curve_every == 0 or step == settings.steps:
+                curve.append({"step": step, **metrics})
             progress.update(1)
             if step % 100 == 0:
                 log.info("step %d/%d: %s loss %.4f, sparsity %.3f (target %.2f), lambda %.3f", step, settings.steps,
                          settings.objective, metrics["objective_loss"], metrics["induced_sparsity"],
                          settings.target, multiplier)
             if checkpoint is not None and step % settings.checkpoint_every == 0 and step < settings.steps:
-                _save_checkpoint(checkpoint, gates, optimizer, multiplier, step, time.perf_counter() - start)
+                _save_checkpoint(checkpoint, gates, optimizer, multiplier, step, time.perf_counter() - start, curve)
     progress.close()
     for gate in gates.values():
         gate.eval()
         gate.keep_activations, gate.last_logits, gate.last_activations = False, None, None
-    return {**metrics, "steps": step, "train_seconds": time.perf_counter() - start}
+    return {**metrics, "steps": step, "train_seconds": time.perf_counter() - start, "curve": curve}
 
 
-def _save_checkpoint(path: Path, gates, optimizer, multiplier: float, step: int, elapsed: float) -> None:
+def _save_checkpoint(path: Path, gates, optimizer, multiplier: float, step: int, elapsed: float,
+                     curve: list[dict[str, float]]) -> None:
     state = {"gates": {name: gate.state_dict() for name, gate in gates.items()}, "optimizer": optimizer.state_dict(),
-             "multiplier": multiplier, "step": step, "elapsed": elapsed}
+             "multiplier": multiplier, "step": step, "elapsed": elapsed, "curve": curve}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
