@@ -1,6 +1,7 @@
 # The study's pipeline. dvc.yaml describes the same DAG with the same commands (tests keep them in step).
 # Settings come from params.yaml only, validated by detr_sparsity.config before any job starts.
 import os
+import sys
 import uuid
 
 from detr_sparsity.config import load_config
@@ -23,15 +24,25 @@ include: "workflow/rules/masking.smk"
 include: "workflow/rules/sibs.smk"
 include: "workflow/rules/mgs.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/paper.smk"
+
+
+# `snakemake --report report.html`: one self-contained page of the study, figures and tables with captions.
+report: "workflow/report/study.rst"
 
 
 rule all:
     input:
         f"{RESULTS}/summary.json",
+        rules.figures.output.figures,
+        rules.tables.output.markdown,
+        [] if LATEX_MISSING else rules.paper.output,
     default_target: True
 
 
 onstart:
+    if LATEX_MISSING:
+        print(f"NOTE: {LATEX_MISSING}", file=sys.stderr)
     # One process creates the MLflow store and experiment before parallel jobs open it.
     shell("python -m detr_sparsity init-tracking")
 
@@ -39,4 +50,5 @@ onstart:
 onsuccess:
     # Record what Snakemake produced in dvc.lock and DVC's cache: DVC versions the artifacts, and a
     # following `dvc repro` or `dvc status` sees the same pipeline as up to date.
-    shell("dvc commit --force --quiet")
+    # Without LaTeX the paper stage did not run: record everything upstream of it.
+    shell("dvc commit --force --quiet" + (" --with-deps figures tables" if LATEX_MISSING else ""))

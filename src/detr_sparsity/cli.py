@@ -121,12 +121,47 @@ def cmd_mgs_evaluate(cfg: StudyConfig, args) -> None:
 
 def cmd_summary(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
-    from detr_sparsity.reporting.summary import gather, row_files
+    from detr_sparsity.atomic import write_json
+    from detr_sparsity.reporting.summary import gather, headline_metrics, row_files
 
     with tracking.stage_run(cfg, "summary") as run:
         rows = gather(row_files(cfg), args.out)
+        write_json(args.metrics, headline_metrics(rows))
         run.log_metrics({"rows": len(rows)})
         run.log_artifact(args.out)
+        run.log_artifact(args.metrics)
+
+
+def cmd_figures(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.reporting.figures import figures_stage
+
+    with tracking.stage_run(cfg, "figures") as run:
+        drawn = figures_stage(cfg.name, cfg.evaluate["split"], args.summary, args.profile, args.speed, args.out,
+                              args.plots, run)
+        run.log_metrics({"figures": len(drawn)})
+
+
+def cmd_tables(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.reporting.tables import tables_stage
+
+    with tracking.stage_run(cfg, "tables") as run:
+        written = tables_stage(cfg.name, args.summary, args.profile, args.model_config, args.speed, args.markdown,
+                               args.latex, run)
+        run.log_metrics({"tables": len(written)})
+
+
+def cmd_paper(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+    from detr_sparsity.reporting.paper import build_paper, toolchain_missing
+
+    reason = toolchain_missing()  # before an MLflow run is opened: nothing is attempted without LaTeX
+    if reason:
+        raise SystemExit(f"error: {reason}")
+    with tracking.stage_run(cfg, "paper") as run:
+        info = build_paper(args.tex, args.out, run)
+        run.log_metrics({"pdf_bytes": info["bytes"]})
 
 
 def _model_and_data(parser: argparse.ArgumentParser) -> None:
@@ -208,7 +243,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="gather the row files of every configured evaluation into summary.json")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--metrics", type=Path, required=True, help="headline metrics per configuration (DVC metrics)")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("figures", help="the study's figures (PDF + PNG) and captions, from summary.json")
+    p.add_argument("--summary", type=Path, required=True)
+    p.add_argument("--profile", type=Path, required=True, help="the profile stage's profile.json")
+    p.add_argument("--speed", type=Path, help="the benchmark stage's speed.json (the speed figure)")
+    p.add_argument("--out", type=Path, required=True, help="figure directory (paper/figures)")
+    p.add_argument("--plots", type=Path, required=True, help="CSV series for dvc plots")
+    p.set_defaults(func=cmd_figures)
+
+    p = sub.add_parser("tables", help="tables T1-T4 as Markdown and LaTeX, from summary.json")
+    p.add_argument("--summary", type=Path, required=True)
+    p.add_argument("--profile", type=Path, required=True, help="the profile stage's profile.json")
+    p.add_argument("--model-config", type=Path, required=True, help="the dense model's config.json")
+    p.add_argument("--speed", type=Path, help="the benchmark stage's speed.json (T4's latency)")
+    p.add_argument("--markdown", type=Path, required=True, help="Markdown directory (results/<study>/tables)")
+    p.add_argument("--latex", type=Path, required=True, help="LaTeX directory (paper/tables)")
+    p.set_defaults(func=cmd_tables)
+
+    p = sub.add_parser("paper", help="build paper/main.pdf with latexmk")
+    p.add_argument("--tex", type=Path, default=Path("paper/main.tex"))
+    p.add_argument("--out", type=Path, default=Path("paper/main.pdf"))
+    p.set_defaults(func=cmd_paper)
     return parser
 
 

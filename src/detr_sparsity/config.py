@@ -33,6 +33,9 @@ STAGE_SECTIONS: dict[str, list[str]] = {
     "mgs_train": ["mgs.training"],
     "mgs_evaluate": ["input", "evaluate"],
     "summary": [],
+    "figures": [],
+    "tables": [],
+    "paper": [],
 }
 # Study-independent params a stage depends on, as dotted keys of params.yaml. A sweep's list is not among
 # them: each point is its own job, and its value is part of the job's command.

@@ -1,4 +1,6 @@
-"""Stage `summary`: gather every evaluation's row file into results/<study>/summary.json."""
+"""Stage `summary`: gather every evaluation's row file into results/<study>/summary.json, and the headline
+numbers of each configuration into results/<study>/metrics.json (DVC's metrics file: compact enough for
+`dvc metrics show` and `dvc exp show`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
-from detr_sparsity.sparsity.blocks import scope_order
+from detr_sparsity.sparsity.blocks import ALL_BLOCKS, scope_order
 from detr_sparsity.evaluation.coco_eval import AP_METRICS
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,31 @@ def row_files(cfg: StudyConfig) -> list[Path]:
         *(results / "mgs" / objective / str(target) / "row.json"
           for objective in cfg.mgs["objectives"] for target in cfg.mgs["targets"]),
     ]
+
+
+def headline_metrics(rows: list[dict]) -> dict:
+    """AP, AP50, induced sparsity and FFN FLOPs ratio per configuration, nested by method and setting (masking
+    rows: the all-blocks scope only)."""
+    found: dict = {}
+    for row in rows:
+        setting = row["setting"] or {}
+        if row["method"] in ("topk", "random"):
+            if setting["scope"] != ALL_BLOCKS:
+                continue
+            keys = [row["method"], f"keep={setting['keep_ratio']:g}"]
+        elif row["method"] == "sibs":
+            keys = ["sibs", f"tau={setting['threshold']:g}"]
+        elif row["method"] == "mgs":
+            keys = ["mgs", setting["objective"], f"target={setting['target']:g}"]
+        else:
+            keys = [row["method"]]
+        node = found
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = {"AP": row["AP"], "AP50": row["AP50"],
+                          "induced_sparsity": row["induced_sparsity"]["overall"],
+                          "ffn_flops_ratio": row["ffn_flops"]["as_run"] / row["ffn_flops"]["dense"]}
+    return found
 
 
 def gather(row_paths: list[Path], out_path: Path) -> list[dict]:

@@ -1,0 +1,315 @@
+"""Stage `figures`: the study's figures, drawn only from summary.json and the stage outputs beside it.
+
+- F1 natural sparsity of each FFN block and its spread across images (profile.json);
+- F2 top-k against random keep: AP against induced sparsity, one panel per block and one for all (paper Fig. 2);
+- F3 AP against FFN FLOPs reduction for dense, SIBS and every MGS target (paper Fig. 3);
+- F4 gate training: induced sparsity against its budget, and the objective, per step (training.json curves);
+- F5 induced sparsity of each block under MGS, per target (the gates spread the budget unevenly);
+- F6 measured speed-up against the FLOPs speed-up (benchmark/speed.json), when the benchmark ran.
+
+Each figure is written as vector PDF (for paper/) and PNG (for the Snakemake report and for reading), in one
+style. The captions (with the study's name) are written beside them as LaTeX macros and as Markdown, from
+one place. The curves of F2 and F3 are also written as CSV series for `dvc plots`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a pipeline machine
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from detr_sparsity.atomic import atomic_dir  # noqa: E402
+from detr_sparsity.reporting.records import (METHOD_LABELS, StudyRecord, flops_reduction,  # noqa: E402
+                                             mgs_label, sparsity)
+from detr_sparsity.sparsity.blocks import ALL_BLOCKS  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+PNG_DPI = 200
+# One colour per method in every figure (seaborn's colour-blind palette); MGS objectives take their own.
+PALETTE = sns.color_palette("colorblind")
+COLORS = {"dense": "black", "topk": PALETTE[0], "random": PALETTE[7], "sibs": PALETTE[2],
+          "mgs task": PALETTE[3], "mgs distillation": PALETTE[1], "mgs oracle": PALETTE[4]}
+MARKERS = {"topk": "o", "random": "s", "sibs": "^", "mgs task": "D", "mgs distillation": "v", "mgs oracle": "P"}
+
+
+def _style() -> None:
+    sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
+    plt.rcParams.update({"pdf.fonttype": 42, "axes.titleweight": "bold", "legend.frameon": False,
+                         "savefig.bbox": "tight"})
+
+
+def _percent(ax, axis: str = "x") -> None:
+    formatter = matplotlib.ticker.PercentFormatter(xmax=1.0, decimals=0)
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(formatter)
+
+
+def f1_natural_sparsity(record: StudyRecord, profile: dict):
+    """Per-image natural sparsity of each block (box: quartiles, whiskers: 5th-95th percentile)."""
+    blocks = record.blocks
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    per_image = [profile["per_image_sparsity"][b] for b in blocks]
+    ax.boxplot(per_image, whis=(5, 95), widths=0.55, showfliers=False, patch_artist=True,
+               boxprops={"facecolor": PALETTE[0], "alpha": 0.35}, medianprops={"color": PALETTE[0]})
+    ax.set_xticks(range(1, len(blocks) + 1), blocks)
+    means = [profile["per_block"][b]["natural_sparsity"] for b in blocks]
+    ax.plot(range(1, len(blocks) + 1), means, "o", color="black", markersize=4,
+            label=f"token-weighted mean ({profile['split']} split)")
+    evaluated = [record.dense["natural_sparsity"]["per_block"][b] for b in blocks]
+    ax.plot(range(1, len(blocks) + 1), evaluated, "x", color=PALETTE[3], markersize=6,
+            label="token-weighted mean (evaluation split)")
+    ax.set_xlabel("FFN block")
+    ax.set_ylabel("natural sparsity (post-ReLU zeros, %)")
+    _percent(ax, "y")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2)
+    return fig
+
+
+def f2_topk_vs_random(record: StudyRecord):
+    """AP against induced sparsity for top-k and random keep, one panel per scope (all blocks, each block)."""
+    scopes = [ALL_BLOCKS, *record.blocks]
+    columns = 4
+    rows = -(-len(scopes) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 2.6 * rows), sharex=True, sharey=True,
+                             squeeze=False)
+    dense_ap = record.dense["AP"]
+    for ax, scope in zip(axes.flat, scopes):
+        for method in ("topk", "random"):
+            sweep = record.masking(method, scope)
+            # The x axis is the sparsity of the masked block(s): 1 - keep-ratio (the study-wide share is
+            # smaller when one block alone is masked).
+            ax.plot([sparsity(r, scope) for r in sweep], [r["AP"] for r in sweep], marker=MARKERS[method],
+                    markersize=4, color=COLORS[method], label=METHOD_LABELS[method])
+        ax.axhline(dense_ap, color=COLORS["dense"], linestyle="--", linewidth=1, label="dense")
+        ax.set_title("all blocks" if scope == ALL_BLOCKS else scope)
+        _percent(ax)
+    for ax in axes.flat[len(scopes):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("AP")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower right", bbox_to_anchor=(0.98, 0.12))
+    fig.supxlabel("induced sparsity of the masked block(s) (1 - keep-ratio)")
+    fig.tight_layout()
+    return fig
+
+
+def f3_flops_vs_ap(record: StudyRecord):
+    """AP against the FFN FLOPs saved (gate cost included), for dense, SIBS and every MGS gate set."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    dense = record.dense
+    ax.plot([flops_reduction(dense)], [dense["AP"]], "*", color=COLORS["dense"], markersize=12, label="dense")
+    series = [("sibs", METHOD_LABELS["sibs"], record.sibs())]
+    series += [(f"mgs {o}", mgs_label(o), record.mgs(o)) for o in record.mgs_objectives()]
+    series.append(("topk", METHOD_LABELS["topk"], record.masking("topk")[1:]))
+    for key, label, rows in series:
+        ax.plot([flops_reduction(r) for r in rows], [r["AP"] for r in rows], marker=MARKERS[key], markersize=5,
+                color=COLORS[key], label=label, linestyle=":" if key == "topk" else "-")
+    # Targets labelled beside the points: the first objective's to the lower left, the others' upper right.
+    for i, objective in enumerate(record.mgs_objectives()):
+        for r in record.mgs(objective):
+            ax.annotate(f"{r['setting']['target']:g}", (flops_reduction(r), r["AP"]), textcoords="offset points",
+                        xytext=(-16, -9) if i == 0 else (5, 3), fontsize=7, color=COLORS[f"mgs {objective}"])
+    ax.set_xlabel("FFN FLOPs reduction (1 - FLOPs as run / dense, gate cost included)")
+    ax.set_ylabel("AP")
+    _percent(ax)
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="lower left")
+    return fig
+
+
+def f4_gate_training(record: StudyRecord, trainings: dict[tuple[str, float], dict]):
+    """Per objective: the hard induced sparsity against the budget (top) and the objective loss (bottom)."""
+    objectives = record.mgs_objectives()
+    targets = sorted({t for _, t in trainings})
+    colors = dict(zip(targets, sns.color_palette("viridis", len(targets))))
+    fig, axes = plt.subplots(2, len(objectives), figsize=(4.2 * len(objectives), 5.6), sharex=True, squeeze=False)
+    for column, objective in enumerate(objectives):
+        top, bottom = axes[0, column], axes[1, column]
+        for target in targets:
+            training = trainings.get((objective, target))
+            if training is None:
+                continue
+            curve = training["curve"]
+            steps = [p["step"] for p in curve]
+            top.plot(steps, [p["induced_sparsity"] for p in curve], color=colors[target], linewidth=1,
+                     label=f"{target:g}")
+            top.plot(steps, [1.0 - p["budget"] for p in curve], color=colors[target], linewidth=0.8,
+                     linestyle="--")
+            bottom.plot(steps, [p["objective_loss"] for p in curve], color=colors[target], linewidth=0.8)
+        top.set_title(mgs_label(objective))
+        top.set_ylabel("induced sparsity of the batch")
+        _percent(top, "y")
+        bottom.set_ylabel(f"{objective} loss")
+        bottom.set_yscale("log")
+        bottom.set_xlabel("training step")
+    axes[0, -1].legend(title="target (dashed: budget)", loc="lower right", fontsize=7, title_fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def f5_mgs_per_block(record: StudyRecord):
+    """Induced sparsity of each block on the evaluation split, per MGS target; one panel per objective."""
+    objectives = record.mgs_objectives()
+    blocks = record.blocks
+    fig, axes = plt.subplots(1, len(objectives), figsize=(5.2 * len(objectives), 3.4), sharey=True, squeeze=False)
+    for ax, objective in zip(axes.flat, objectives):
+        rows = record.mgs(objective)
+        colors = sns.color_palette("viridis", len(rows))
+        width = 0.8 / len(rows)
+        for i, (row, color) in enumerate(zip(rows, colors)):
+            xs = [b + (i - (len(rows) - 1) / 2) * width for b in range(len(blocks))]
+            ax.bar(xs, [sparsity(row, block) for block in blocks], width=width, color=color,
+                   label=f"{row['setting']['target']:g}")
+        ax.set_xticks(range(len(blocks)), blocks, rotation=30)
+        ax.set_title(mgs_label(objective))
+        ax.set_xlabel("FFN block")
+        _percent(ax, "y")
+    axes[0, 0].set_ylabel("induced sparsity (evaluation split)")
+    axes[0, -1].legend(title="target", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def f6_speed(speed: dict):
+    """Measured speed-up against the FLOPs speed-up, per FFN block kind and end to end, at both sizes."""
+    rows = speed["rows"]
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.0 * len(shapes), 3.8), squeeze=False)
+    scope_markers = {"encoder": "o", "decoder": "s", "model": "*"}
+    for ax, shape in zip(axes.flat, shapes):
+        top = 1.0
+        for r in (r for r in rows if r["shape"] == shape):
+            key = "sibs" if r["method"] == "sibs" else f"mgs {r.get('objective') or 'task'}"
+            ax.plot(r["flops_speedup"], r["speedup"], scope_markers.get(r["scope"], "o"), color=COLORS[key],
+                    markersize=7 if r["scope"] == "model" else 5, alpha=0.85)
+            top = max(top, r["flops_speedup"], r["speedup"])
+        ax.plot([1, top], [1, top], color="grey", linewidth=0.8, linestyle="--", label="measured = FLOPs")
+        ax.axhline(1.0, color="black", linewidth=0.8, label="no gain")
+        ceiling = speed.get("amdahl_ceiling", {}).get(shape)
+        if ceiling:
+            ax.axhline(ceiling, color=PALETTE[3], linewidth=0.8, linestyle=":", label="Amdahl ceiling (model)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{shape} shapes")
+        ax.set_xlabel("FLOPs speed-up (dense / sparse FLOPs)")
+        ax.set_ylabel(f"measured speed-up ({speed.get('threads', '?')} threads)")
+    handles = [matplotlib.lines.Line2D([], [], marker=m, linestyle="", color="grey", label=s)
+               for s, m in scope_markers.items()]
+    handles += [matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=COLORS[k], label=label)
+                for k, label in (("sibs", "SIBS"), ("mgs task", "MGS (task)"),
+                                 ("mgs distillation", "MGS (distillation)"))]
+    axes.flat[-1].legend(handles=handles + axes.flat[-1].get_legend_handles_labels()[0], fontsize=7,
+                         loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def captions(study: str, profile_split: str, evaluate_split: str) -> dict[str, str]:
+    """One caption per figure, naming the study and the data each figure is drawn from. Built from settings
+    alone, so that the Snakemake report (workflow/report/figure.rst) shows the very same text."""
+    study = f"{study} study"
+    return {
+        "f1_natural_sparsity": (
+            f"Natural sparsity of each FFN block ({study}): the share of post-ReLU zeros per image on the "
+            f"{profile_split} split (boxes: quartiles; whiskers: 5th to 95th percentile), with the token-weighted "
+            f"mean there (dots) and on the {evaluate_split} split (crosses)."),
+        "f2_topk_vs_random": (
+            f"Top-k against random keep ({study}, paper Fig. 2): COCO AP on the {evaluate_split} split against "
+            f"the induced sparsity of the masked block(s), masking all blocks at once or one block alone. "
+            f"Top-k keeps the k largest activations of each token (an oracle: it computes all of them to "
+            f"choose); random keeps k at random. Dashed: dense AP."),
+        "f3_flops_vs_ap": (
+            f"AP against FFN FLOPs reduction ({study}, paper Fig. 3): dense, the SIBS threshold sweep, every "
+            f"MGS gate set (labels: sparsity target) and the top-k oracle, on the {evaluate_split} split. "
+            f"FLOPs = 2 x multiply-accumulates per image, counted on the run; MGS includes its gates' cost."),
+        "f4_gate_training": (
+            f"MGS gate training ({study}): the induced sparsity of each training batch under the hard gate "
+            f"mask against the budget it is held to (dashed; it falls to 1 - target during the warm-up), and the "
+            f"objective's loss, per step and target."),
+        "f5_mgs_per_block": (
+            f"Induced sparsity of each FFN block under MGS ({study}) on the {evaluate_split} split, per "
+            f"target: the gates meet the model-wide target by closing some blocks more than others."),
+        "f6_speed": (
+            f"Measured speed-up of the sparse FFN execution against the speed-up its FLOPs allow ({study}; "
+            f"CPU threads and repeats in speed.json): per FFN block kind and end to end (stars), at the study's "
+            f"and DETR-R50's shapes. Below the solid line a setting runs slower than dense; the dotted line is "
+            f"the end-to-end (Amdahl) ceiling."),
+    }
+
+
+def _latex_escape(text: str) -> str:
+    return text.replace("\\", r"\textbackslash{}").replace("%", r"\%").replace("_", r"\_").replace("&", r"\&")
+
+
+def write_captions(out_dir: Path, found: dict[str, str]) -> None:
+    """captions.tex (one macro per figure, e.g. \\captionFOne for F1) and captions.md."""
+    numbers = {1: "One", 2: "Two", 3: "Three", 4: "Four", 5: "Five", 6: "Six"}
+    tex = ["% Generated by the figures stage; do not edit."]
+    md = ["# Figure captions", ""]
+    for name, text in found.items():
+        number = int(name[1:].split("_")[0])
+        tex.append(rf"\newcommand{{\caption{'F' + numbers[number]}}}{{{_latex_escape(text)}}}")
+        md += [f"**F{number}** (`{name}`): {text}", ""]
+    (out_dir / "captions.tex").write_text("\n".join(tex) + "\n")
+    (out_dir / "captions.md").write_text("\n".join(md))
+
+
+def write_plot_series(record: StudyRecord, out_dir: Path) -> None:
+    """CSV series for `dvc plots`: AP against induced sparsity and against FFN FLOPs reduction, one file per
+    method (dvc.yaml's top-level plots overlay them)."""
+    series = {"topk": record.masking("topk"), "random": record.masking("random"), "sibs": record.sibs()}
+    series.update({f"mgs-{o}": record.mgs(o) for o in record.mgs_objectives()})
+    for name, rows in series.items():
+        with open(out_dir / f"{name}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["induced_sparsity", "ffn_flops_reduction", "AP", "AP50"])
+            for r in rows:
+                writer.writerow([f"{sparsity(r):.6f}", f"{flops_reduction(r):.6f}", f"{r['AP']:.6f}",
+                                 f"{r['AP50']:.6f}"])
+
+
+def figures_stage(study: str, evaluate_split: str, summary_path: Path, profile_path: Path,
+                  speed_path: Path | None, out_dir: Path, plots_dir: Path, run) -> list[str]:
+    """Draw every figure into `out_dir` (PDF + PNG + captions) and the plot series into `plots_dir`."""
+    record = StudyRecord.load(summary_path)
+    profile = json.loads(Path(profile_path).read_text())
+    by_setting = {}
+    for objective in record.mgs_objectives():
+        for row in record.mgs(objective):
+            # Each MGS row names its gates; the gate training's record (with its curve) lies beside them.
+            training = json.loads((Path(row["gates"]).parent / "training.json").read_text())
+            by_setting[(objective, row["setting"]["target"])] = training
+    speed = json.loads(Path(speed_path).read_text()) if speed_path else None
+    _style()
+    drawings: dict[str, Callable[[], object]] = {
+        "f1_natural_sparsity": lambda: f1_natural_sparsity(record, profile),
+        "f2_topk_vs_random": lambda: f2_topk_vs_random(record),
+        "f3_flops_vs_ap": lambda: f3_flops_vs_ap(record),
+        "f4_gate_training": lambda: f4_gate_training(record, by_setting),
+        "f5_mgs_per_block": lambda: f5_mgs_per_block(record),
+    }
+    if speed is not None:
+        drawings["f6_speed"] = lambda: f6_speed(speed)
+    with atomic_dir(out_dir) as tmp:
+        for name, draw in drawings.items():
+            fig = draw()
+            fig.savefig(tmp / f"{name}.pdf")
+            fig.savefig(tmp / f"{name}.png", dpi=PNG_DPI)
+            plt.close(fig)
+            log.info("drew %s", name)
+        write_captions(tmp, {name: text for name, text in captions(study, profile["split"], evaluate_split).items()
+                             if name in drawings})
+    with atomic_dir(plots_dir) as tmp:
+        write_plot_series(record, tmp)
+    run.log_artifact(out_dir, "figures")
+    run.log_artifact(plots_dir, "plots")
+    return list(drawings)
