@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from detr_sparsity.config import STAGE_KEYS, STAGE_SECTIONS, load_config
 from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
+from detr_sparsity.reporting.paper import toolchain_missing
 from tiny_project import REPO, TINY, TINY_SWEEPS, make_tiny_project, run, write_params
 
 
@@ -116,8 +117,11 @@ def test_snakemake_lint_is_clean():
 
 # ---------------------------------------------------------------- end to end on the tiny study
 
+# The paper stage runs where a LaTeX toolchain is installed (CI installs one).
+LATEX = toolchain_missing() is None
 STAGES = {"data", "model", "evaluate", "profile", "masking", "sibs", "mgs_cache", "mgs_train", "mgs_evaluate",
-          "summary"}
+          "summary", "figures", "tables"} | ({"paper"} if LATEX else set())
+REPORTING = {"figures": "1", "tables": "1", **({"paper": "1"} if LATEX else {})}
 
 
 def row_key(row: dict) -> tuple:
@@ -204,6 +208,49 @@ def check_counts_independently(root: Path, by_key: dict[tuple, dict]) -> None:
     assert row["ffn_flops"]["as_run"] == pytest.approx(ffn_flops(kept, True) + gate_flops, rel=1e-9)
 
 
+def markdown_rows(path: Path) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in path.read_text().splitlines() if line.startswith("| ") and not line.startswith("| **")]
+
+
+def check_paper_outputs(root: Path, by_key: dict[tuple, dict]) -> None:
+    """Figures and tables exist, carry the study's name, and every number checked equals summary.json's."""
+    figures = root / "paper/figures"
+    for name in ("f1_natural_sparsity", "f2_topk_vs_random", "f3_flops_vs_ap", "f4_gate_training",
+                 "f5_mgs_per_block"):
+        assert (figures / f"{name}.pdf").read_bytes().startswith(b"%PDF"), name
+        assert (figures / f"{name}.png").read_bytes().startswith(b"\x89PNG"), name
+    assert "synthetic study" in (figures / "captions.tex").read_text()
+
+    tables = root / "results/synthetic/tables"
+    dense = by_key[("dense", None, None)]
+    header, values = markdown_rows(tables / "t1_dense.md")[:2]
+    assert dict(zip(header, values))["AP50"] == f"{dense['AP50']:.3f}"
+    t3 = markdown_rows(tables / "t3_mgs.md")
+    columns = t3[0]
+    objectives = TINY_SWEEPS["mgs"]["objectives"]
+    body = [dict(zip(columns, row)) for row in t3[1:]]
+    assert len(body) == len(objectives) * len(TINY_SWEEPS["mgs"]["targets"])
+    for objective, cells in zip(objectives, body):  # one target: one row per objective, in order
+        row = by_key[("mgs", float(cells["target"]), objective)]
+        assert cells["AP"] == f"{row['AP']:.3f}" and cells["AP50"] == f"{row['AP50']:.3f}"
+        assert cells["achieved (%)"] == f"{100 * row['induced_sparsity']['overall']:.1f}"
+        assert cells["encoder.0 (%)"] == f"{100 * row['induced_sparsity']['per_block']['encoder.0']:.1f}"
+        assert cells["FFN FLOPs (x dense)"] == f"{row['ffn_flops']['as_run'] / row['ffn_flops']['dense']:.2f}x"
+    t2 = markdown_rows(tables / "t2_sibs.md")
+    for cells in (dict(zip(t2[0], row)) for row in t2[1:]):
+        assert cells["AP"] == f"{by_key[('sibs', float(cells['threshold tau']), None)]['AP']:.3f}"
+    for name in ("t1_dense", "t2_sibs", "t3_mgs", "t4_matched", "study"):
+        assert (root / f"paper/tables/{name}.tex").stat().st_size > 0, name
+    assert "\\toprule" in (root / "paper/tables/t3_mgs.tex").read_text()
+
+    metrics = json.loads((root / "results/synthetic/metrics.json").read_text())
+    assert metrics["mgs"]["task"]["target=0.5"]["AP"] == by_key[("mgs", 0.5, "task")]["AP"]
+    assert metrics["dense"]["AP"] == dense["AP"]
+    if LATEX:
+        assert (root / "paper/main.pdf").read_bytes().startswith(b"%PDF")
+
+
 def mlflow_runs(root: Path) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("detr-sparsity-synthetic")
@@ -216,6 +263,7 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     run(["snakemake", "--cores", "2"], root)
     by_key = check_summary(root)
     check_counts_independently(root, by_key)
+    check_paper_outputs(root, by_key)
 
     runs = mlflow_runs(root)
     by_stage = {r.data.tags["stage"]: r for r in runs}
@@ -243,6 +291,15 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     for stage in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "mgs-cache",
                   "mgs-train-task-0.5", "mgs-evaluate-distillation-0.5", "summary"):
         assert (root / f"results/synthetic/logs/{stage}.log").stat().st_size > 0
+    # Figures and tables reach MLflow as artifacts of their runs.
+    logged = {a.path for a in client.list_artifacts(by_stage["figures"].info.run_id, "figures")}
+    assert "figures/f3_flops_vs_ap.pdf" in logged
+
+    # The Snakemake report: one self-contained page with the figures (and their captions) and tables.
+    run(["snakemake", "--report", "report.html"], root)
+    report = (root / "report.html").read_text()
+    assert "f2_topk_vs_random" in report and "Top-k against random keep (synthetic study" in report
+    assert "t4_matched" in report
 
     again = run(["snakemake", "-n", "--cores", "2"], root)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -256,17 +313,19 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     params["masking"]["keep_ratios"].append(0.5)
     params["sibs"]["thresholds"].append(0.3)
     write_params(root, params)
-    assert planned_jobs(root) == {"masking": "2", "sibs": "1", "summary": "1", "all": "1", "total": "5"}
+    assert planned_jobs(root) == {"masking": "2", "sibs": "1", "summary": "1", **REPORTING, "all": "1",
+                                  "total": str(5 + len(REPORTING))}
     # A setting every evaluation reads reruns all of them, and nothing upstream.
     params["studies"]["synthetic"]["evaluate"]["batch_size"] = 2
     write_params(root, params)
     assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_evaluate": "2",
-                                  "summary": "1", "all": "1", "total": "15"}
+                                  "summary": "1", **REPORTING, "all": "1", "total": str(15 + len(REPORTING))}
     # A new MGS target trains and evaluates only that target, per objective; the cached front end is reused.
     params["mgs"]["targets"].append(0.75)
     write_params(root, params)
     assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_train": "2",
-                                  "mgs_evaluate": "4", "summary": "1", "all": "1", "total": "19"}
+                                  "mgs_evaluate": "4", "summary": "1", **REPORTING, "all": "1",
+                                  "total": str(19 + len(REPORTING))}
 
 
 def planned_jobs(root: Path) -> dict[str, str]:
@@ -287,11 +346,17 @@ def test_dvc_repro_runs_the_study_and_then_has_nothing_to_do(tmp_path):
     status = run(["dvc", "status"], root)
     assert "up to date" in status.stdout
 
+    # `dvc metrics show` reads the compact metrics.json: headline numbers per configuration.
     metrics = run(["dvc", "metrics", "show", "--json"], root).stdout
-    shown = next(iter(json.loads(metrics).values()))["data"]
-    assert shown["results/synthetic/evaluate/dense/row.json"]["data"]["AP50"] == by_key[("dense", None, None)]["AP50"]
-    masking = shown["results/synthetic/masking/topk-0.25/rows.json"]["data"]
-    assert masking["encoder.0"]["AP"] == by_key[("topk", 0.25, "encoder.0")]["AP"]
+    shown = next(iter(json.loads(metrics).values()))["data"]["results/synthetic/metrics.json"]["data"]
+    assert shown["dense"]["AP50"] == by_key[("dense", None, None)]["AP50"]
+    assert shown["topk"]["keep=0.25"]["AP"] == by_key[("topk", 0.25, "all")]["AP"]
+    assert shown["mgs"]["distillation"]["target=0.5"]["AP"] == by_key[("mgs", 0.5, "distillation")]["AP"]
+    # `dvc plots show`: the sparsity-AP and FLOPs-AP curves, one series per method.
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], root).stdout)["data"]
+    series = plots["AP against induced sparsity"][0]["content"]["data"]["values"]
+    assert {v["filename"] for v in series} == {"topk.csv", "random.csv", "sibs.csv", "mgs-task.csv",
+                                                "mgs-distillation.csv"}
 
     # A longer sweep: DVC sees only the new points (and the summary) as changed.
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -299,5 +364,3 @@ def test_dvc_repro_runs_the_study_and_then_has_nothing_to_do(tmp_path):
     write_params(root, params)
     changed = json.loads(run(["dvc", "status", "--json"], root).stdout)
     assert set(changed) == {"masking@topk-0.5", "masking@random-0.5", "summary"}
-    mgs = shown["results/synthetic/mgs/distillation/0.5/row.json"]["data"]
-    assert mgs["AP"] == by_key[("mgs", 0.5, "distillation")]["AP"] and mgs["method"] == "mgs"

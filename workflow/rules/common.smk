@@ -14,7 +14,8 @@ def stage_params(stage):
 
 # Torch threads per job (Snakemake exports OMP_NUM_THREADS=threads, which torch honours): never more than
 # the machine has, whatever --cores says.
-MAX_THREADS = min(workflow.cores, os.cpu_count() or 1)
+# `snakemake --report` and other commands that run nothing give no --cores; the machine's count stands in.
+MAX_THREADS = min(workflow.resource_settings.cores or os.cpu_count() or 1, os.cpu_count() or 1)
 
 # Jobs at once: each claims one `cpu_slots` per thread, and the machine has one slot per core, so
 # `--cores 8` on a 2-core machine runs two one-thread jobs at a time, not eight (eight gate trainings on two

@@ -101,8 +101,9 @@ class PaperTable:
 def latex_text(text: str) -> str:
     """Plain cell text as LaTeX: escape the specials, typeset x as a times sign and arrows as arrows."""
     for plain, tex in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                       ("->", r"$\rightarrow$"), ("±", r"$\pm$"), ("tau", r"$\tau$")):
+                       ("->", r"$\rightarrow$"), ("±", r"$\pm$")):
         text = text.replace(plain, tex)
+    text = re.sub(r"\btau\b", r"$\\tau$", text)
     # "0.63x" and "x dense": a times sign after a number or before "dense".
     text = re.sub(r"(?<=[0-9])x\b", r"$\\times$", text)
     return re.sub(r"\bx dense\b", r"$\\times$ dense", text)

@@ -1,0 +1,100 @@
+"""The reporting stages' logic on a small hand-made record: table cells, matching, escaping, failures.
+(The end-to-end tests check the generated tables and figures against a real summary.json.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from detr_sparsity.reporting import figures, tables
+from detr_sparsity.reporting.records import StudyRecord, flops_ratio
+from detr_sparsity.reporting.summary import headline_metrics
+
+BLOCKS = ["encoder.0", "decoder.0"]
+
+
+def row(method, setting, ap, induced, ffn_as_run=50.0):
+    per_block = {b: induced for b in BLOCKS}
+    return {"method": method, "setting": setting, "AP": ap, "AP50": 2 * ap, "AP75": ap, "APs": -1.0, "APm": ap,
+            "APl": ap, "images": 10,
+            "natural_sparsity": {"overall": 0.7, "encoder": 0.6, "decoder": 0.8,
+                                 "per_block": {"encoder.0": 0.6, "decoder.0": 0.8}},
+            "induced_sparsity": {"overall": induced, "encoder": induced, "decoder": induced, "per_block": per_block},
+            "ffn_flops": {"dense": 100.0, "as_run": ffn_as_run}, "total_flops": {"dense": 400.0, "as_run": 350.0},
+            "gates": f"results/x/mgs/{setting.get('objective')}/{setting.get('target')}/gates.safetensors"
+            if method == "mgs" else None}
+
+
+@pytest.fixture
+def record():
+    rows = [row("dense", None, 0.30, 0.0, 100.0)]
+    for keep in (1.0, 0.1):
+        for method in ("topk", "random"):
+            rows.append(row(method, {"keep_ratio": keep, "k": int(64 * keep), "scope": "all"},
+                            0.30 if method == "topk" else 0.02, 1 - keep))
+    rows += [row("sibs", {"indicator": "firing_frequency", "threshold": t}, ap, s)
+             for t, ap, s in ((0.0, 0.30, 0.0), (0.1, 0.25, 0.3), (0.3, 0.05, 0.87))]
+    rows += [row("mgs", {"objective": "task", "target": 0.9, "group_size": 16}, 0.21, 0.905, 12.0)]
+    return StudyRecord(rows)
+
+
+def test_numbers_are_rounded_only_for_reading():
+    assert tables.ap(0.28749) == "0.287" and tables.ap(-1.0) == "n/a"
+    assert tables.pct(0.9056) == "90.6" and tables.times(0.1349) == "0.13x"
+
+
+def test_latex_cells_escape_specials_and_typeset_times_and_arrows():
+    assert tables.latex_text("AP retained (%)") == r"AP retained (\%)"
+    assert tables.latex_text("0.63x") == r"0.63$\times$"
+    assert tables.latex_text("FFN FLOPs (x dense)") == r"FFN FLOPs ($\times$ dense)"
+    assert tables.latex_text("12.0 -> 8.0 ms") == r"12.0 $\rightarrow$ 8.0 ms"
+    assert tables.latex_text("firing_frequency & tau") == r"firing\_frequency \& $\tau$"
+
+
+def test_t4_matches_sibs_within_tolerance_and_says_so_when_none_is(record):
+    t4 = tables.t4_matched(record, None)
+    text = t4.markdown()
+    # SIBS at 0.87 lies 3 points from the 0.9 target: shown as matched.
+    assert "| SIBS | tau 0.3 | 87.0 | 0.050 |" in text
+    assert "| MGS (task) | target 0.9 | 90.5 | 0.210 | 70.0 | 0.12x | 0.88x | not measured |" in text
+    assert "| top-k (oracle) | keep 0.1 | 90.0 | 0.300 | 100.0 |" in text
+
+    far = StudyRecord([r for r in record.rows if not (r["method"] == "sibs" and r["setting"]["threshold"] == 0.3)])
+    assert "none within 5 points (nearest: tau 0.1 at 30.0 %)" in tables.t4_matched(far, None).markdown()
+
+
+def test_t4_latency_comes_from_the_benchmark_and_a_loss_is_shown(record):
+    speed = {"threads": 2, "repeats": 5, "rows": [
+        {"shape": "study", "scope": "model", "method": "mgs", "setting": "0.9", "objective": "task",
+         "dense_ms": 20.0, "sparse_ms": 25.0, "speedup": 0.8},
+        {"shape": "study", "scope": "model", "method": "sibs", "setting": "0.3", "objective": None,
+         "dense_ms": 20.0, "sparse_ms": 16.0, "speedup": 1.25}]}
+    text = tables.t4_matched(record, speed).markdown()
+    assert "20.0 -> 25.0 ms (0.80x), no gain" in text
+    assert "20.0 -> 16.0 ms (1.25x) |" in text
+    assert "median of 5 runs with 2 CPU threads" in text
+
+
+def test_headline_metrics_nest_by_method_and_setting(record):
+    found = headline_metrics(record.rows)
+    assert found["mgs"]["task"]["target=0.9"] == {"AP": 0.21, "AP50": 0.42, "induced_sparsity": 0.905,
+                                                  "ffn_flops_ratio": 0.12}
+    assert found["topk"]["keep=0.1"]["AP"] == 0.30 and found["sibs"]["tau=0.3"]["AP"] == 0.05
+    assert flops_ratio(record.mgs("task")[0], "total_flops") == 350.0 / 400.0
+
+
+def test_captions_name_the_study_and_become_latex_macros(tmp_path):
+    found = figures.captions("coco", "calibration", "val")
+    assert all("coco study" in text for text in found.values())
+    figures.write_captions(tmp_path, {k: found[k] for k in ("f1_natural_sparsity", "f3_flops_vs_ap")})
+    tex = (tmp_path / "captions.tex").read_text()
+    assert r"\newcommand{\captionFOne}{Natural sparsity" in tex and r"\captionFThree" in tex
+    assert "%" not in tex.split("\n", 1)[1].replace(r"\%", "")  # every percent sign escaped
+
+
+def test_a_record_without_one_dense_row_is_refused(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps([row("sibs", {"indicator": "firing_frequency", "threshold": 0.1}, 0.2, 0.3)]))
+    with pytest.raises(ValueError, match="0 dense rows"):
+        StudyRecord.load(path).dense
