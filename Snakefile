@@ -40,9 +40,11 @@ rule all:
     default_target: True
 
 
+if LATEX_MISSING:
+    print(f"NOTE: {LATEX_MISSING}", file=sys.stderr)
+
+
 onstart:
-    if LATEX_MISSING:
-        print(f"NOTE: {LATEX_MISSING}", file=sys.stderr)
     # One process creates the MLflow store and experiment before parallel jobs open it.
     shell("python -m detr_sparsity init-tracking")
 
