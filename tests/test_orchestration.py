@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from detr_sparsity.config import STAGE_KEYS, STAGE_SECTIONS, load_config
 from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
 from detr_sparsity.reporting.paper import toolchain_missing
-from tiny_project import REPO, TINY, TINY_SWEEPS, make_tiny_project, run, write_params
+from tiny_project import REPO, TINY, TINY_SWEEPS, make_tiny_project, mlflow_server, run, write_params
 
 
 # ---------------------------------------------------------------- the two descriptions agree
@@ -257,44 +260,134 @@ def mlflow_runs(root: Path) -> list:
     return client.search_runs([experiment.experiment_id])
 
 
-@pytest.mark.slow
-def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
-    root = make_tiny_project(tmp_path / "project")
-    run(["snakemake", "--cores", "2"], root)
-    by_key = check_summary(root)
-    check_counts_independently(root, by_key)
-    check_paper_outputs(root, by_key)
+# ---------------------------------------------------------------- MLflow, read back through its REST API
 
-    runs = mlflow_runs(root)
-    by_stage = {r.data.tags["stage"]: r for r in runs}
-    assert set(by_stage) == STAGES
-    assert all(r.info.status == "FINISHED" for r in runs)
-    stage_of_run = {r.info.run_id: r.data.tags["stage"] for r in runs}
+def rest(url: str, endpoint: str, body: dict | None = None, **query: str) -> dict:
+    """One call of the tracking server's REST API: POST `body` as JSON, or GET with `query`."""
+    address = f"{url}/api/2.0/mlflow/{endpoint}"
+    if body is None:
+        request = urllib.request.Request(f"{address}?{urllib.parse.urlencode(query)}")
+    else:
+        request = urllib.request.Request(address, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def server_runs(url: str, experiment_ids: list[str]) -> list[dict]:
+    """Every run of the experiments: id, name, status, tags and latest metrics, page by page."""
+    runs, token = [], None
+    while True:
+        page = rest(url, "runs/search", {"experiment_ids": experiment_ids, "max_results": 100,
+                                         **({"page_token": token} if token else {})})
+        for found in page.get("runs", []):
+            data = found["data"]
+            runs.append({"id": found["info"]["run_id"], "name": found["info"]["run_name"],
+                         "status": found["info"]["status"], "experiment_id": found["info"]["experiment_id"],
+                         "tags": {t["key"]: t["value"] for t in data.get("tags", [])},
+                         "metrics": {m["key"]: m["value"] for m in data.get("metrics", [])}})
+        token = page.get("next_page_token")
+        if not token:
+            return runs
+
+
+def artifact_files(url: str, run_id: str) -> set[str]:
+    return {f["path"] for f in rest(url, "artifacts/list", run_id=run_id).get("files", [])}
+
+
+def metric_steps(url: str, run_id: str, metric: str) -> list[int]:
+    return sorted(m["step"] for m in rest(url, "metrics/get-history", run_id=run_id, metric_key=metric)["metrics"])
+
+
+# What each stage logs as artifacts (a stage not listed here must log at least one).
+ARTIFACTS = {"data": {"splits.json"}, "model": {"config.json", "model_info.json"}, "evaluate": {"row.json"},
+             "profile": {"profile.json"}, "masking": {"rows.json"}, "sibs": {"row.json"},
+             "mgs_cache": set(),  # its output is the cached front end (hundreds of MB on a real study)
+             "mgs_train": {"training.json"}, "mgs_evaluate": {"row.json"}, "summary": {"summary.json", "metrics.json"},
+             "figures": {"figures", "plots"}, "tables": {"tables", "paper_tables"}, "paper": {"paper"}}
+
+
+def expected_run_names(stage: str) -> list[str]:
+    """The runs a stage's jobs make on the tiny study: its name, then the point of the sweep as key=value."""
+    masking, sibs, mgs = TINY_SWEEPS["masking"], TINY_SWEEPS["sibs"], TINY_SWEEPS["mgs"]
+    sweeps = {
+        "evaluate": ["method=dense"],
+        "masking": [f"method={m} keep_ratio={k}" for m in masking["methods"] for k in masking["keep_ratios"]],
+        "sibs": [f"threshold={t}" for t in sibs["thresholds"]],
+        "mgs_train": [f"objective={o} target={t}" for o in mgs["objectives"] for t in mgs["targets"]],
+        "mgs_evaluate": [f"objective={o} target={t}" for o in mgs["objectives"] for t in mgs["targets"]],
+    }
+    return sorted(f"{stage} {setting}" for setting in sweeps[stage]) if stage in sweeps else [stage]
+
+
+def check_mlflow_server(url: str, root: Path, jobs: dict[str, int], by_key: dict[tuple, dict]) -> None:
+    """The tracking server holds one experiment for the study, and in it one finished run per job of the
+    pipeline, named after stage and setting, grouped by one pipeline_run tag, with its metrics and artifacts."""
+    experiments = rest(url, "experiments/search", {"max_results": 1000})["experiments"]
+    study = [e for e in experiments if e["name"] == "detr-sparsity-synthetic"]
+    assert len(study) == 1
+    runs = server_runs(url, [e["experiment_id"] for e in experiments])
+    assert {r["experiment_id"] for r in runs} == {study[0]["experiment_id"]}
+
+    assert Counter(r["tags"]["stage"] for r in runs) == jobs
+    assert all(r["status"] == "FINISHED" for r in runs)
+    for stage in jobs:
+        assert sorted(r["name"] for r in runs if r["tags"]["stage"] == stage) == expected_run_names(stage), stage
+    for r in runs:
+        assert {"study", "stage", "git_commit", "params_hash", "pipeline_run"} <= set(r["tags"])
+        assert r["tags"].get("setting", "") == r["name"].partition(" ")[2]
+    assert len({r["tags"]["pipeline_run"] for r in runs}) == 1
+
+    by_stage = {r["tags"]["stage"]: r for r in runs}
+    stage_of_run = {r["id"]: r["tags"]["stage"] for r in runs}
     for key, row in by_key.items():
         assert stage_of_run[row["mlflow_run_id"]] == {"dense": "evaluate", "topk": "masking", "random": "masking",
                                                       "sibs": "sibs", "mgs": "mgs_evaluate"}[key[0]]
-    assert by_stage["profile"].data.metrics["natural_sparsity"] == pytest.approx(
+    # Every evaluation has its AP metrics (per scope for masking), equal to its row's.
+    metrics_of_run = {r["id"]: r["metrics"] for r in runs}
+    for key, row in by_key.items():
+        suffix = f".{key[2]}" if key[0] in ("topk", "random") else ""
+        assert {k: metrics_of_run[row["mlflow_run_id"]][k + suffix] for k in AP_METRICS} == \
+            {k: row[k] for k in AP_METRICS}, key
+    assert by_stage["profile"]["metrics"]["natural_sparsity"] == pytest.approx(
         json.loads((root / "results/synthetic/profile/profile.json").read_text())["natural_sparsity"]["overall"])
-    for r in runs:
-        assert {"study", "stage", "git_commit", "params_hash", "pipeline_run"} <= set(r.data.tags)
-    assert len(set(r.data.tags["pipeline_run"] for r in runs)) == 1
-    assert "loss" in by_stage["model"].data.metrics
-    assert by_stage["evaluate"].data.metrics["AP"] == by_key[("dense", None, None)]["AP"]
+    assert "loss" in by_stage["model"]["metrics"]
     # Gate training logs every step: overall and per-block sparsity, losses, the multiplier.
+    steps = list(range(1, TINY["mgs"]["training"]["steps"] + 1))
+    for r in runs:
+        if r["tags"]["stage"] == "mgs_train":
+            for metric in ("induced_sparsity", "induced_sparsity.encoder.0", "objective_loss", "multiplier"):
+                assert metric_steps(url, r["id"], metric) == steps, (r["name"], metric)
     mgs_row = by_key[("mgs", 0.5, "task")]
     assert stage_of_run[mgs_row["training"]["mlflow_run_id"]] == "mgs_train"
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    steps = TINY["mgs"]["training"]["steps"]
-    for metric in ("induced_sparsity", "induced_sparsity.encoder.0", "objective_loss", "multiplier"):
-        history = client.get_metric_history(mgs_row["training"]["mlflow_run_id"], metric)
-        assert sorted(m.step for m in history) == list(range(1, steps + 1)), metric
+
+    for r in runs:
+        logged = artifact_files(url, r["id"])
+        if r["tags"]["stage"] in ARTIFACTS:
+            assert logged == ARTIFACTS[r["tags"]["stage"]], r["name"]
+        else:
+            assert logged, f"{r['name']} logged no artifact"
+    # An artifact read back through the server is the stage's output, byte for byte.
+    query = urllib.parse.urlencode({"path": "row.json", "run_uuid": by_stage["evaluate"]["id"]})
+    with urllib.request.urlopen(f"{url}/get-artifact?{query}", timeout=30) as response:
+        assert response.read() == (root / "results/synthetic/evaluate/dense/row.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
+    """Parallel jobs against an `mlflow server` (the team setup); the DVC test covers the default SQLite store."""
+    root = make_tiny_project(tmp_path / "project")
+    jobs = {stage: int(n) for stage, n in planned_jobs(root).items() if stage not in ("all", "total")}
+    with mlflow_server(tmp_path / "mlflow") as url:
+        run(["snakemake", "--cores", "2"], root, env={"MLFLOW_TRACKING_URI": url})
+        by_key = check_summary(root)
+        check_mlflow_server(url, root, jobs, by_key)
+    assert not (root / "mlflow.db").exists()  # every run went to the server
+    check_counts_independently(root, by_key)
+    check_paper_outputs(root, by_key)
     for stage in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "mgs-cache",
                   "mgs-train-task-0.5", "mgs-evaluate-distillation-0.5", "summary"):
         assert (root / f"results/synthetic/logs/{stage}.log").stat().st_size > 0
-    # Figures and tables reach MLflow as artifacts of their runs.
-    logged = {a.path for a in client.list_artifacts(by_stage["figures"].info.run_id, "figures")}
-    assert "figures/f3_flops_vs_ap.pdf" in logged
-
     # The Snakemake report: one self-contained page with the figures (and their captions) and tables.
     run(["snakemake", "--report", "report.html"], root)
     report = (root / "report.html").read_text()

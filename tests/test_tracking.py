@@ -24,7 +24,7 @@ def _one_stage_run(uri: str, index: int) -> str:
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     cfg = load_config(REPO / "params.yaml")
-    with tracking.stage_run(cfg, "evaluate", setting=f"job{index}") as run:
+    with tracking.stage_run(cfg, "evaluate", setting={"job": index}) as run:
         for step in range(20):
             run.log_metrics({"value": step * index}, step=step)
         run.log_metrics({"final": float(index)})
@@ -44,6 +44,24 @@ def test_stage_run_records_tags_params_and_metrics(store):
     assert got.data.params["model.architecture.d_model"] == "128"
     history = MlflowClient(store).get_metric_history(run.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
+
+
+def test_run_name_says_stage_and_setting(store):
+    cfg = load_config(REPO / "params.yaml")
+    tracking.init_store(cfg)
+    with tracking.stage_run(cfg, "mgs_train", setting={"objective": "task", "target": 0.9}) as swept:
+        pass
+    with tracking.stage_run(cfg, "profile") as single:
+        pass
+    client = MlflowClient(store)
+    swept, single = client.get_run(swept.run_id), client.get_run(single.run_id)
+    assert swept.info.run_name == "mgs_train objective=task target=0.9"
+    assert swept.data.tags["setting"] == "objective=task target=0.9"
+    assert swept.data.tags["setting.objective"] == "task" and swept.data.tags["setting.target"] == "0.9"
+    assert single.info.run_name == "profile" and "setting" not in single.data.tags
+    # The setting tags make a sweep's runs filterable by one value.
+    found = client.search_runs([swept.info.experiment_id], "tags.`setting.target` = '0.9'")
+    assert [r.info.run_id for r in found] == [swept.info.run_id]
 
 
 def test_failed_stage_is_marked_failed(store):

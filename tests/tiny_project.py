@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -80,9 +86,64 @@ def write_params(root: Path, params: dict) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command in `cwd` with the tool environment; on failure show its output."""
-    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(cwd), capture_output=True, text=True)
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess:
+    """Run a command in `cwd` with the tool environment (plus `env`); on failure show its output."""
+    proc = subprocess.run(cmd, cwd=cwd, env={**tool_env(cwd), **(env or {})}, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(directory: Path, timeout: float = 120.0) -> Iterator[str]:
+    """An `mlflow server` on 127.0.0.1 at a free port, its SQLite store and proxied artifacts under `directory`;
+    yields its URL and stops it (and its workers) on exit, whatever happened."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
+           "--artifacts-destination", str(directory / "artifacts")]
+    with (directory / "server.log").open("w") as log:
+        # Its own process group: the server forks workers, and all of them must go at the end.
+        server = subprocess.Popen(cmd, cwd=directory, env=tool_env(directory), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if server.poll() is not None:
+                    raise AssertionError(f"mlflow server exited ({server.returncode}):\n"
+                                         f"{(directory / 'server.log').read_text()}")
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"mlflow server did not answer within {timeout} s")
+                time.sleep(0.5)
+            yield url
+        finally:
+            stop_group(server)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop a process started with its own session, and every process of that group."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

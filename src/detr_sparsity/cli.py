@@ -66,7 +66,7 @@ def cmd_evaluate(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.evaluation.evaluate import evaluate
 
-    with tracking.stage_run(cfg, "evaluate", setting=args.method) as run:
+    with tracking.stage_run(cfg, "evaluate", setting={"method": args.method}) as run:
         evaluate(cfg, args.method, args.model, args.data, args.detections, args.row, run)
 
 
@@ -82,7 +82,7 @@ def cmd_masking(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.sparsity.masking import masking_stage
 
-    with tracking.stage_run(cfg, "masking", setting=f"{args.method} keep={args.keep_ratio}") as run:
+    with tracking.stage_run(cfg, "masking", setting={"method": args.method, "keep_ratio": args.keep_ratio}) as run:
         masking_stage(cfg, args.method, args.keep_ratio, args.model, args.data, args.detections, args.rows, run)
 
 
@@ -90,7 +90,7 @@ def cmd_sibs(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.sparsity.sibs import sibs_stage
 
-    with tracking.stage_run(cfg, "sibs", setting=f"threshold={args.threshold}") as run:
+    with tracking.stage_run(cfg, "sibs", setting={"threshold": args.threshold}) as run:
         sibs_stage(cfg, args.threshold, args.model, args.data, args.profile, args.detections, args.row, run)
 
 
@@ -106,15 +106,16 @@ def cmd_mgs_train(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.mgs.stage import mgs_train_stage
 
-    with tracking.stage_run(cfg, "mgs_train", setting=f"{args.objective} target={args.target}") as run:
+    with tracking.stage_run(cfg, "mgs_train", setting={"objective": args.objective, "target": args.target}) as run:
         mgs_train_stage(cfg, args.objective, args.target, args.model, args.cache, args.gates, args.training, run)
+        run.log_artifact(args.training)
 
 
 def cmd_mgs_evaluate(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.mgs.stage import mgs_evaluate_stage
 
-    with tracking.stage_run(cfg, "mgs_evaluate", setting=f"{args.objective} target={args.target}") as run:
+    with tracking.stage_run(cfg, "mgs_evaluate", setting={"objective": args.objective, "target": args.target}) as run:
         mgs_evaluate_stage(cfg, args.objective, args.target, args.model, args.data, args.gates, args.training, args.detections,
                            args.row, run)
 

@@ -95,9 +95,18 @@ class StageRun:
             self.client.set_tag(self.run_id, key, value)
 
 
+def run_name(stage: str, setting: dict[str, Any] | None = None) -> str:
+    """The run's name in the UI: the stage, then its setting as key=value (`mgs_train objective=task target=0.9`)."""
+    return " ".join([stage, *(f"{key}={value}" for key, value in (setting or {}).items())])
+
+
 @contextmanager
-def stage_run(cfg: StudyConfig, stage: str, setting: str | None = None) -> Iterator[StageRun]:
-    """An MLflow run for one stage run, tagged with study, stage, git commit and the stage's params hash."""
+def stage_run(cfg: StudyConfig, stage: str, setting: dict[str, Any] | None = None) -> Iterator[StageRun]:
+    """An MLflow run for one stage run, tagged with study, stage, git commit and the stage's params hash.
+
+    `setting` names the point of a sweep that this run computes (`{"method": "topk", "keep_ratio": 0.1}`);
+    it goes into the run's name, the `setting` tag and one `setting.<key>` tag per value, for filtering.
+    """
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.experiment)
@@ -110,10 +119,11 @@ def stage_run(cfg: StudyConfig, stage: str, setting: str | None = None) -> Itera
         "git_commit": git_commit(),
         "params_hash": cfg.params_hash(stage),
         "pipeline_run": pipeline_run,
-        "mlflow.runName": f"{stage} {setting}" if setting else stage,
+        "mlflow.runName": run_name(stage, setting),
     }
     if setting:
-        tags["setting"] = setting
+        tags["setting"] = run_name(stage, setting).partition(" ")[2]
+        tags.update({f"setting.{key}": str(value) for key, value in setting.items()})
     run = client.create_run(experiment_id, tags=tags)
     handle = StageRun(run.info.run_id, client)
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in _flatten(params).items()])
