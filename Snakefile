@@ -23,11 +23,13 @@ include: "workflow/rules/masking.smk"
 include: "workflow/rules/sibs.smk"
 include: "workflow/rules/mgs.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/benchmark.smk"
 
 
 rule all:
     input:
         f"{RESULTS}/summary.json",
+        f"{RESULTS}/benchmark/speed.json",
     default_target: True
 
 

@@ -117,7 +117,7 @@ def test_snakemake_lint_is_clean():
 # ---------------------------------------------------------------- end to end on the tiny study
 
 STAGES = {"data", "model", "evaluate", "profile", "masking", "sibs", "mgs_cache", "mgs_train", "mgs_evaluate",
-          "summary"}
+          "summary", "benchmark"}
 
 
 def row_key(row: dict) -> tuple:
@@ -241,7 +241,7 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
         history = client.get_metric_history(mgs_row["training"]["mlflow_run_id"], metric)
         assert sorted(m.step for m in history) == list(range(1, steps + 1)), metric
     for stage in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "mgs-cache",
-                  "mgs-train-task-0.5", "mgs-evaluate-distillation-0.5", "summary"):
+                  "mgs-train-task-0.5", "mgs-evaluate-distillation-0.5", "summary", "benchmark"):
         assert (root / f"results/synthetic/logs/{stage}.log").stat().st_size > 0
 
     again = run(["snakemake", "-n", "--cores", "2"], root)
@@ -251,22 +251,24 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     repro = run(["dvc", "repro"], root).stdout
     assert "Running stage" not in repro
 
-    # A longer sweep runs only its new points (and the summary that gathers them).
+    # A longer sweep runs only its new points (and the summary that gathers them; the benchmark times every
+    # SIBS threshold).
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["masking"]["keep_ratios"].append(0.5)
     params["sibs"]["thresholds"].append(0.3)
     write_params(root, params)
-    assert planned_jobs(root) == {"masking": "2", "sibs": "1", "summary": "1", "all": "1", "total": "5"}
+    assert planned_jobs(root) == {"masking": "2", "sibs": "1", "summary": "1", "benchmark": "1", "all": "1",
+                                  "total": "6"}
     # A setting every evaluation reads reruns all of them, and nothing upstream.
     params["studies"]["synthetic"]["evaluate"]["batch_size"] = 2
     write_params(root, params)
     assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_evaluate": "2",
-                                  "summary": "1", "all": "1", "total": "15"}
+                                  "summary": "1", "benchmark": "1", "all": "1", "total": "16"}
     # A new MGS target trains and evaluates only that target, per objective; the cached front end is reused.
     params["mgs"]["targets"].append(0.75)
     write_params(root, params)
     assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_train": "2",
-                                  "mgs_evaluate": "4", "summary": "1", "all": "1", "total": "19"}
+                                  "mgs_evaluate": "4", "summary": "1", "benchmark": "1", "all": "1", "total": "20"}
 
 
 def planned_jobs(root: Path) -> dict[str, str]:

@@ -33,6 +33,7 @@ class SparseGatedFFN(nn.Module):
             raise ValueError(f"sparse execution needs a ReLU FFN, not {type(block.activation_fn).__name__}")
         self.block, self.gate = block, gate.eval()
         self.packed = PackedFFN(block.fc1, block.fc2, gate.group_size)
+        self.train(block.training)  # a new module starts in training mode; take the block's
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.training:
