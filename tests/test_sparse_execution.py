@@ -190,3 +190,54 @@ def test_execution_switches_both_ways_and_refuses_training(saved):
 def test_bad_execution_is_refused(saved, bad):
     with pytest.raises(ValueError, match=rf"execution = '{bad}' is not allowed: allowed values: masked, sparse"):
         load_gated_detr(*saved, execution=bad)
+
+
+# ---------------------------------------------------------------- the benchmark's rows (format, not timings)
+
+def speed_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmarks_speed", REPO / "benchmarks" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    __import__("sys").modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_sampled_masks_are_made_of_real_token_masks():
+    speed = speed_module()
+    real = torch.rand(40, 16) > 0.8
+    sampled = speed.sample_group_masks(real, 300, 32, torch.Generator().manual_seed(0))
+    assert sampled.shape == (300, 32)
+    rows = {tuple(r.tolist()) for r in real}
+    assert all(tuple(half.tolist()) in rows for row in sampled for half in (row[:16], row[16:]))
+
+
+def test_block_rows_report_dense_sparse_speedup_and_flops():
+    speed = speed_module()
+    blocks = []
+    for i in range(2):
+        fc1, fc2 = ffn_pair(seed=i)
+        block = speed.Block(f"encoder.{i}", fc1, fc2, torch.randn(30, D))
+        block.gates["0.9"] = speed.random_gate(D, H, G)
+        block.open_groups["0.9"] = torch.rand(30, H // G) > 0.9
+        block.keep["0.1"] = torch.rand(H) > 0.5
+        blocks.append(block)
+    rows = speed.block_rows("study", "encoder", blocks, ["0.9"], ["0.1"], "distillation", repeats=1, warmup=0)
+    assert [(r["method"], r["setting"], r["objective"]) for r in rows] == [("mgs", "0.9", "distillation"),
+                                                                           ("sibs", "0.1", None)]
+    mgs, sibs = rows
+    opened = sum(int(b.open_groups["0.9"].sum()) for b in blocks)
+    assert mgs["induced_sparsity"] == pytest.approx(1 - opened / (2 * 30 * H // G))
+    # FLOPs: dense 2 d H per token and block; MGS: the open groups' 2 d G each, plus the gate's d H / G
+    assert mgs["flops_speedup"] == pytest.approx(2 * 30 * 2 * D * H / (opened * 2 * D * G + 2 * 30 * D * H // G))
+    kept = sum(int(b.keep["0.1"].sum()) for b in blocks)
+    assert sibs["flops_speedup"] == pytest.approx(2 * H / kept)
+    for row in rows:
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["sparse_ms"])
+        assert row["fraction_of_theoretical"] == pytest.approx(row["speedup"] / row["flops_speedup"])
+        assert row["shape"] == "study" and row["scope"] == "encoder" and row["blocks"] == ["encoder.0", "encoder.1"]
+    assert "masked_ms" in mgs

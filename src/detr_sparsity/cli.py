@@ -153,6 +153,7 @@ def _benchmark_module(name: str):
         if path.is_file():
             spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
             module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up there
             spec.loader.exec_module(module)
             return module
     raise FileNotFoundError(f"benchmarks/{name}.py not found in {Path.cwd()} or {PACKAGE_ROOT.parents[1]}")
