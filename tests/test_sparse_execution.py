@@ -242,3 +242,20 @@ def test_block_rows_report_dense_sparse_speedup_and_flops():
         assert row["fraction_of_theoretical"] == pytest.approx(row["speedup"] / row["flops_speedup"])
         assert row["shape"] == "study" and row["scope"] == "encoder" and row["blocks"] == ["encoder.0", "encoder.1"]
     assert "masked_ms" in mgs
+
+
+def test_without_the_kernel_the_pytorch_path_runs_and_says_so():
+    import os
+    import subprocess
+    import sys
+
+    script = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+              "from detr_sparsity.execution import PackedFFN, sparse_ffn\n"
+              "fc1, fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)\n"
+              "x, m = torch.randn(5, 8), torch.rand(5, 2) > 0.5\n"
+              "ref = fc2(torch.relu(fc1(x)) * m.repeat_interleave(16, -1))\n"
+              "assert torch.allclose(sparse_ffn(x, m, PackedFFN(fc1, fc2, 16)), ref, atol=1e-5)\n")
+    env = {**os.environ, "DETR_SPARSITY_NO_KERNEL": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "using the PyTorch dispatch path" in done.stderr
