@@ -8,6 +8,11 @@ d 256, H 2048, G 16, 90 % of the (token, group) pairs closed, 1 torch thread; me
   grouped matmuls, 1.1 ms index_add: moving the gathered copies through memory costs as much as the math;
 - padded batched matmuls (torch.bmm over groups, padded to the busiest group) 27.8 ms;
 - this kernel about 4x faster than dense at 2 threads (10.6 ms against 46 ms on the loaded machine).
+Stage `benchmark` on the default study (machine shared with other jobs, load average 3.5-4.7 on 2 cores),
+six R50 encoder blocks at 90 % induced sparsity with masks sampled from the trained distillation gates, gate
+cost included: 2.8x faster than dense fc1/fc2 with 2 threads, 4.1x with 1 thread (FLOPs allow 7.6x).
+(Fusing fc2 with register-held output chunks over a compacted list of nonzero hidden values measured
+slower, 1.5x against 4.4x, and was dropped.)
 The kernel never materialises the gathered tokens: each thread takes a tile of tokens, and for each group
 the tile's tokens that open it, four at a time, so that the group's 16 x d weights stay in L1 and feed four
 FMA chains. It also skips fc2's rows for hidden values that ReLU zeroed (they add nothing), so on real
