@@ -24,6 +24,7 @@ include: "workflow/rules/masking.smk"
 include: "workflow/rules/sibs.smk"
 include: "workflow/rules/mgs.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/benchmark.smk"
 include: "workflow/rules/paper.smk"
 
 
@@ -37,6 +38,7 @@ rule all:
         rules.figures.output.figures,
         rules.tables.output.markdown,
         [] if LATEX_MISSING else rules.paper.output,
+        f"{RESULTS}/benchmark/speed.json",
     default_target: True
 
 

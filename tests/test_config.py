@@ -161,7 +161,20 @@ BAD_VALUES = {
     ),
     "unknown top-level key": (
         {"sed": 1},
-        ["<top level>", "unknown key(s) sed", "allowed keys: masking, mgs, profile, seed, sibs, studies, study, tracking"],
+        ["<top level>", "unknown key(s) sed",
+         "allowed keys: benchmark, masking, mgs, profile, seed, sibs, studies, study, tracking"],
+    ),
+    "unknown benchmark shape": (
+        {"benchmark.shapes": ["study", "detr-r101"]},
+        ["benchmark.shapes.1", '"detr-r101"', "allowed values: study, detr-r50"],
+    ),
+    "benchmark objective without gate sets": (
+        {"benchmark.objective": "oracle"},
+        ["benchmark.objective", '"oracle"', "must be one of mgs.objectives (task, distillation)"],
+    ),
+    "zero benchmark repeats": (
+        {"benchmark.repeats": 0},
+        ["benchmark.repeats = 0", "must be >= 1"],
     ),
     "min_objects > max_objects": (
         {"studies.synthetic.data.min_objects": 5, "studies.synthetic.data.max_objects": 3},

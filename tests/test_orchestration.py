@@ -123,8 +123,9 @@ def test_snakemake_lint_is_clean():
 # The paper stage runs where a LaTeX toolchain is installed (CI installs one).
 LATEX = toolchain_missing() is None
 STAGES = {"data", "model", "evaluate", "profile", "masking", "sibs", "mgs_cache", "mgs_train", "mgs_evaluate",
-          "summary", "figures", "tables"} | ({"paper"} if LATEX else set())
-REPORTING = {"figures": "1", "tables": "1", **({"paper": "1"} if LATEX else {})}
+          "summary", "benchmark", "figures", "tables"} | ({"paper"} if LATEX else set())
+# A changed evaluation reruns the benchmark (it reads the gates and SIBS masks) and the reporting after it.
+REPORTING = {"benchmark": "1", "figures": "1", "tables": "1", **({"paper": "1"} if LATEX else {})}
 
 
 def row_key(row: dict) -> tuple:
@@ -386,7 +387,7 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     check_counts_independently(root, by_key)
     check_paper_outputs(root, by_key)
     for stage in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "mgs-cache",
-                  "mgs-train-task-0.5", "mgs-evaluate-distillation-0.5", "summary"):
+                  "mgs-train-task-0.5", "mgs-evaluate-distillation-0.5", "summary", "benchmark"):
         assert (root / f"results/synthetic/logs/{stage}.log").stat().st_size > 0
     # The Snakemake report: one self-contained page with the figures (and their captions) and tables.
     run(["snakemake", "--report", "report.html"], root)
@@ -401,7 +402,8 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     repro = run(["dvc", "repro"], root).stdout
     assert "Running stage" not in repro
 
-    # A longer sweep runs only its new points (and the summary that gathers them).
+    # A longer sweep runs only its new points (and the summary that gathers them; the benchmark times every
+    # SIBS threshold).
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["masking"]["keep_ratios"].append(0.5)
     params["sibs"]["thresholds"].append(0.3)

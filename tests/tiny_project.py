@@ -19,7 +19,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 # What a checkout needs to run the pipeline (the package itself is installed in the test's venv).
 PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", ".dvc/config", ".dvc/.gitignore", "src",
-                 "paper/main.tex"]
+                 "paper/main.tex", "benchmarks"]
 
 TINY = {
     "data": {"source": "synthetic", "splits": {"train": 16, "calibration": 4, "val": 6},
@@ -46,6 +46,9 @@ TINY_SWEEPS = {
     "sibs": {"indicator": "firing_frequency", "thresholds": [0.0, 0.2]},
     "mgs": {"targets": [0.5], "objectives": ["task", "distillation"], "group_size": 16, "blocks": "all",
             "gate_threshold": 0.5},
+    # The study's own shapes only, timed once: the stage runs in seconds (timings are not checked).
+    "benchmark": {"shapes": ["study"], "objective": "distillation", "threads": 1, "repeats": 1, "model_repeats": 1,
+                  "warmup": 0, "detr_r50_input": {"height": 64, "width": 64}},
 }
 
 

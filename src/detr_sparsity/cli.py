@@ -165,6 +165,36 @@ def cmd_paper(cfg: StudyConfig, args) -> None:
         run.log_metrics({"pdf_bytes": info["bytes"]})
 
 
+def cmd_benchmark(cfg: StudyConfig, args) -> None:
+    from detr_sparsity import tracking
+
+    speed = _benchmark_module("speed")
+    with tracking.stage_run(cfg, "benchmark") as run:
+        result = speed.run_benchmark(cfg, args.model, args.data, args.profile, args.mgs, args.out)
+        log.info("benchmark rows:\n%s", speed.format_table(result))
+        run.log_metrics({**{f"ffn_share.{shape}": share for shape, share in result["ffn_share"].items()},
+                         **{f"speedup.{r['shape']}.{r['scope']}.{r['method']}.{r['setting']}": r["speedup"]
+                            for r in result["rows"]}})
+        run.log_artifact(args.out)
+
+
+def _benchmark_module(name: str):
+    """benchmarks/<name>.py of the project (the stage runs from the project root; else beside the package)."""
+    import importlib.util
+
+    from detr_sparsity.config import PACKAGE_ROOT
+
+    for root in (Path.cwd(), PACKAGE_ROOT.parents[1]):
+        path = root / "benchmarks" / f"{name}.py"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up there
+            spec.loader.exec_module(module)
+            return module
+    raise FileNotFoundError(f"benchmarks/{name}.py not found in {Path.cwd()} or {PACKAGE_ROOT.parents[1]}")
+
+
 def _model_and_data(parser: argparse.ArgumentParser) -> None:
     """The inputs of every stage that runs the dense model: its directory and the data stage's."""
     parser.add_argument("--model", type=Path, required=True)
@@ -246,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--metrics", type=Path, required=True, help="headline metrics per configuration (DVC metrics)")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("benchmark", help="measured speed of sparse FFN execution (SIBS, MGS) against dense")
+    _model_and_data(p)
+    p.add_argument("--profile", type=Path, required=True, help="the profile stage's output (SIBS indicators)")
+    p.add_argument("--mgs", type=Path, required=True, help="directory of the gate sets, <objective>/<target>/")
+    p.add_argument("--out", type=Path, required=True, help="speed.json")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("figures", help="the study's figures (PDF + PNG) and captions, from summary.json")
     p.add_argument("--summary", type=Path, required=True)

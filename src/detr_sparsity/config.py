@@ -33,6 +33,7 @@ STAGE_SECTIONS: dict[str, list[str]] = {
     "mgs_train": ["mgs.training"],
     "mgs_evaluate": ["input", "evaluate"],
     "summary": [],
+    "benchmark": ["input", "evaluate"],  # the study shapes are timed on the first evaluation batch
     "figures": [],
     "tables": [],
     "paper": [],
@@ -45,6 +46,8 @@ STAGE_KEYS: dict[str, list[str]] = {
     "mgs_train": ["mgs.group_size", "mgs.blocks", "mgs.gate_threshold"],
     # which rows are gathered
     "summary": ["masking.methods", "masking.keep_ratios", "sibs.thresholds", "mgs.objectives", "mgs.targets"],
+    # which rows are measured, and how
+    "benchmark": ["benchmark", "sibs.indicator", "sibs.thresholds", "mgs.targets"],
 }
 
 
@@ -87,6 +90,10 @@ class StudyConfig:
     @property
     def mgs(self) -> dict[str, Any]:
         return self.raw["mgs"]
+
+    @property
+    def benchmark(self) -> dict[str, Any]:
+        return self.raw["benchmark"]
 
     @property
     def results_dir(self) -> Path:
@@ -200,6 +207,9 @@ def _cross_field_problems(raw: dict[str, Any]) -> list[str]:
         if arch["ffn_dim"] % raw["mgs"]["group_size"]:
             problems.append(f"mgs.group_size = {raw['mgs']['group_size']} is not allowed: "
                             f"must divide {prefix}.model.architecture.ffn_dim ({arch['ffn_dim']})")
+    if raw["benchmark"]["objective"] not in raw["mgs"]["objectives"]:
+        problems.append(f"benchmark.objective = {json.dumps(raw['benchmark']['objective'])} is not allowed: must be "
+                        f"one of mgs.objectives ({', '.join(raw['mgs']['objectives'])}), whose gate sets it measures")
     gate_budget = cfg["mgs"]
     if data["source"] == "synthetic":
         split_size = data["splits"][gate_budget["cache"]["split"]]

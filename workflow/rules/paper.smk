@@ -15,6 +15,7 @@ rule figures:
         summary=rules.summary.output.summary,
         profile=f"{RESULTS}/profile",
         training=MGS_TRAININGS,  # read through the rows' gate paths
+        speed=rules.benchmark.output[0],
     output:
         figures=report(directory("paper/figures"), patterns=["{figure}.png"], caption="../report/figure.rst",
                        category="Figures"),
@@ -25,7 +26,7 @@ rule figures:
     log:
         f"{RESULTS}/logs/figures.log",
     message:
-        "figures: F1-F5 from summary.json, the profile and the gate-training curves, as PDF and PNG"
+        "figures: F1-F6 from summary.json, the profile, the gate-training curves and the benchmark, as PDF and PNG"
     conda:
         "../envs/study.yaml"
     threads: 1
@@ -33,7 +34,7 @@ rule figures:
         cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} figures --summary {input.summary} --profile {input.profile}/profile.json"
-        " --out {output.figures} --plots {output.plots}"
+        " --speed {input.speed} --out {output.figures} --plots {output.plots}"
 
 
 rule tables:
@@ -42,6 +43,7 @@ rule tables:
         summary=rules.summary.output.summary,
         profile=f"{RESULTS}/profile",
         model=f"{RESULTS}/model",
+        speed=rules.benchmark.output[0],
     output:
         markdown=report(directory(f"{RESULTS}/tables"), patterns=["{table}.md"], caption="../report/table.rst",
                         category="Tables"),
@@ -59,7 +61,8 @@ rule tables:
         cpu_slots=cpu_slots,
     shell:
         "python -m detr_sparsity --log {log} tables --summary {input.summary} --profile {input.profile}/profile.json"
-        " --model-config {input.model}/config.json --markdown {output.markdown} --latex {output.latex}"
+        " --model-config {input.model}/config.json --speed {input.speed} --markdown {output.markdown}"
+        " --latex {output.latex}"
 
 
 rule paper:

@@ -182,7 +182,8 @@ def f5_mgs_per_block(record: StudyRecord):
 def f6_speed(speed: dict):
     """Measured speed-up against the FLOPs speed-up, per FFN block kind and end to end, at both sizes."""
     rows = speed["rows"]
-    shapes = sorted({r["shape"] for r in rows})
+    present = {r["shape"] for r in rows}
+    shapes = [s for s in ("study", "detr-r50") if s in present] + sorted(present - {"study", "detr-r50"})
     fig, axes = plt.subplots(1, len(shapes), figsize=(5.0 * len(shapes), 3.8), squeeze=False)
     scope_markers = {"encoder": "o", "decoder": "s", "model": "*"}
     for ax, shape in zip(axes.flat, shapes):
@@ -204,9 +205,10 @@ def f6_speed(speed: dict):
         ax.set_ylabel(f"measured speed-up ({speed.get('threads', '?')} threads)")
     handles = [matplotlib.lines.Line2D([], [], marker=m, linestyle="", color="grey", label=s)
                for s, m in scope_markers.items()]
-    handles += [matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=COLORS[k], label=label)
-                for k, label in (("sibs", "SIBS"), ("mgs task", "MGS (task)"),
-                                 ("mgs distillation", "MGS (distillation)"))]
+    methods = {"sibs" if r["method"] == "sibs" else f"mgs {r.get('objective') or 'task'}" for r in rows}
+    handles += [matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=COLORS[k],
+                                        label="SIBS" if k == "sibs" else mgs_label(k.split()[1]))
+                for k in sorted(methods)]
     axes.flat[-1].legend(handles=handles + axes.flat[-1].get_legend_handles_labels()[0], fontsize=7,
                          loc="upper left")
     fig.tight_layout()

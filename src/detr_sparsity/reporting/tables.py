@@ -172,11 +172,11 @@ def t3_mgs(record: StudyRecord) -> PaperTable:
         f"{ap(record.dense['AP'])}. " + AP_NOTE + FLOPS_NOTE)
 
 
-def _speed_rows(speed: dict | None) -> dict[tuple[str, str, str | None], dict]:
+def _speed_rows(speed: dict | None) -> dict[tuple[str, float, str | None], dict]:
     """End-to-end rows of the study's shapes, keyed by (method, setting, objective)."""
     if speed is None:
         return {}
-    return {(r["method"], str(r["setting"]), r.get("objective")): r for r in speed["rows"]
+    return {(r["method"], float(r["setting"]), r.get("objective")): r for r in speed["rows"]
             if r["shape"] == "study" and r["scope"] == "model"}
 
 
@@ -206,7 +206,7 @@ def t4_matched(record: StudyRecord, speed: dict | None) -> PaperTable:
             threshold = nearest["setting"]["threshold"]
             if abs(sparsity(nearest) - target) <= SIBS_MATCH_TOLERANCE:
                 candidates.append((METHOD_LABELS["sibs"], f"tau {threshold:g}", nearest,
-                                   _latency(latencies.get(("sibs", f"{threshold:g}", None)))))
+                                   _latency(latencies.get(("sibs", float(threshold), None)))))
             else:
                 candidates.append((METHOD_LABELS["sibs"], f"none within {100 * SIBS_MATCH_TOLERANCE:.0f} points "
                                    f"(nearest: tau {threshold:g} at {pct(sparsity(nearest))} %)", None, ""))
@@ -214,7 +214,7 @@ def t4_matched(record: StudyRecord, speed: dict | None) -> PaperTable:
             for row in record.mgs(objective):
                 if row["setting"]["target"] == target:
                     candidates.append((mgs_label(objective), f"target {target:g}", row,
-                                       _latency(latencies.get(("mgs", f"{target:g}", objective)))))
+                                       _latency(latencies.get(("mgs", float(target), objective)))))
         for label, setting, row, latency in candidates:
             if row is None:
                 table.rows.append([label, setting, *[""] * 6])

@@ -1,0 +1,261 @@
+"""Sparse execution computes what the masked dense FFN computes, without the masked work: the MGS group kernel
+(compiled CPU kernel and PyTorch dispatch), the SIBS shrunk FFN, and the take-away gated DETR."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import DetrImageProcessorPil
+
+from detr_sparsity.execution import PackedFFN, dispatch_ffn, load_gated_detr, set_execution, sparse_ffn
+from detr_sparsity.execution.cpu_kernel import cpu_kernel
+from detr_sparsity.execution.gated_detr import SparseGatedFFN
+from detr_sparsity.mgs.gated_detr import GatedFFN
+from detr_sparsity.mgs.gates import make_gates, save_gates
+from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
+from detr_sparsity.sparsity.ffn import ffn_blocks, sparse_ffns
+from detr_sparsity.sparsity.policies import StaticMask
+from detr_sparsity.sparsity.shrink import shrink_ffns
+
+D, H, G = 32, 256, 16
+ARCH = {"d_model": D, "ffn_dim": H, "encoder_layers": 2, "decoder_layers": 2, "attention_heads": 4,
+        "num_queries": 10, "backbone_hidden_sizes": [8, 16, 32], "backbone_depths": [1, 1, 1], "dropout": 0.0}
+CATEGORIES = [{"id": i + 1, "name": f"class{i}"} for i in range(4)]
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def masked_dense(x, open_groups, fc1, fc2, group_size):
+    """The reference: the study's computation, fc2(m * relu(fc1 x)) with m expanded over each group."""
+    return fc2(torch.relu(fc1(x)) * open_groups.to(x.dtype).repeat_interleave(group_size, dim=-1))
+
+
+def ffn_pair(d=D, hidden=H, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+
+# Every way of computing the sparse FFN on CPU: the dispatcher's choice, and each path forced.
+PATHS = {
+    "sparse_ffn": lambda x, m, p: sparse_ffn(x, m, p),
+    "grouped_mm": lambda x, m, p: dispatch_ffn(x.reshape(-1, x.shape[-1]), m.reshape(-1, p.groups), p,
+                                               grouped_mm=True).view(*x.shape),
+    "padded_bmm": lambda x, m, p: dispatch_ffn(x.reshape(-1, x.shape[-1]), m.reshape(-1, p.groups), p,
+                                               grouped_mm=False).view(*x.shape),
+}
+
+
+def masks(case: str, shape: tuple[int, ...], groups: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    if case == "random":
+        return torch.rand(*shape, groups, generator=generator) > 0.7
+    if case == "all_open":
+        return torch.ones(*shape, groups, dtype=torch.bool)
+    if case == "all_closed":
+        return torch.zeros(*shape, groups, dtype=torch.bool)
+    if case == "mixed_rows":  # some tokens open nothing, some everything, some one group; groups no token opens
+        m = torch.rand(*shape, groups, generator=generator) > 0.5
+        flat = m.view(-1, groups)
+        flat[0::4] = False
+        flat[1::4] = True
+        flat[2::4, :] = False
+        flat[2::4, 1] = True
+        flat[:, -2:] = False
+        return m
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", ["random", "all_open", "all_closed", "mixed_rows"])
+@pytest.mark.parametrize("shape", [(37,), (3, 21), (1,), (0,), (2, 0)], ids=str)
+def test_sparse_path_equals_masked_dense(path, case, shape):
+    fc1, fc2 = ffn_pair()
+    packed = PackedFFN(fc1, fc2, G)
+    x = torch.randn(*shape, D)
+    open_groups = masks(case, shape, H // G)
+    with torch.no_grad():
+        expected = masked_dense(x, open_groups, fc1, fc2, G)
+        got = PATHS[path](x, open_groups, packed)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("group_size", [8, 32, 64, 4])  # 4 has no compiled kernel: the dispatch path runs
+def test_other_group_sizes(group_size):
+    fc1, fc2 = ffn_pair()
+    x = torch.randn(50, D)
+    open_groups = torch.rand(50, H // group_size) > 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(sparse_ffn(x, open_groups, PackedFFN(fc1, fc2, group_size)),
+                                   masked_dense(x, open_groups, fc1, fc2, group_size), **TOLERANCE)
+
+
+def test_detr_r50_block_shape_at_90_percent():
+    fc1, fc2 = ffn_pair(256, 2048)
+    x = torch.randn(850, 256)
+    open_groups = torch.rand(850, 128) > 0.9
+    with torch.no_grad():
+        torch.testing.assert_close(sparse_ffn(x, open_groups, PackedFFN(fc1, fc2, 16)),
+                                   masked_dense(x, open_groups, fc1, fc2, 16), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler: the PyTorch path runs")
+def test_the_compiled_kernel_builds_where_a_compiler_exists():
+    # Where a compiler exists the fast path must really be the one measured, not the fallback.
+    assert cpu_kernel() is not None
+
+
+def test_a_mask_that_does_not_fit_is_refused():
+    packed = PackedFFN(*ffn_pair(), G)
+    with pytest.raises(ValueError, match="does not fit"):
+        sparse_ffn(torch.randn(5, D), torch.ones(5, H // G + 1, dtype=torch.bool), packed)
+
+
+def test_a_group_size_that_does_not_divide_the_width_is_refused():
+    with pytest.raises(ValueError, match="group_size = 24 is not allowed"):
+        PackedFFN(*ffn_pair(), 24)
+
+
+# ---------------------------------------------------------------- SIBS: the physically shrunk FFN
+
+def test_shrunk_ffn_equals_the_static_mask(tiny_detr):
+    torch.manual_seed(4)
+    keep = {name: torch.rand(block.fc1.out_features) > 0.6 for name, block in ffn_blocks(tiny_detr).items()}
+    keep["encoder.0"][:] = False  # a block with nothing left
+    pixels = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        with sparse_ffns(tiny_detr, {n: StaticMask(k) for n, k in keep.items()}):
+            masked = tiny_detr(pixel_values=pixels)
+        shrunk = shrink_ffns(tiny_detr, keep)(pixel_values=pixels)
+    torch.testing.assert_close(shrunk.logits, masked.logits, **TOLERANCE)
+    torch.testing.assert_close(shrunk.pred_boxes, masked.pred_boxes, **TOLERANCE)
+
+
+# ---------------------------------------------------------------- the take-away gated DETR
+
+@pytest.fixture()
+def tiny_detr():
+    torch.manual_seed(0)
+    return build_small_detr(small_detr_config(ARCH, CATEGORIES)).eval()
+
+
+@pytest.fixture()
+def saved(tiny_detr, tmp_path):
+    """A tiny DETR and a gate set whose masks differ per token (random gates, about half the groups open)."""
+    blocks = ffn_blocks(tiny_detr)
+    gates = make_gates(blocks, list(blocks), G, 0.5)
+    torch.manual_seed(5)
+    for gate in gates.values():
+        nn.init.normal_(gate.gate.weight, std=0.5)
+        nn.init.normal_(gate.gate.bias, std=0.5)
+    save_gates(tmp_path / "gates.safetensors", gates, {"target": "test"})
+    tiny_detr.save_pretrained(tmp_path / "model")
+    return tmp_path / "model", tmp_path / "gates.safetensors"
+
+
+def test_sparse_gated_detr_gives_the_masked_detections(saved):
+    model_dir, gates = saved
+    models = {execution: load_gated_detr(model_dir, gates, execution=execution) for execution in ("masked", "sparse")}
+    assert all(isinstance(b, GatedFFN) for b in ffn_blocks(models["masked"]).values())
+    assert all(isinstance(b, SparseGatedFFN) for b in ffn_blocks(models["sparse"]).values())
+    pixel_values, pixel_mask = torch.randn(3, 3, 96, 128), torch.ones(3, 96, 128, dtype=torch.long)
+    pixel_mask[-1, :, 64:] = 0
+    with torch.no_grad():
+        outputs = {e: m(pixel_values=pixel_values, pixel_mask=pixel_mask) for e, m in models.items()}
+    torch.testing.assert_close(outputs["sparse"].logits, outputs["masked"].logits, **TOLERANCE)
+    torch.testing.assert_close(outputs["sparse"].pred_boxes, outputs["masked"].pred_boxes, **TOLERANCE)
+    processor = DetrImageProcessorPil()
+    sizes = [(96, 128)] * 3
+    detections = {e: processor.post_process_object_detection(out, threshold=0.0, target_sizes=sizes)
+                  for e, out in outputs.items()}
+    for a, b in zip(detections["masked"], detections["sparse"]):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(a["scores"], b["scores"], **TOLERANCE)
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)
+    # The gates really close groups, so the sparse path skipped work (not a dense run in disguise).
+    block = ffn_blocks(models["sparse"])["encoder.0"]
+    opened = block.gate.open_groups(block.gate(torch.randn(100, D)))
+    assert 0.1 < opened.float().mean() < 0.9
+
+
+def test_execution_switches_both_ways_and_refuses_training(saved):
+    model = load_gated_detr(*saved, execution="sparse")
+    set_execution(model, "masked")
+    assert all(isinstance(b, GatedFFN) for b in ffn_blocks(model).values())
+    set_execution(model, "sparse").train()
+    with pytest.raises(RuntimeError, match="sparse execution is for inference"):
+        model(pixel_values=torch.randn(1, 3, 96, 128))
+
+
+@pytest.mark.parametrize("bad", ["dense", "Sparse", ""])
+def test_bad_execution_is_refused(saved, bad):
+    with pytest.raises(ValueError, match=rf"execution = '{bad}' is not allowed: allowed values: masked, sparse"):
+        load_gated_detr(*saved, execution=bad)
+
+
+# ---------------------------------------------------------------- the benchmark's rows (format, not timings)
+
+def speed_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmarks_speed", REPO / "benchmarks" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    __import__("sys").modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_sampled_masks_are_made_of_real_token_masks():
+    speed = speed_module()
+    real = torch.rand(40, 16) > 0.8
+    sampled = speed.sample_group_masks(real, 300, 32, torch.Generator().manual_seed(0))
+    assert sampled.shape == (300, 32)
+    rows = {tuple(r.tolist()) for r in real}
+    assert all(tuple(half.tolist()) in rows for row in sampled for half in (row[:16], row[16:]))
+
+
+def test_block_rows_report_dense_sparse_speedup_and_flops():
+    speed = speed_module()
+    blocks = []
+    for i in range(2):
+        fc1, fc2 = ffn_pair(seed=i)
+        block = speed.Block(f"encoder.{i}", fc1, fc2, torch.randn(30, D))
+        block.gates["0.9"] = speed.random_gate(D, H, G)
+        block.open_groups["0.9"] = torch.rand(30, H // G) > 0.9
+        block.keep["0.1"] = torch.rand(H) > 0.5
+        blocks.append(block)
+    rows = speed.block_rows("study", "encoder", blocks, ["0.9"], ["0.1"], "distillation", repeats=1, warmup=0)
+    assert [(r["method"], r["setting"], r["objective"]) for r in rows] == [("mgs", "0.9", "distillation"),
+                                                                           ("sibs", "0.1", None)]
+    mgs, sibs = rows
+    opened = sum(int(b.open_groups["0.9"].sum()) for b in blocks)
+    assert mgs["induced_sparsity"] == pytest.approx(1 - opened / (2 * 30 * H // G))
+    # FLOPs: dense 2 d H per token and block; MGS: the open groups' 2 d G each, plus the gate's d H / G
+    assert mgs["flops_speedup"] == pytest.approx(2 * 30 * 2 * D * H / (opened * 2 * D * G + 2 * 30 * D * H // G))
+    kept = sum(int(b.keep["0.1"].sum()) for b in blocks)
+    assert sibs["flops_speedup"] == pytest.approx(2 * H / kept)
+    for row in rows:
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["sparse_ms"])
+        assert row["fraction_of_theoretical"] == pytest.approx(row["speedup"] / row["flops_speedup"])
+        assert row["shape"] == "study" and row["scope"] == "encoder" and row["blocks"] == ["encoder.0", "encoder.1"]
+    assert "masked_ms" in mgs
+
+
+def test_without_the_kernel_the_pytorch_path_runs_and_says_so():
+    import os
+    import subprocess
+    import sys
+
+    script = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+              "from detr_sparsity.execution import PackedFFN, sparse_ffn\n"
+              "fc1, fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)\n"
+              "x, m = torch.randn(5, 8), torch.rand(5, 2) > 0.5\n"
+              "ref = fc2(torch.relu(fc1(x)) * m.repeat_interleave(16, -1))\n"
+              "assert torch.allclose(sparse_ffn(x, m, PackedFFN(fc1, fc2, 16)), ref, atol=1e-5)\n")
+    env = {**os.environ, "DETR_SPARSITY_NO_KERNEL": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "using the PyTorch dispatch path" in done.stderr
