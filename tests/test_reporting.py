@@ -76,6 +76,25 @@ def test_t4_latency_comes_from_the_benchmark_and_a_loss_is_shown(record):
     assert "median of 5 runs with 2 CPU threads" in text
 
 
+def test_t5_shows_every_measured_point_and_flags_the_ones_without_gain():
+    def timed(shape, scope, method, setting, speedup, objective=None):
+        return {"shape": shape, "scope": scope, "method": method, "setting": setting, "objective": objective,
+                "induced_sparsity": 0.9, "dense_ms": 10.0, "sparse_ms": 10.0 / speedup, "speedup": speedup,
+                "flops_speedup": 8.0, "fraction_of_theoretical": speedup / 8.0, "amdahl_ceiling_at_sparsity": 1.2}
+    speed = {"threads": 2, "repeats": 9, "model_repeats": 5, "warmup": 2,
+             "ffn_share": {"study": 0.2, "detr-r50": 0.08}, "amdahl_ceiling": {"study": 1.25, "detr-r50": 1.09},
+             "model_inputs": {"study": {"images": 16, "height": 128, "width": 128}},
+             "rows": [timed("detr-r50", "encoder", "mgs", "0.9", 3.0, "distillation"),
+                      timed("detr-r50", "model", "mgs", "0.9", 0.97, "distillation"),
+                      timed("study", "encoder", "sibs", "0.0", 0.9)]}
+    text = tables.t5_speed(speed).markdown()
+    assert text.index("study shapes: FFN share of dense model time 20.0 %, Amdahl ceiling 1.25x") < \
+        text.index("detr-r50 shapes")
+    assert "| MGS (distillation) | target 0.9 | 90.0 | 3.00x of 8.00x (37.5 %) |  | 0.97x of 8.00x (12.1 %), no gain |" \
+        in text
+    assert "| SIBS | tau 0 |  | 0.90x of 8.00x (11.2 %), no gain |" in text
+
+
 def test_headline_metrics_nest_by_method_and_setting(record):
     found = headline_metrics(record.rows)
     assert found["mgs"]["task"]["target=0.9"] == {"AP": 0.21, "AP50": 0.42, "induced_sparsity": 0.905,

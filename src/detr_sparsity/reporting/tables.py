@@ -3,7 +3,9 @@
 - T1 the dense baseline: AP metrics, FLOPs, and the natural sparsity of each FFN block;
 - T2 the SIBS threshold sweep: sparsity, AP and FLOPs per threshold;
 - T3 MGS per objective and target: achieved sparsity per block, AP metrics, FFN and whole-model FLOPs;
-- T4 the methods side by side at matched sparsity, with the latency measured by the benchmark stage.
+- T4 the methods side by side at matched sparsity, with the latency measured by the benchmark stage;
+- T5 measured speed: sparse execution against dense per FFN block kind and end to end, at the study's and
+  DETR-R50's shapes, next to the FLOPs speed-up and the Amdahl ceiling (benchmark/speed.json).
 
 Each table is written as Markdown (results/<study>/tables/) and as LaTeX with booktabs (paper/tables/), from
 the same cells, and states its units and the FLOPs convention. Numbers are rounded for reading only: AP to
@@ -236,6 +238,51 @@ def t4_matched(record: StudyRecord, speed: dict | None) -> PaperTable:
         + FLOPS_NOTE)
 
 
+def _speedup(row: dict | None) -> str:
+    """'2.82x of 7.63x (37 %)': measured speed-up, the FLOPs speed-up, the fraction achieved; or 'no gain'."""
+    if row is None:
+        return ""
+    text = f"{row['speedup']:.2f}x of {row['flops_speedup']:.2f}x ({pct(row['fraction_of_theoretical'])} %)"
+    return text + (", no gain" if row["speedup"] <= 1.0 else "")
+
+
+def t5_speed(speed: dict) -> PaperTable:
+    rows = speed["rows"]
+    table = Table(header=["method", "setting", "induced sparsity (%)", "encoder FFN blocks", "decoder FFN blocks",
+                          "whole model", "whole-model ceiling"])
+    present = {r["shape"] for r in rows}
+    for shape in [s for s in ("study", "detr-r50") if s in present] + sorted(present - {"study", "detr-r50"}):
+        share = speed["ffn_share"][shape]
+        table.rows.append([f"{shape} shapes: FFN share of dense model time {pct(share)} %, Amdahl ceiling "
+                           f"{speed['amdahl_ceiling'][shape]:.2f}x"])
+        by_point: dict[tuple, dict[str, dict]] = {}
+        for r in rows:
+            if r["shape"] == shape:
+                by_point.setdefault((r["method"], float(r["setting"]), r.get("objective")), {})[r["scope"]] = r
+        for (method, setting, objective), scopes in sorted(by_point.items(), key=lambda kv: (kv[0][0] != "mgs",
+                                                                                            kv[0][1])):
+            model = scopes.get("model")
+            label = mgs_label(objective) if method == "mgs" else METHOD_LABELS.get(method, method)
+            table.rows.append([label, f"{'target' if method == 'mgs' else 'tau'} {setting:g}",
+                               pct(model["induced_sparsity"]) if model else "", _speedup(scopes.get("encoder")),
+                               _speedup(scopes.get("decoder")), _speedup(model),
+                               f"{model['amdahl_ceiling_at_sparsity']:.2f}x"
+                               if model and "amdahl_ceiling_at_sparsity" in model else ""])
+    inputs = speed.get("model_inputs", {})
+    sizes = "; ".join(f"{shape}: {v.get('images', 1)} image(s) of {v['height']}x{v['width']} px"
+                      for shape, v in inputs.items())
+    return PaperTable(
+        "t5_speed", "T5. Measured speed of sparse execution against dense (MGS: the sparse kernel; SIBS: the "
+                    "shrunk FFN)", [table],
+        f"Each cell: measured speed-up (dense ms / sparse ms, median of {speed['repeats']} runs per block and "
+        f"{speed.get('model_repeats', speed['repeats'])} per whole model, after {speed['warmup']} warm-up runs, "
+        f"dense and sparse interleaved in one run, {speed['threads']} CPU threads) of the FLOPs speed-up, and the "
+        f"fraction achieved; 'no gain': not faster than dense. Blocks of one kind are timed together. Whole "
+        f"model: {sizes}; DETR-R50 weights are random, its masks drawn from the study's trained gates. The "
+        f"ceiling is the end-to-end speed-up if the FFNs cost nothing beyond their sparse FLOPs (Amdahl). "
+        f"Machine and library versions: speed.json.")
+
+
 def study_macros(study: str, record: StudyRecord, profile: dict, model_config: dict) -> str:
     """LaTeX macros for the paper's setup section, so that its prose carries no typed numbers."""
     group_sizes = {r["setting"]["group_size"] for o in record.mgs_objectives() for r in record.mgs(o)}
@@ -261,6 +308,8 @@ def tables_stage(study: str, summary_path: Path, profile_path: Path, model_confi
     profile = json.loads(Path(profile_path).read_text())
     speed = json.loads(Path(speed_path).read_text()) if speed_path else None
     tables = [t1_dense(record, profile), t2_sibs(record), t3_mgs(record), t4_matched(record, speed)]
+    if speed is not None:
+        tables.append(t5_speed(speed))
     with atomic_dir(markdown_dir) as md, atomic_dir(latex_dir) as tex:
         for table in tables:
             (md / f"{table.name}.md").write_text(table.markdown())
