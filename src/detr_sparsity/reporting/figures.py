@@ -151,7 +151,8 @@ def f4_gate_training(record: StudyRecord, trainings: dict[tuple[str, float], dic
         bottom.set_ylabel(f"{objective} loss")
         bottom.set_yscale("log")
         bottom.set_xlabel("training step")
-    axes[0, -1].legend(title="target (dashed: budget)", loc="lower right", fontsize=7, title_fontsize=7)
+    axes[0, -1].legend(title="target\n(dashed: budget)", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                       title_fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -236,7 +237,8 @@ def captions(study: str, profile_split: str, evaluate_split: str) -> dict[str, s
         "f4_gate_training": (
             f"MGS gate training ({study}): the induced sparsity of each training batch under the hard gate "
             f"mask against the budget it is held to (dashed; it falls to 1 - target during the warm-up), and the "
-            f"objective's loss, per step and target."),
+            f"objective's loss, per step and target. After training, one logit offset per gate set, calibrated on "
+            f"held-out images, sets the sparsity at the target (T3)."),
         "f5_mgs_per_block": (
             f"Induced sparsity of each FFN block under MGS ({study}) on the {evaluate_split} split, per "
             f"target: the gates meet the model-wide target by closing some blocks more than others."),
