@@ -53,7 +53,7 @@ rule tables:
     log:
         f"{RESULTS}/logs/tables.log",
     message:
-        "tables: T1-T4 from summary.json, as Markdown and LaTeX"
+        "tables: T1-T5 from summary.json and the benchmark, as Markdown and LaTeX"
     conda:
         "../envs/study.yaml"
     threads: 1
