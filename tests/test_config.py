@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 import sys
@@ -301,3 +302,29 @@ def test_cli_validate_accepts_real_file(tmp_path):
     result = run_cli(PARAMS, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "params.yaml is valid; study 'synthetic'" in result.stdout
+
+
+def test_job_resources_merge_the_stage_entry_over_the_default():
+    cfg = load_config(PARAMS, study="coco")
+    raw = real_params()["studies"]["coco"]["resources"]
+    assert cfg.job_resources("mgs_train") == {**raw["default"], **raw["mgs_train"]}
+    assert "gpu" not in cfg.job_resources("data")  # gpu 0 is left out: the job asks for none
+    assert "gpu" not in cfg.job_resources("benchmark")  # times the CPU kernels
+
+
+def test_study_without_resources_gets_the_schema_default(tmp_path):
+    raw = copy.deepcopy(real_params())
+    del raw["studies"]["synthetic"]["resources"]
+    cfg = load_config(write_params(tmp_path, raw))
+    default = yaml.safe_load(SCHEMA.read_text())["$defs"]["study"]["properties"]["resources"]["default"]
+    assert cfg.job_resources("model") == {**default["default"], **default["model"]}
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"studies.synthetic.resources.evaluation": {"gpu": 1}}, "evaluation"),
+    ({"studies.synthetic.resources.evaluate": {"gpu": -1}}, "studies.synthetic.resources.evaluate.gpu = -1"),
+    ({"studies.synthetic.resources.evaluate": {"mem_gb": 4}}, "unknown key(s) mem_gb"),
+])
+def test_bad_resources_are_rejected(tmp_path, changes, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(modified(tmp_path, changes))

@@ -316,5 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.stage in MODEL_STAGES:
+        _note_device()
     args.func(cfg, args)
     return 0
+
+
+# The stages that run the detector (all but benchmark ask a cluster for a GPU in the COCO study).
+MODEL_STAGES = {"model", "evaluate", "profile", "masking", "sibs", "mgs-cache", "mgs-train", "mgs-evaluate", "benchmark"}
+
+
+def _note_device() -> None:
+    """Say which device the job was given. The stages compute on the CPU whatever it is: none takes a device yet."""
+    from detr_sparsity.device import job_device
+
+    if job_device() == "cuda":
+        log.warning("this job was given a GPU, but the stages compute on the CPU (none takes a device yet)")

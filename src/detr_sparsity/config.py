@@ -74,6 +74,9 @@ class StudyConfig:
     evaluate: dict[str, Any]
     gate_training: dict[str, Any]  # the study's MGS budget: `cache` and `training`
     raw: dict[str, Any] = field(repr=False)
+    # What each stage's job asks a scheduler for, per stage name plus `default` (the schema's default when the
+    # study gives none). Not among any stage's params: resources never change a result.
+    resources: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
     @property
     def profile(self) -> dict[str, Any]:
@@ -105,6 +108,13 @@ class StudyConfig:
         sections = {s: _lookup(study, s) for s in STAGE_SECTIONS.get(stage, [])}
         keys = {key: _lookup(self.raw, key) for key in STAGE_KEYS.get(stage, [])}
         return {"study": self.name, "seed": self.seed, **sections, **keys}
+
+    def job_resources(self, stage: str) -> dict[str, int]:
+        """mem_mb, runtime (minutes) and gpu of one stage's jobs: its entry over `default`; no `gpu` key if 0."""
+        merged = {**self.resources.get("default", {}), **self.resources.get(stage, {})}
+        if not merged.get("gpu"):
+            merged.pop("gpu", None)
+        return merged
 
     def params_hash(self, stage: str) -> str:
         """Short hash of a stage's params: equal hashes mean equal settings."""
@@ -245,4 +255,5 @@ def load_config(params_path: str | Path = "params.yaml", study: str | None = Non
         evaluate=cfg["evaluate"],
         gate_training=cfg["mgs"],
         raw=raw,
+        resources=cfg.get("resources", schema["$defs"]["study"]["properties"]["resources"]["default"]),
     )

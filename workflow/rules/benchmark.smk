@@ -28,6 +28,7 @@ rule benchmark:
     threads: MAX_THREADS
     resources:
         cpu_slots=lambda wildcards, threads: os.cpu_count() or 1,
+        **job_resources("benchmark"),
     shell:
         "python -m detr_sparsity --log {log} benchmark --model {input.model} --data {input.data}"
         " --profile {input.profile} --mgs {params.mgs} --out {output}"

@@ -27,3 +27,9 @@ if "cpu_slots" not in workflow.global_resources:
 
 def cpu_slots(wildcards, threads):
     return threads
+
+
+def job_resources(stage):
+    """mem_mb, runtime (minutes) and gpu of the stage's jobs, from params.yaml's studies.<study>.resources: what a
+    cluster executor asks for (workflow/profiles/slurm). Resources are no rerun trigger: changing them reruns nothing."""
+    return CFG.job_resources(stage)

@@ -14,5 +14,6 @@ rule data:
     threads: 1
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("data"),
     shell:
         "python -m detr_sparsity --log {log} data --out {output}"

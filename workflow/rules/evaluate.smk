@@ -19,6 +19,7 @@ rule evaluate:
     threads: 1
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("evaluate"),
     shell:
         "python -m detr_sparsity --log {log} evaluate --method {wildcards.method} --model {input.model}"
         " --data {input.data} --detections {output.detections} --row {output.row}"

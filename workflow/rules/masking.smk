@@ -22,6 +22,7 @@ rule masking:
     threads: 1
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("masking"),
     shell:
         "python -m detr_sparsity --log {log} masking --method {wildcards.method} --keep-ratio {wildcards.keep}"
         " --model {input.model} --data {input.data} --detections {output.detections} --rows {output.rows}"

@@ -22,6 +22,7 @@ rule mgs_cache:
     threads: MAX_THREADS
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("mgs_cache"),
     shell:
         "python -m detr_sparsity --log {log} mgs-cache --model {input.model} --data {input.data} --out {output}"
 
@@ -50,6 +51,7 @@ rule mgs_train:
     threads: 1
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("mgs_train"),
     shell:
         "python -m detr_sparsity --log {log} mgs-train --objective {wildcards.objective} --target {wildcards.target}"
         " --model {input.model}"
@@ -80,6 +82,7 @@ rule mgs_evaluate:
     threads: 1
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("mgs_evaluate"),
     shell:
         "python -m detr_sparsity --log {log} mgs-evaluate --objective {wildcards.objective} --target {wildcards.target}"
         " --model {input.model}"

@@ -15,5 +15,6 @@ rule model:
     threads: MAX_THREADS
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("model"),
     shell:
         "python -m detr_sparsity --log {log} model --data {input.data} --out {output}"

@@ -32,6 +32,7 @@ rule figures:
     threads: 1
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("figures"),
     shell:
         "python -m detr_sparsity --log {log} figures --summary {input.summary} --profile {input.profile}/profile.json"
         " --speed {input.speed} --out {output.figures} --plots {output.plots}"
@@ -59,6 +60,7 @@ rule tables:
     threads: 1
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("tables"),
     shell:
         "python -m detr_sparsity --log {log} tables --summary {input.summary} --profile {input.profile}/profile.json"
         " --model-config {input.model}/config.json --speed {input.speed} --markdown {output.markdown}"
@@ -84,5 +86,6 @@ rule paper:
     threads: 1
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("paper"),
     shell:
         "python -m detr_sparsity --log {log} paper --tex {input.tex} --out {output}"

@@ -16,5 +16,6 @@ rule profile:
     threads: 1
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("profile"),
     shell:
         "python -m detr_sparsity --log {log} profile --model {input.model} --data {input.data} --out {output}"

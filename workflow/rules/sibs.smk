@@ -21,6 +21,7 @@ rule sibs:
     threads: 1
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("sibs"),
     shell:
         "python -m detr_sparsity --log {log} sibs --threshold {wildcards.threshold} --model {input.model}"
         " --data {input.data} --profile {input.profile} --detections {output.detections} --row {output.row}"

@@ -19,5 +19,6 @@ rule summary:
     threads: 1
     resources:
         cpu_slots=cpu_slots,
+        **job_resources("summary"),
     shell:
         "python -m detr_sparsity --log {log} summary --out {output.summary} --metrics {output.metrics}"
