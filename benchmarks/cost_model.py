@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import shutil
 import sqlite3
 import statistics
 import sys
