@@ -116,7 +116,7 @@ def stages(tmp_path_factory, detr_dir, data_dir) -> dict:
             model_run_id = run.run_id
         detections = work / "results" / "coco" / "detections" / "dense.json"
         row_path = work / "results" / "coco" / "rows" / "dense.json"
-        with tracking.stage_run(cfg, "evaluate", setting="dense") as run:
+        with tracking.stage_run(cfg, "evaluate", setting={"method": "dense"}) as run:
             returned = evaluate(cfg, "dense", model_dir, data_dir, detections, row_path, run)
         yield {"cfg": cfg, "work": work, "uri": uri, "info": info, "model_dir": model_dir,
                "model_run_id": model_run_id, "detections": detections, "row_path": row_path,
@@ -273,7 +273,7 @@ def test_mlflow_runs_are_finished_and_tagged(stages):
     assert run.info.experiment_id == experiment.experiment_id
     assert run.info.status == "FINISHED"
     tags = run.data.tags
-    assert tags["study"] == "coco" and tags["stage"] == "evaluate" and tags["setting"] == "dense"
+    assert tags["study"] == "coco" and tags["stage"] == "evaluate" and tags["setting"] == "method=dense"
     assert tags["git_commit"]
     assert tags["params_hash"] == cfg.params_hash("evaluate")
     assert tags["pipeline_run"] == PIPELINE_RUN
@@ -305,7 +305,7 @@ def test_profile_and_sibs_stages_count_real_tokens_of_the_padded_batch(stages, d
         with tracking.stage_run(cfg, "profile") as run:
             profile = profile_stage(cfg, model_dir, data_dir, results / "profile", run)
         threshold = 0.5
-        with tracking.stage_run(cfg, "sibs", setting=f"threshold={threshold}") as run:
+        with tracking.stage_run(cfg, "sibs", setting={"threshold": threshold}) as run:
             row = sibs_stage(cfg, threshold, model_dir, data_dir, results / "profile",
                              results / "sibs" / "detections.json", results / "sibs" / "row.json", run)
 
@@ -366,11 +366,11 @@ def test_mgs_stages_and_the_gated_model_on_detr_r50(stages, data_dir):
     torch.testing.assert_close(cached.logits, full.logits, rtol=0, atol=1e-4)
 
     gates, training = out / "distillation" / "gates.safetensors", out / "distillation" / "training.json"
-    with tracking.stage_run(cfg, "mgs_train", setting="distillation target=0.5") as run:
+    with tracking.stage_run(cfg, "mgs_train", setting={"objective": "distillation", "target": 0.5}) as run:
         record = mgs_train_stage(cfg, "distillation", 0.5, model_dir, out / "cache.safetensors", gates, training, run)
     assert record["final"]["steps"] == 2 and len(record["blocks"]) == 2 * LAYERS
     detections, row_path = out / "distillation" / "detections.json", out / "distillation" / "row.json"
-    with tracking.stage_run(cfg, "mgs_evaluate", setting="distillation target=0.5") as run:
+    with tracking.stage_run(cfg, "mgs_evaluate", setting={"objective": "distillation", "target": 0.5}) as run:
         row = mgs_evaluate_stage(cfg, "distillation", 0.5, model_dir, data_dir, gates, training, detections,
                                  row_path, run)
     assert {k: row[k] for k in AP_METRICS} == coco_ap(data.split.annotations, detections)
