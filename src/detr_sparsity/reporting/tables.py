@@ -224,7 +224,11 @@ def t4_matched(record: StudyRecord, speed: dict | None) -> PaperTable:
             table.rows.append([label, setting, pct(sparsity(row)), ap(row["AP"]), pct(record.retention(row)),
                                times(flops_ratio(row)), times(flops_ratio(row, "total_flops")), latency])
     if speed is not None:
-        latency_note = (f"Latency: whole model per image on the study's shapes, median of {speed['repeats']} runs "
+        batch = speed.get("model_inputs", {}).get("study", {})
+        shape = (f"one batch of {batch['images']} images of {batch['height']}x{batch['width']} px" if batch
+                 else "one evaluation batch")
+        latency_note = (f"Latency: whole model on {shape} (the study's shapes), median of "
+                        f"{speed.get('model_repeats', speed['repeats'])} runs "
                         f"with {speed['threads']} CPU threads, dense and sparse measured side by side (benchmark "
                         "stage, speed.json); the sparse FFN execution skips the masked work. 'no gain': the sparse "
                         "run was not faster.")
