@@ -8,6 +8,7 @@ import json
 import pytest
 
 from detr_sparsity.reporting import figures, tables
+from detr_sparsity.reporting.latex import latex_text
 from detr_sparsity.reporting.records import StudyRecord, flops_ratio
 from detr_sparsity.reporting.summary import headline_metrics
 
@@ -45,11 +46,11 @@ def test_numbers_are_rounded_only_for_reading():
 
 
 def test_latex_cells_escape_specials_and_typeset_times_and_arrows():
-    assert tables.latex_text("AP retained (%)") == r"AP retained (\%)"
-    assert tables.latex_text("0.63x") == r"0.63$\times$"
-    assert tables.latex_text("FFN FLOPs (x dense)") == r"FFN FLOPs ($\times$ dense)"
-    assert tables.latex_text("12.0 -> 8.0 ms") == r"12.0 $\rightarrow$ 8.0 ms"
-    assert tables.latex_text("firing_frequency & tau") == r"firing\_frequency \& $\tau$"
+    assert latex_text("AP retained (%)") == r"AP retained (\%)"
+    assert latex_text("0.63x") == r"0.63$\times$"
+    assert latex_text("FFN FLOPs (x dense)") == r"FFN FLOPs ($\times$ dense)"
+    assert latex_text("12.0 -> 8.0 ms") == r"12.0 $\rightarrow$ 8.0 ms"
+    assert latex_text("firing_frequency & tau") == r"firing\_frequency \& $\tau$"
 
 
 def test_t4_matches_sibs_within_tolerance_and_says_so_when_none_is(record):

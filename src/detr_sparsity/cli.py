@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", type=Path, required=True, help="CSV series for dvc plots")
     p.set_defaults(func=cmd_figures)
 
-    p = sub.add_parser("tables", help="tables T1-T4 as Markdown and LaTeX, from summary.json")
+    p = sub.add_parser("tables", help="tables T1-T5 as Markdown and LaTeX, from summary.json and speed.json")
     p.add_argument("--summary", type=Path, required=True)
     p.add_argument("--profile", type=Path, required=True, help="the profile stage's profile.json")
     p.add_argument("--model-config", type=Path, required=True, help="the dense model's config.json")
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The stages that run the detector (all but benchmark ask a cluster for a GPU in the COCO study).
+# The stages that run the detector (params.yaml's resources say which of them ask a cluster for a GPU).
 MODEL_STAGES = {"model", "evaluate", "profile", "masking", "sibs", "mgs-cache", "mgs-train", "mgs-evaluate", "benchmark"}
 
 

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from detr_sparsity.atomic import atomic_dir  # noqa: E402
+from detr_sparsity.reporting.latex import latex_text  # noqa: E402
 from detr_sparsity.reporting.records import (METHOD_LABELS, StudyRecord, flops_reduction,  # noqa: E402
                                              mgs_label, sparsity)
 from detr_sparsity.sparsity.blocks import ALL_BLOCKS  # noqa: E402
@@ -250,10 +251,6 @@ def captions(study: str, profile_split: str, evaluate_split: str) -> dict[str, s
     }
 
 
-def _latex_escape(text: str) -> str:
-    return text.replace("\\", r"\textbackslash{}").replace("%", r"\%").replace("_", r"\_").replace("&", r"\&")
-
-
 def write_captions(out_dir: Path, found: dict[str, str]) -> None:
     """captions.tex (one macro per figure, e.g. \\captionFOne for F1) and captions.md."""
     numbers = {1: "One", 2: "Two", 3: "Three", 4: "Four", 5: "Five", 6: "Six"}
@@ -261,7 +258,7 @@ def write_captions(out_dir: Path, found: dict[str, str]) -> None:
     md = ["# Figure captions", ""]
     for name, text in found.items():
         number = int(name[1:].split("_")[0])
-        tex.append(rf"\newcommand{{\caption{'F' + numbers[number]}}}{{{_latex_escape(text)}}}")
+        tex.append(rf"\newcommand{{\caption{'F' + numbers[number]}}}{{{latex_text(text)}}}")
         md += [f"**F{number}** (`{name}`): {text}", ""]
     (out_dir / "captions.tex").write_text("\n".join(tex) + "\n")
     (out_dir / "captions.md").write_text("\n".join(md))

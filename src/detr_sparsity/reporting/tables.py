@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy
+
 from detr_sparsity.atomic import atomic_dir
 from detr_sparsity.evaluation.coco_eval import AP_METRICS
+from detr_sparsity.reporting.latex import latex_text
 from detr_sparsity.reporting.records import METHOD_LABELS, StudyRecord, flops_ratio, mgs_label, sparsity
 
 log = logging.getLogger(__name__)
@@ -100,17 +102,6 @@ class PaperTable:
                 "\\end{table}\n")
 
 
-def latex_text(text: str) -> str:
-    """Plain cell text as LaTeX: escape the specials, typeset x as a times sign and arrows as arrows."""
-    for plain, tex in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                       ("->", r"$\rightarrow$"), ("±", r"$\pm$")):
-        text = text.replace(plain, tex)
-    text = re.sub(r"\btau\b", r"$\\tau$", text)
-    # "0.63x" and "x dense": a times sign after a number or before "dense".
-    text = re.sub(r"(?<=[0-9])x\b", r"$\\times$", text)
-    return re.sub(r"\bx dense\b", r"$\\times$ dense", text)
-
-
 def t1_dense(record: StudyRecord, profile: dict) -> PaperTable:
     dense = record.dense
     metrics = Table(header=[*AP_METRICS, "FFN GFLOPs", "model GFLOPs"],
@@ -125,8 +116,8 @@ def t1_dense(record: StudyRecord, profile: dict) -> PaperTable:
             blocks.rows.append(["all blocks", pct(dense["natural_sparsity"]["overall"]),
                                 pct(profile["natural_sparsity"]["overall"]), "", ""])
             continue
-        values = sorted(per_image[name])
-        low, high = values[int(0.05 * (len(values) - 1))], values[int(round(0.95 * (len(values) - 1)))]
+        # The same percentiles as F1's whiskers (linear interpolation, as matplotlib's boxplot).
+        low, high = numpy.percentile(per_image[name], [5, 95])
         blocks.rows.append([name, pct(dense["natural_sparsity"]["per_block"][name]),
                             pct(profile["per_block"][name]["natural_sparsity"]), f"{pct(low)}-{pct(high)}",
                             str(profile["per_block"][name]["never_firing_neurons"])])
