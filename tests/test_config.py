@@ -152,9 +152,13 @@ BAD_VALUES = {
         {"study": "coco", "studies.coco.model.name_or_path": "./no/such/dir"},
         ["studies.coco.model.name_or_path", '"./no/such/dir"', "must exist and hold config.json"],
     ),
+    "zero shards": (
+        {"studies.synthetic.evaluate.shards": 0},
+        ["studies.synthetic.evaluate.shards", "0", "must be >= 1"],
+    ),
     "unknown key in evaluate": (
         {"studies.synthetic.evaluate.batchsize": 4},
-        ["studies.synthetic.evaluate", "unknown key(s) batchsize", "allowed keys: batch_size, split"],
+        ["studies.synthetic.evaluate", "unknown key(s) batchsize", "allowed keys: batch_size, shards, split"],
     ),
     "unknown key in synthetic data": (
         {"studies.synthetic.data.colour": "red"},

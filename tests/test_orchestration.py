@@ -422,9 +422,59 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
                                   "mgs_evaluate": "4", "summary": "1", **REPORTING, "all": "1",
                                   "total": str(19 + len(REPORTING))}
 
+    check_sharded_evaluations(root)
 
-def planned_jobs(root: Path) -> dict[str, str]:
-    planned = run(["snakemake", "-n", "--cores", "2"], root).stdout
+
+# One evaluation per evaluating rule, the random masking included (its draws must not depend on where a shard
+# starts): (row file, detections file or directory) under results/synthetic.
+SHARDED = {
+    "evaluate": ("evaluate/dense/row.json", "evaluate/dense/detections.json"),
+    "masking": ("masking/random-0.25/rows.json", "masking/random-0.25/detections"),
+    "sibs": ("sibs/0.2/row.json", "sibs/0.2/detections.json"),
+    "mgs_evaluate": ("mgs/distillation/0.5/row.json", "mgs/distillation/0.5/detections.json"),
+}
+
+
+def check_sharded_evaluations(root: Path, shards: int = 3) -> None:
+    """The finished study's evaluations again with `shards` detection jobs each plus a gather: detections and rows
+    equal the unsharded ones exactly. The tiny split is 2 batches of 3 images, so one shard is empty."""
+    results = root / "results/synthetic"
+    unsharded = {stage: (json.loads((results / row).read_text()), detection_files(results / detections))
+                 for stage, (row, detections) in SHARDED.items()}
+    run(["git", "checkout", "params.yaml"], root)  # the settings of the finished run
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["studies"]["synthetic"]["evaluate"]["shards"] = shards
+    write_params(root, params)
+    targets = [f"results/synthetic/{row}" for row, _ in SHARDED.values()]
+    # Only the evaluations rerun (their jobs have other inputs now), nothing upstream.
+    assert planned_jobs(root, targets) == {**{f"{stage}_shard": str(shards) for stage in SHARDED},
+                                           **dict.fromkeys(SHARDED, "1"), "total": str(len(SHARDED) * (shards + 1))}
+    run(["snakemake", "--cores", "2", *targets], root)
+    assert not list(results.glob("**/shards/*")), "the shards' partial evaluations are temporary"
+    for stage, (row_file, detections) in SHARDED.items():
+        row, files = unsharded[stage]
+        assert detection_files(results / detections) == files, stage
+        assert comparable(json.loads((results / row_file).read_text())) == comparable(row), stage
+    sibs = json.loads((results / SHARDED["sibs"][0]).read_text())
+    assert sibs["images"] == 6 and sibs["shrunk_ffn"]["detections"] == 6 * 8  # every query, over all shards
+    # Sharding is no stage's param: DVC (which evaluates whole) sees the same pipeline, up to date.
+    assert "up to date" in run(["dvc", "status"], root).stdout
+
+
+def detection_files(path: Path) -> dict[str, bytes]:
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def comparable(row: dict) -> dict:
+    """A row without what names the job rather than the result: its MLflow run and its detections file."""
+    if "method" not in row:  # masking: rows keyed by scope
+        return {scope: comparable(r) for scope, r in row.items()}
+    return {k: v for k, v in row.items() if k not in ("mlflow_run_id", "detections")}
+
+
+def planned_jobs(root: Path, targets: list[str] = ()) -> dict[str, str]:
+    planned = run(["snakemake", "-n", "--cores", "2", *targets], root).stdout
     return dict(re.findall(r"^(\w+)\s+(\d+)$", planned.split("Job stats:")[1].split("\n\n")[0], re.M))
 
 

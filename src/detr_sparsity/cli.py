@@ -66,8 +66,8 @@ def cmd_evaluate(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.evaluation.evaluate import evaluate
 
-    with tracking.stage_run(cfg, "evaluate", setting={"method": args.method}) as run:
-        evaluate(cfg, args.method, args.model, args.data, args.detections, args.row, run)
+    with tracking.stage_run(cfg, "evaluate", setting=_shard_setting(args, {"method": args.method})) as run:
+        evaluate(cfg, args.method, args.model, args.data, args.detections, args.row, run, args.sharding)
 
 
 def cmd_profile(cfg: StudyConfig, args) -> None:
@@ -82,16 +82,19 @@ def cmd_masking(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.sparsity.masking import masking_stage
 
-    with tracking.stage_run(cfg, "masking", setting={"method": args.method, "keep_ratio": args.keep_ratio}) as run:
-        masking_stage(cfg, args.method, args.keep_ratio, args.model, args.data, args.detections, args.rows, run)
+    setting = _shard_setting(args, {"method": args.method, "keep_ratio": args.keep_ratio})
+    with tracking.stage_run(cfg, "masking", setting=setting) as run:
+        masking_stage(cfg, args.method, args.keep_ratio, args.model, args.data, args.detections, args.rows, run,
+                      args.sharding)
 
 
 def cmd_sibs(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.sparsity.sibs import sibs_stage
 
-    with tracking.stage_run(cfg, "sibs", setting={"threshold": args.threshold}) as run:
-        sibs_stage(cfg, args.threshold, args.model, args.data, args.profile, args.detections, args.row, run)
+    with tracking.stage_run(cfg, "sibs", setting=_shard_setting(args, {"threshold": args.threshold})) as run:
+        sibs_stage(cfg, args.threshold, args.model, args.data, args.profile, args.detections, args.row, run,
+                   args.sharding)
 
 
 def cmd_mgs_cache(cfg: StudyConfig, args) -> None:
@@ -115,9 +118,17 @@ def cmd_mgs_evaluate(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
     from detr_sparsity.mgs.stage import mgs_evaluate_stage
 
-    with tracking.stage_run(cfg, "mgs_evaluate", setting={"objective": args.objective, "target": args.target}) as run:
-        mgs_evaluate_stage(cfg, args.objective, args.target, args.model, args.data, args.gates, args.training, args.detections,
-                           args.row, run)
+    setting = _shard_setting(args, {"objective": args.objective, "target": args.target})
+    with tracking.stage_run(cfg, "mgs_evaluate", setting=setting) as run:
+        mgs_evaluate_stage(cfg, args.objective, args.target, args.model, args.data, args.gates, args.training,
+                           args.detections, args.row, run, args.sharding)
+
+
+def _shard_setting(args, setting: dict) -> dict:
+    """A shard job's MLflow run is named after its shard too; the gather job's run is the evaluation's run."""
+    if args.sharding.detects_shard:
+        return {**setting, "shard": f"{args.sharding.index}/{args.sharding.count}"}
+    return setting
 
 
 def cmd_summary(cfg: StudyConfig, args) -> None:
@@ -201,6 +212,41 @@ def _model_and_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True)
 
 
+def _evaluation_outputs(parser: argparse.ArgumentParser, detections_help: str, rows: str = "--row") -> None:
+    """The outputs of an evaluation stage, and how it shares the split (evaluation.shards)."""
+    parser.add_argument("--detections", type=Path, required=True, help=detections_help)
+    parser.add_argument(rows, type=Path, help="required, except for a shard job (--shard), which writes no rows")
+    sharding = parser.add_mutually_exclusive_group()
+    sharding.add_argument("--shard", metavar="K/N",
+                          help="detect only shard K of N of the split's batches; --detections then receives the "
+                               "shard's partial evaluation (detections and counts) for the gather job")
+    sharding.add_argument("--gather", type=Path, nargs="+", metavar="SHARD",
+                          help="merge these shard jobs' --detections outputs (in shard order) instead of detecting, "
+                               "then score and write as an unsharded job does")
+
+
+def _sharding(args, parser: argparse.ArgumentParser) -> None:
+    """args.sharding from --shard / --gather; refuses what cannot work before any work."""
+    from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding, parse_shard
+
+    rows = args.rows if hasattr(args, "rows") else args.row
+    try:
+        if args.shard:
+            args.sharding = parse_shard(args.shard)
+        elif args.gather:
+            args.sharding = Sharding(gather=tuple(args.gather), output=args.detections)
+        else:
+            args.sharding = WHOLE_SPLIT
+    except ValueError as err:
+        parser.error(str(err))
+    if rows is None and not args.sharding.detects_shard:
+        parser.error("--row/--rows is required, except for a shard job (--shard K/N with N > 1)")
+    if args.gather:
+        missing = [str(p) for p in args.gather if not p.exists()]
+        if missing:
+            parser.error(f"--gather: no partial evaluation at {', '.join(missing)} (run the shard jobs first)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m detr_sparsity", description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file")
@@ -223,8 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="detections, COCO AP, sparsity and FLOPs of one method")
     p.add_argument("--method", required=True)
     _model_and_data(p)
-    p.add_argument("--detections", type=Path, required=True)
-    p.add_argument("--row", type=Path, required=True)
+    _evaluation_outputs(p, "COCO results JSON")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("profile", help="activation statistics of the dense model on the calibration split")
@@ -236,16 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="topk or random")
     p.add_argument("--keep-ratio", type=float, required=True, help="k / H, in (0, 1]")
     _model_and_data(p)
-    p.add_argument("--detections", type=Path, required=True, help="directory for one detections file per scope")
-    p.add_argument("--rows", type=Path, required=True)
+    _evaluation_outputs(p, "directory for one detections file per scope", rows="--rows")
     p.set_defaults(func=cmd_masking)
 
     p = sub.add_parser("sibs", help="static indicator-based sparsification at one threshold")
     p.add_argument("--threshold", type=float, required=True)
     _model_and_data(p)
     p.add_argument("--profile", type=Path, required=True)
-    p.add_argument("--detections", type=Path, required=True)
-    p.add_argument("--row", type=Path, required=True)
+    _evaluation_outputs(p, "COCO results JSON")
     p.set_defaults(func=cmd_sibs)
 
     p = sub.add_parser("mgs-cache", help="frozen front end and dense outputs of the gate-training images")
@@ -268,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_and_data(p)
     p.add_argument("--gates", type=Path, required=True)
     p.add_argument("--training", type=Path, required=True)
-    p.add_argument("--detections", type=Path, required=True)
-    p.add_argument("--row", type=Path, required=True)
+    _evaluation_outputs(p, "COCO results JSON")
     p.set_defaults(func=cmd_mgs_evaluate)
 
     p = sub.add_parser("summary", help="gather the row files of every configured evaluation into summary.json")
@@ -309,7 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "gather"):
+        _sharding(args, parser)
     _setup_logging(args.log)
     try:
         cfg = load_config(args.params)
@@ -322,13 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The stages that run the detector (params.yaml's resources say which of them ask a cluster for a GPU).
-MODEL_STAGES = {"model", "evaluate", "profile", "masking", "sibs", "mgs-cache", "mgs-train", "mgs-evaluate", "benchmark"}
+# The stages that run the detector on the job's device (params.yaml's resources say which ask a cluster for a GPU).
+MODEL_STAGES = {"model", "evaluate", "profile", "masking", "sibs", "mgs-cache", "mgs-train", "mgs-evaluate"}
 
 
 def _note_device() -> None:
-    """Say which device the job was given. The stages compute on the CPU whatever it is: none takes a device yet."""
+    """Say which device the job computes on (a bad DETR_SPARSITY_DEVICE fails here, before any work)."""
     from detr_sparsity.device import job_device
 
-    if job_device() == "cuda":
-        log.warning("this job was given a GPU, but the stages compute on the CPU (none takes a device yet)")
+    log.info("computing on %s", job_device())

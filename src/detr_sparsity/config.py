@@ -22,18 +22,20 @@ SCHEMA_FILENAME = Path("workflow/schemas/params.schema.yaml")
 
 # The blocks of a study each stage depends on (besides `study` and `seed`), dotted below the study. Snakemake's params and
 # dvc.yaml's `params:` list the same; tests/test_orchestration.py keeps them in step.
+# How an evaluation runs: its split and batch size. Not `evaluate.shards`: sharding never changes a result.
+EVALUATION = ["input", "evaluate.split", "evaluate.batch_size"]
 STAGE_SECTIONS: dict[str, list[str]] = {
     "data": ["data"],
     "model": ["input", "model"],
-    "evaluate": ["input", "evaluate"],
-    "profile": ["input", "evaluate"],
-    "masking": ["input", "evaluate"],
-    "sibs": ["input", "evaluate"],
+    "evaluate": EVALUATION,
+    "profile": EVALUATION,
+    "masking": EVALUATION,
+    "sibs": EVALUATION,
     "mgs_cache": ["input", "mgs.cache"],
     "mgs_train": ["mgs.training"],
-    "mgs_evaluate": ["input", "evaluate"],
+    "mgs_evaluate": EVALUATION,
     "summary": [],
-    "benchmark": ["input", "evaluate"],  # the study shapes are timed on the first evaluation batch
+    "benchmark": EVALUATION,  # the study shapes are timed on the first evaluation batch
     "figures": [],
     "tables": [],
     "paper": [],
@@ -108,6 +110,11 @@ class StudyConfig:
         sections = {s: _lookup(study, s) for s in STAGE_SECTIONS.get(stage, [])}
         keys = {key: _lookup(self.raw, key) for key in STAGE_KEYS.get(stage, [])}
         return {"study": self.name, "seed": self.seed, **sections, **keys}
+
+    @property
+    def shards(self) -> int:
+        """Detection jobs per evaluation under Snakemake (evaluation.shards); 1 runs each evaluation whole."""
+        return self.evaluate.get("shards", 1)
 
     def job_resources(self, stage: str) -> dict[str, int]:
         """mem_mb, runtime (minutes) and gpu of one stage's jobs: its entry over `default`; no `gpu` key if 0."""

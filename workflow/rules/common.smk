@@ -1,5 +1,6 @@
 # Shared helpers of the rule files.
 import glob
+from pathlib import Path
 
 
 def code(*packages):
@@ -33,3 +34,26 @@ def job_resources(stage):
     """mem_mb, runtime (minutes) and gpu of the stage's jobs, from params.yaml's studies.<study>.resources: what a
     cluster executor asks for (workflow/profiles/slurm). Resources are no rerun trigger: changing them reruns nothing."""
     return CFG.job_resources(stage)
+
+
+# Sharded evaluation (evaluation/shards.py): with studies.<study>.evaluate.shards = N > 1, each evaluating rule
+# below has a `<rule>_shard` twin run once per shard; the rule itself then gathers the shards' partial
+# evaluations (temporary files) into the same outputs an unsharded job writes.
+SHARDS = CFG.shards
+
+
+def shard_output(path):
+    """Where shard {shard} of SHARDS writes its partial evaluation for `path`, a detections file or directory."""
+    path = Path(path)
+    return str(path.parent / "shards" / f"{{shard}}-of-{SHARDS}" / path.name)
+
+
+def shard_partials(path):
+    """The partial evaluations a gather job reads for `path`, in shard order; none when evaluating unsharded."""
+    if SHARDS == 1:
+        return []
+    return [shard_output(path).replace("{shard}", str(k)) for k in range(1, SHARDS + 1)]
+
+
+def gather_option(wildcards, input):
+    return " --gather " + " ".join(input.shards) if input.shards else ""

@@ -1,15 +1,22 @@
+EVALUATE_DETECTIONS = f"{RESULTS}/evaluate/{{method}}/detections.json"
+
+
 rule evaluate:
     input:
         code=code("evaluation", "sparsity"),
         model=f"{RESULTS}/model",
         data=f"{RESULTS}/data",
+        shards=shard_partials(EVALUATE_DETECTIONS),
     output:
-        detections=f"{RESULTS}/evaluate/{{method}}/detections.json",
+        detections=EVALUATE_DETECTIONS,
         row=f"{RESULTS}/evaluate/{{method}}/row.json",
     params:
         settings=stage_params("evaluate"),
+        gather=gather_option,
     log:
         f"{RESULTS}/logs/evaluate-{{method}}.log",
+    wildcard_constraints:
+        method=r"[^/]+",
     message:
         f"evaluate: COCO AP of method {{wildcards.method}} on the {STUDY} study"
     conda:
@@ -22,4 +29,31 @@ rule evaluate:
         **job_resources("evaluate"),
     shell:
         "python -m detr_sparsity --log {log} evaluate --method {wildcards.method} --model {input.model}"
-        " --data {input.data} --detections {output.detections} --row {output.row}"
+        " --data {input.data} --detections {output.detections} --row {output.row}{params.gather}"
+
+
+if SHARDS > 1:
+
+    rule evaluate_shard:
+        input:
+            code=code("evaluation", "sparsity"),
+            model=f"{RESULTS}/model",
+            data=f"{RESULTS}/data",
+        output:
+            detections=temp(shard_output(EVALUATE_DETECTIONS)),
+        params:
+            settings=stage_params("evaluate"),
+        log:
+            f"{RESULTS}/logs/evaluate-{{method}}-shard-{{shard}}.log",
+        message:
+            f"evaluate: method {{wildcards.method}}, shard {{wildcards.shard}} of {SHARDS}"
+        wildcard_constraints:
+            method=r"[^/]+",
+            shard=r"\d+",
+        threads: 1
+        resources:
+            cpu_slots=cpu_slots,
+            **job_resources("evaluate"),
+        shell:
+            "python -m detr_sparsity --log {log} evaluate --method {wildcards.method} --model {input.model}"
+            f" --data {{input.data}} --detections {{output.detections}} --shard {{wildcards.shard}}/{SHARDS}"

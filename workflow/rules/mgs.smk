@@ -58,6 +58,9 @@ rule mgs_train:
         " --cache {input.cache} --gates {output.gates} --training {output.training}"
 
 
+MGS_DETECTIONS = f"{RESULTS}/mgs/{{objective}}/{{target}}/detections.json"
+
+
 rule mgs_evaluate:
     input:
         code=code("mgs", "sparsity", "evaluation"),
@@ -65,11 +68,13 @@ rule mgs_evaluate:
         data=f"{RESULTS}/data",
         gates=rules.mgs_train.output.gates,
         training=rules.mgs_train.output.training,
+        shards=shard_partials(MGS_DETECTIONS),
     output:
-        detections=f"{RESULTS}/mgs/{{objective}}/{{target}}/detections.json",
+        detections=MGS_DETECTIONS,
         row=f"{RESULTS}/mgs/{{objective}}/{{target}}/row.json",
     params:
         settings=stage_params("mgs_evaluate"),
+        gather=gather_option,
     log:
         f"{RESULTS}/logs/mgs-evaluate-{{objective}}-{{target}}.log",
     message:
@@ -87,4 +92,35 @@ rule mgs_evaluate:
         "python -m detr_sparsity --log {log} mgs-evaluate --objective {wildcards.objective} --target {wildcards.target}"
         " --model {input.model}"
         " --data {input.data} --gates {input.gates} --training {input.training}"
-        " --detections {output.detections} --row {output.row}"
+        " --detections {output.detections} --row {output.row}{params.gather}"
+
+
+if SHARDS > 1:
+
+    rule mgs_evaluate_shard:
+        input:
+            code=code("mgs", "sparsity", "evaluation"),
+            model=f"{RESULTS}/model",
+            data=f"{RESULTS}/data",
+            gates=rules.mgs_train.output.gates,
+            training=rules.mgs_train.output.training,
+        output:
+            detections=temp(shard_output(MGS_DETECTIONS)),
+        params:
+            settings=stage_params("mgs_evaluate"),
+        log:
+            f"{RESULTS}/logs/mgs-evaluate-{{objective}}-{{target}}-shard-{{shard}}.log",
+        message:
+            f"mgs_evaluate: {{wildcards.objective}} gates of target {{wildcards.target}}, shard {{wildcards.shard}} of {SHARDS}"
+        wildcard_constraints:
+            objective=MGS_OBJECTIVE,
+            target=MGS_TARGET,
+            shard=r"\d+",
+        threads: 1
+        resources:
+            cpu_slots=cpu_slots,
+            **job_resources("mgs_evaluate"),
+        shell:
+            "python -m detr_sparsity --log {log} mgs-evaluate --objective {wildcards.objective} --target {wildcards.target}"
+            " --model {input.model} --data {input.data} --gates {input.gates} --training {input.training}"
+            f" --detections {{output.detections}} --shard {{wildcards.shard}}/{SHARDS}"

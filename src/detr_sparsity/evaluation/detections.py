@@ -16,20 +16,26 @@ def detect(
     batches: Iterable[dict],
     total: int | None = None,
     on_batch: Callable[[dict, object], None] | None = None,
+    start_batch: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """COCO results [{image_id, category_id, bbox [x, y, w, h], score}] for every query of every image.
 
     No score threshold and no top-k: as in DETR's evaluation, each of the num_queries slots becomes one
     detection, labelled with its most likely real class, in the original image's pixel coordinates.
+    Batches are moved to the model's device.
     """
     model.eval()
+    device = model.device
     results: list[dict] = []
     for batch in tqdm(batches, total=total, desc="detect", mininterval=10):
-        outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+        if start_batch is not None:
+            start_batch(batch)
+        outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
         if on_batch is not None:
             on_batch(batch, outputs)
         # threshold=-1 keeps every query (scores are softmax probabilities, always > 0 anyway).
-        per_image = processor.post_process_object_detection(outputs, threshold=-1.0, target_sizes=batch["orig_sizes"])
+        per_image = processor.post_process_object_detection(outputs, threshold=-1.0,
+                                                            target_sizes=batch["orig_sizes"].to(device))
         for image_id, found in zip(batch["image_ids"], per_image):
             for score, label, (x0, y0, x1, y1) in zip(found["scores"].tolist(), found["labels"].tolist(),
                                                        found["boxes"].tolist()):

@@ -3,7 +3,8 @@ the sparsity the wrappers counted and the FLOPs as run, as one row of summary.js
 
 `evaluate_policies` is the one evaluation used by every method (dense here, top-k / random in `masking`,
 SIBS in `sibs`, ...). Each job writes only its own files; the `summary` stage gathers the rows, so parallel
-evaluations never write to one file.
+evaluations never write to one file. An evaluation may also run sharded (`evaluation.shards`): N jobs detect
+a shard each, and one job gathers them into the same row.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from transformers import DetrForObjectDetection, DetrImageProcessorPil
 
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
+from detr_sparsity.device import job_device
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, Split, image_processor, load_split
 from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
 from detr_sparsity.evaluation.detections import detect
 from detr_sparsity.evaluation.flops import FLOPS_CONVENTION, FlopCount, flops_per_image
+from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding, gather_partials, shard_batches, write_partial
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.ffn import sparse_ffns
 from detr_sparsity.sparsity.policies import Policy
@@ -35,35 +38,55 @@ METHODS = ("dense",)
 
 @dataclass
 class EvaluationSplit:
-    """The split a study is evaluated on, with its loader (DETR's resize and padding, no labels)."""
+    """The split a study is evaluated on, with its loader (DETR's resize and padding, no labels): the whole
+    split, or one shard's batches of it."""
 
     split: Split
     processor: DetrImageProcessorPil
     loader: DataLoader
-
-    @property
-    def images(self) -> int:
-        return len(self.loader.dataset)
+    sharding: Sharding = WHOLE_SPLIT
+    images: int = 0  # in the whole split, whichever part this job runs
 
 
-def evaluation_split(cfg: StudyConfig, data_dir: Path, split_name: str | None = None) -> EvaluationSplit:
+def evaluation_split(cfg: StudyConfig, data_dir: Path, split_name: str | None = None,
+                     sharding: Sharding = WHOLE_SPLIT) -> EvaluationSplit:
     split = load_split(data_dir, split_name or cfg.evaluate["split"])
     processor = image_processor(cfg.input)
-    loader = DataLoader(CocoDetection(split), batch_size=cfg.evaluate["batch_size"],
-                        collate_fn=DetrCollate(processor, with_labels=False))
-    return EvaluationSplit(split, processor, loader)
+    dataset = CocoDetection(split)
+    batch_size = cfg.evaluate["batch_size"]
+    part = dataset
+    if sharding.detects_shard:
+        batches = shard_batches(-(-len(dataset) // batch_size), sharding)
+        part = Subset(dataset, range(batches.start * batch_size, min(batches.stop * batch_size, len(dataset))))
+        log.info("%s: batches %d-%d of %d (%d images)", sharding.describe(), batches.start + 1, batches.stop,
+                 -(-len(dataset) // batch_size), len(part))
+    loader = DataLoader(part, batch_size=batch_size, collate_fn=DetrCollate(processor, with_labels=False))
+    return EvaluationSplit(split, processor, loader, sharding, len(dataset))
 
 
 def evaluate_policies(model: DetrForObjectDetection, data: EvaluationSplit, policies: Mapping[str, Policy],
-                      detections_path: Path) -> dict:
+                      detections_path: Path) -> dict | None:
     """Detect with `policies` installed (blocks not named run dense), score with COCOeval, count FLOPs.
 
-    Returns the measured part of a row: AP metrics, natural / induced / effective sparsity, FLOPs.
+    Returns the measured part of a row: AP metrics, natural / induced / effective sparsity, FLOPs. A shard job
+    writes its partial evaluation at `detections_path` instead and returns None; a gather job merges the
+    shards' partials instead of detecting.
     """
     flops = FlopCount()
-    with sparse_ffns(model, policies) as sparsity, flops:
-        detections = detect(model, data.processor, data.loader, total=len(data.loader),
-                            on_batch=lambda batch, _out: flops.add_images(len(batch["image_ids"])))
+    with sparse_ffns(model, policies) as sparsity:
+        if data.sharding.gathers:
+            detections = gather_partials(data.sharding.partials_for(detections_path), flops, sparsity)
+        else:
+            with flops:
+                detections = detect(model, data.processor, data.loader, total=len(data.loader),
+                                    on_batch=lambda batch, _out: flops.add_images(len(batch["image_ids"])),
+                                    start_batch=lambda batch: [p.start_batch(batch["image_ids"])
+                                                               for p in policies.values()])
+            if data.sharding.detects_shard:
+                write_partial(detections_path, detections, flops, sparsity)
+                return None
+    if flops.images != data.images:
+        raise RuntimeError(f"{flops.images} images were evaluated, the {data.split.name} split holds {data.images}")
     write_json(detections_path, detections, indent=None)
     per_image = flops_per_image(flops, sparsity)
     return {
@@ -90,14 +113,16 @@ def row_metrics(row: dict) -> dict[str, float]:
 
 
 def evaluate(cfg: StudyConfig, method: str, model_dir: Path, data_dir: Path, detections_path: Path,
-             row_path: Path, run: StageRun) -> dict:
-    """Stage `evaluate`: the dense model's row."""
+             row_path: Path | None, run: StageRun, sharding: Sharding = WHOLE_SPLIT) -> dict | None:
+    """Stage `evaluate`: the dense model's row (a shard job writes its partial evaluation only)."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not known; allowed: {', '.join(METHODS)}")
-    data = evaluation_split(cfg, data_dir)
-    model = load_detr(model_dir)
-    row = {"method": method, "setting": None,
-           **evaluate_policies(model, data, {}, detections_path), "mlflow_run_id": run.run_id}
+    data = evaluation_split(cfg, data_dir, sharding=sharding)
+    model = load_detr(model_dir, device=job_device())
+    measured = evaluate_policies(model, data, {}, detections_path)
+    if measured is None:
+        return None
+    row = {"method": method, "setting": None, **measured, "mlflow_run_id": run.run_id}
     write_json(row_path, row)
     run.log_metrics(row_metrics(row))
     run.log_artifact(row_path)

@@ -16,11 +16,16 @@ FLOPS_CONVENTION = "FLOPs = 2 x multiply-accumulates (torch.utils.flop_counter),
 
 
 class FlopCount:
-    """Counts FLOPs of every module over the forward passes run inside it."""
+    """Counts FLOPs of every module over the forward passes run inside it.
+
+    On exit the counts become plain integers per module (`module_flops`), which shards of one evaluation sum
+    exactly (evaluation.shards).
+    """
 
     def __init__(self) -> None:
         self.mode = FlopCounterMode(display=False)
         self.images = 0
+        self.module_flops: dict[str, int] = {}
 
     def __enter__(self) -> "FlopCount":
         self.mode.__enter__()
@@ -28,12 +33,13 @@ class FlopCount:
 
     def __exit__(self, *exc) -> None:
         self.mode.__exit__(*exc)
+        self.module_flops = {module: int(sum(ops.values())) for module, ops in self.mode.get_flop_counts().items()}
 
     def add_images(self, n: int) -> None:
         self.images += n
 
     def total(self) -> int:
-        return self.mode.get_total_flops()
+        return self.module_flops.get("Global", 0)  # FlopCounterMode's name for the whole run
 
     def block(self, name: str) -> int:
         """Counted FLOPs of one FFN block's fc1 and fc2 ('encoder.0', ...), padding included.
@@ -43,7 +49,7 @@ class FlopCount:
         """
         kind, index = name.split(".")
         prefix = f".model.{kind}.layers.{index}.mlp.block."
-        return sum(sum(ops.values()) for module, ops in self.mode.get_flop_counts().items()
+        return sum(flops for module, flops in self.module_flops.items()
                    if module.endswith((prefix + "fc1", prefix + "fc2")))
 
 

@@ -31,7 +31,7 @@ def gated_sparsity(model: DetrForObjectDetection, gates: Mapping[str, MicroGate]
     """Token-weighted induced sparsity of the gated blocks over the given cached images (real tokens only)."""
     with cached_front_end(model) as front, sparse_ffns(model, gates) as sparsity:
         for start in range(0, len(index), batch_size):
-            batch = cache.batch(index[start:start + batch_size])
+            batch = cache.batch(index[start:start + batch_size], model.device)
             model(**front.inputs(batch["features"], batch["mask"]))
         blocks = [sparsity.blocks[name] for name in gates]
         slots = sum(int(b.counts.tokens) * b.hidden for b in blocks)

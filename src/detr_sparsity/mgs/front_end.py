@@ -48,8 +48,9 @@ class FrontEndCache:
     def __len__(self) -> int:
         return self.shapes.shape[0]
 
-    def batch(self, index: list[int]) -> dict:
-        """A training batch: padded feature maps (B, d, h, w), their mask, labels and the teacher's outputs."""
+    def batch(self, index: list[int], device: torch.device | str = "cpu") -> dict:
+        """A training batch on `device`: padded feature maps (B, d, h, w), their mask, labels and the teacher's
+        outputs. The cache itself stays in host memory (COCO's is larger than a GPU's)."""
         d = self.features.shape[1]
         h, w = (int(v) for v in self.shapes[index].max(0).values)
         features = torch.zeros(len(index), d, h, w, dtype=self.features.dtype)
@@ -61,9 +62,10 @@ class FrontEndCache:
             features[row, :, :rh, :rw] = tokens.T.reshape(d, rh, rw)
             mask[row, :rh, :rw] = True
             a, b = self._label_start[i], self._label_start[i + 1]
-            labels.append({"class_labels": self.label_classes[a:b], "boxes": self.label_boxes[a:b]})
-        return {"features": features, "mask": mask, "labels": labels,
-                "teacher_logits": self.teacher_logits[index], "teacher_boxes": self.teacher_boxes[index]}
+            labels.append({"class_labels": self.label_classes[a:b].to(device), "boxes": self.label_boxes[a:b].to(device)})
+        return {"features": features.to(device), "mask": mask.to(device), "labels": labels,
+                "teacher_logits": self.teacher_logits[index].to(device),
+                "teacher_boxes": self.teacher_boxes[index].to(device)}
 
     def save(self, path: str | Path) -> None:
         tensors = {k: getattr(self, k).contiguous() for k in self.__dataclass_fields__}
@@ -86,7 +88,8 @@ def _real_region(mask: torch.Tensor) -> tuple[int, int]:
 @torch.no_grad()
 def build_front_end_cache(model: DetrForObjectDetection, batches: Iterable[dict], total: int | None = None
                           ) -> FrontEndCache:
-    """One dense forward per batch (with labels from the collate), keeping the projected features it used."""
+    """One dense forward per batch (with labels from the collate), keeping the projected features it used (in
+    host memory, whatever the model's device)."""
     model.eval()
     captured: dict[str, torch.Tensor] = {}
     hooks = [model.model.backbone.register_forward_hook(
@@ -96,16 +99,17 @@ def build_front_end_cache(model: DetrForObjectDetection, batches: Iterable[dict]
     features, shapes, classes, boxes, counts, logits, pred_boxes = [], [], [], [], [], [], []
     try:
         for batch in tqdm(batches, total=total, desc="front end", mininterval=10):
-            out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-            for feature_map, mask, labels in zip(captured["features"], captured["mask"], batch["labels"]):
+            out = model(pixel_values=batch["pixel_values"].to(model.device),
+                        pixel_mask=batch["pixel_mask"].to(model.device))
+            for feature_map, mask, labels in zip(captured["features"].cpu(), captured["mask"].cpu(), batch["labels"]):
                 rows, cols = _real_region(mask)
                 features.append(feature_map[:, :rows, :cols].flatten(1).T)
                 shapes.append((rows, cols))
                 classes.append(labels["class_labels"])
                 boxes.append(labels["boxes"].reshape(-1, 4))
                 counts.append(len(labels["class_labels"]))
-            logits.append(out.logits)
-            pred_boxes.append(out.pred_boxes)
+            logits.append(out.logits.cpu())
+            pred_boxes.append(out.pred_boxes.cpu())
     finally:
         for hook in hooks:
             hook.remove()

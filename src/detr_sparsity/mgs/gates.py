@@ -100,8 +100,8 @@ def save_gates(path: str | Path, gates: Mapping[str, MicroGate], info: Mapping[s
                 "info": dict(info)}
     tensors = {}
     for name, gate in gates.items():
-        tensors[f"{name}.weight"] = gate.gate.weight.detach().contiguous()
-        tensors[f"{name}.bias"] = gate.gate.bias.detach().contiguous()
+        tensors[f"{name}.weight"] = gate.gate.weight.detach().cpu().contiguous()
+        tensors[f"{name}.bias"] = gate.gate.bias.detach().cpu().contiguous()
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"mgs": json.dumps(metadata, sort_keys=True)})
 

@@ -68,7 +68,7 @@ def oracle_loss(gate: MicroGate, token_mask: torch.Tensor | None, target: float)
         raise RuntimeError("the oracle objective needs the dense activations: set gate.keep_activations")
     keep = max(1, round((1.0 - target) * gate.groups))
     positives = oracle_groups(activations, gate.group_size, keep)
-    pos_weight = torch.tensor((gate.groups - keep) / keep)
+    pos_weight = torch.tensor((gate.groups - keep) / keep, device=logits.device)
     loss = F.binary_cross_entropy_with_logits(logits, positives, pos_weight=pos_weight, reduction="none").mean(-1)
     if token_mask is None:
         return loss.mean()

@@ -16,8 +16,10 @@ from transformers import DetrForObjectDetection
 
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
+from detr_sparsity.device import job_device
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
 from detr_sparsity.evaluation.evaluate import evaluate_policies, evaluation_split, row_metrics
+from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding
 from detr_sparsity.mgs.calibration import calibrate_gates
 from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache
 from detr_sparsity.mgs.gates import load_gates, make_gates, save_gates
@@ -39,7 +41,7 @@ def mgs_cache_stage(cfg: StudyConfig, model_dir: Path, data_dir: Path, out_path:
                          f"{len(dataset)} images")
     loader = DataLoader(Subset(dataset, range(images)), batch_size=settings["batch_size"],
                         collate_fn=DetrCollate(image_processor(cfg.input), with_labels=True))
-    model = load_detr(model_dir)
+    model = load_detr(model_dir, device=job_device())
     start = time.perf_counter()
     cache = build_front_end_cache(model, loader, total=len(loader))
     cache.save(out_path)
@@ -71,10 +73,11 @@ def mgs_train_stage(cfg: StudyConfig, objective: str, target: float, model_dir: 
     training record."""
     mgs = cfg.mgs
     settings = GateTraining(target=target, objective=objective, **cfg.gate_training["training"])
-    model = load_detr(model_dir)
+    model = load_detr(model_dir, device=job_device())
     # Every setting is checked (block names, group size against the FFN width) before the cache is read.
     gates = make_gates(ffn_blocks(model), gated_block_names(cfg, model), mgs["group_size"],
                        mgs["gate_threshold"])
+    gates = {name: gate.to(model.device) for name, gate in gates.items()}
     cache = FrontEndCache.load(cache_path)
     before = weights_digest(model)
     # Outside the outputs, so an interrupted job resumes (Snakemake removes a failed job's outputs); named
@@ -110,17 +113,21 @@ def mgs_train_stage(cfg: StudyConfig, objective: str, target: float, model_dir: 
 
 
 def mgs_evaluate_stage(cfg: StudyConfig, objective: str, target: float, model_dir: Path, data_dir: Path,
-                       gates_path: Path, training_path: Path, detections_path: Path, row_path: Path,
-                       run: StageRun) -> dict:
-    """Stage `mgs_evaluate`: the gated model's row, measured by the same evaluation as every method."""
+                       gates_path: Path, training_path: Path, detections_path: Path, row_path: Path | None,
+                       run: StageRun, sharding: Sharding = WHOLE_SPLIT) -> dict | None:
+    """Stage `mgs_evaluate`: the gated model's row, measured by the same evaluation as every method (a shard
+    job writes its partial evaluation only)."""
     training = json.loads(Path(training_path).read_text())
     if (training["objective"], training["target"]) != (objective, target):
         raise ValueError(f"{training_path} records {training['objective']} gates for target {training['target']}, "
                          f"not {objective} gates for {target}")
-    gates = load_gates(gates_path)
-    data = evaluation_split(cfg, data_dir)
-    model = load_detr(model_dir)
+    device = job_device()
+    gates = {name: gate.to(device) for name, gate in load_gates(gates_path).items()}
+    data = evaluation_split(cfg, data_dir, sharding=sharding)
+    model = load_detr(model_dir, device=device)
     measured = evaluate_policies(model, data, gates, detections_path)
+    if measured is None:
+        return None
     setting = {k: training[k] for k in ("target", "objective", "group_size", "gate_threshold", "blocks")}
     row = {"method": "mgs", "setting": setting, **measured, "gates": str(gates_path),
            "training": {"steps": training["final"]["steps"], "train_seconds": training["final"]["train_seconds"],

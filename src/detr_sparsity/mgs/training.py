@@ -73,7 +73,8 @@ def open_fractions(sparsity: FFNSparsity, gates: Mapping[str, MicroGate]
     soft, hard, count, per_block = 0.0, 0.0, 0.0, {}
     for name, gate in gates.items():
         logits, real = gate.last_logits, sparsity.blocks[name].token_mask
-        weight = (torch.ones(logits.shape[:-1]) if real is None else real.to(logits.dtype))[..., None]
+        weight = (torch.ones(logits.shape[:-1], device=logits.device) if real is None
+                  else real.to(logits.dtype))[..., None]
         slots = float(weight.sum()) * gate.groups
         opened = float((gate.open_groups(logits) * weight).sum())
         soft = soft + (torch.sigmoid(logits) * weight).sum()
@@ -109,7 +110,7 @@ def train_gates(model: DetrForObjectDetection, gates: dict[str, MicroGate], cach
     curve: list[dict[str, float]] = []
     curve_every = max(1, settings.steps // CURVE_POINTS)
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=model.device)
         for name, gate in gates.items():
             gate.load_state_dict(state["gates"][name])
         optimizer.load_state_dict(state["optimizer"])
@@ -126,7 +127,7 @@ def train_gates(model: DetrForObjectDetection, gates: dict[str, MicroGate], cach
             gate.train()
             gate.keep_activations = settings.objective == "oracle"
         while step < settings.steps:
-            batch = cache.batch(_batches(images, settings.batch_size, seed, step))
+            batch = cache.batch(_batches(images, settings.batch_size, seed, step), model.device)
             outputs = model(**front.inputs(batch["features"], batch["mask"]),
                             labels=batch["labels"] if needs_labels(settings.objective) else None)
             objective_term = objective_loss(settings.objective, outputs, batch, gates, sparsity, settings.target, box_weight)

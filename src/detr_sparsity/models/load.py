@@ -7,8 +7,8 @@ from pathlib import Path
 from transformers import DetrForObjectDetection
 
 
-def load_detr(name_or_path: str | Path, revision: str | None = None) -> DetrForObjectDetection:
-    """A DetrForObjectDetection in eval mode from a hub id (at `revision`) or a local directory.
+def load_detr(name_or_path: str | Path, revision: str | None = None, device: str = "cpu") -> DetrForObjectDetection:
+    """A DetrForObjectDetection in eval mode on `device`, from a hub id (at `revision`) or a local directory.
 
     facebook/detr-resnet-50 at revision `no_timm` uses transformers' own ResNet, so timm is not needed.
     """
@@ -17,4 +17,4 @@ def load_detr(name_or_path: str | Path, revision: str | None = None) -> DetrForO
         model = DetrForObjectDetection.from_pretrained(local)
     else:
         model = DetrForObjectDetection.from_pretrained(str(name_or_path), revision=revision)
-    return model.eval()
+    return model.to(device).eval()

@@ -75,6 +75,7 @@ def pretrain(
 ) -> dict[str, float]:
     """Train `model` in place with DETR's set-prediction loss; resumes from `checkpoint` if present."""
     torch.manual_seed(seed)
+    device = model.device  # batches follow the model
     trainable_batch_norm(model)
     steps, batch_size = settings["steps"], settings["batch_size"]
     data = HorizontalFlip(dataset, seed)
@@ -88,7 +89,7 @@ def pretrain(
     )
     step, elapsed = 0, 0.0
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -108,10 +109,11 @@ def pretrain(
         batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(offset, per_epoch)]
         loader = DataLoader(data, batch_sampler=batches, collate_fn=collate)
         for batch in loader:
-            labels = batch["labels"]
+            labels = [{k: v.to(device) for k, v in lab.items()} for lab in batch["labels"]]
             if step < settings["one_to_many_fraction"] * steps:
                 labels = _repeat_targets(labels, settings["target_copies"])
-            out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"], labels=labels)
+            out = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device),
+                        labels=labels)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])

@@ -9,6 +9,7 @@ import torch
 
 from detr_sparsity.atomic import atomic_dir, write_json
 from detr_sparsity.config import StudyConfig
+from detr_sparsity.device import job_device
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.models.pretrain import pretrain
@@ -25,7 +26,7 @@ def build_model(cfg: StudyConfig, data_dir: Path, out_dir: Path, run: StageRun) 
     if model_cfg["source"] == "pretrain":
         train = CocoDetection(load_split(data_dir, "train"))
         torch.manual_seed(cfg.seed)
-        model = build_small_detr(small_detr_config(model_cfg["architecture"], train.categories))
+        model = build_small_detr(small_detr_config(model_cfg["architecture"], train.categories)).to(job_device())
         # Outside the output directory, so an interrupted stage resumes instead of starting over.
         checkpoint = cfg.results_dir / "checkpoints" / f"pretrain-{cfg.params_hash('model')}.pt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,9 @@ class Policy:
     def overhead_macs_per_token(self, d_model: int, hidden: int) -> int:
         return 0
 
+    def start_batch(self, image_ids: list[int]) -> None:
+        """Called before each batch of an evaluation: a policy whose masks depend on draws keys them to it."""
+
 
 Dense = Policy
 
@@ -68,7 +71,14 @@ class RandomKeep(Policy):
     def __init__(self, keep_ratio: float, seed: int, block: str) -> None:
         self.keep_ratio = check_keep_ratio(keep_ratio)
         # One stream per block, so a block's draws do not depend on which other blocks are masked.
-        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(block.encode()))
+        self.stream = seed * 1_000_003 + zlib.crc32(block.encode())
+        self.generator = torch.Generator().manual_seed(self.stream)
+
+    def start_batch(self, image_ids: list[int]) -> None:
+        # Restarted per batch from the batch's first image, so a batch draws the same masks whether the split
+        # runs in one job or in shards (evaluation.shards).
+        if image_ids:
+            self.generator.manual_seed(self.stream + 7_919 * int(image_ids[0]))
 
     def mask(self, inputs, activations):
         k = keep_count(self.keep_ratio, activations.shape[-1])

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from detr_sparsity.atomic import atomic_dir, write_json
 from detr_sparsity.config import StudyConfig
+from detr_sparsity.device import job_device
 from detr_sparsity.evaluation.evaluate import evaluation_split
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.blocks import block_order
@@ -93,7 +94,7 @@ def profile_activations(model, loader, total: int | None = None) -> tuple[dict, 
     with sparse_ffns(model) as sparsity:
         sparsity.add_observer(profile)
         for batch in tqdm(loader, total=total, desc="profile", mininterval=10):
-            model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+            model(pixel_values=batch["pixel_values"].to(model.device), pixel_mask=batch["pixel_mask"].to(model.device))
         natural = sparsity.natural_sparsity()
     return natural, profile
 
@@ -102,7 +103,7 @@ def profile_stage(cfg: StudyConfig, model_dir: Path, data_dir: Path, out_dir: Pa
     """Stage `profile`: write profile.json (per-layer and per-image sparsity) and neurons.safetensors."""
     split_name = cfg.profile["split"]
     data = evaluation_split(cfg, data_dir, split_name)
-    model = load_detr(model_dir).eval()
+    model = load_detr(model_dir, device=job_device())
     natural, profile = profile_activations(model, data.loader, total=len(data.loader))
     neurons = profile.neurons()
     per_image = profile.per_image_sparsity()

@@ -18,8 +18,11 @@ import torch
 
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
+from detr_sparsity.device import job_device
+from detr_sparsity.evaluation import shards
 from detr_sparsity.evaluation.detections import detect
 from detr_sparsity.evaluation.evaluate import evaluate_policies, evaluation_split, row_metrics
+from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.policies import StaticMask
 from detr_sparsity.sparsity.profile import load_indicator
@@ -34,6 +37,14 @@ SCORE_TOLERANCE = 1e-4
 BOX_TOLERANCE_PX = 0.05
 # A query whose two best classes score within rounding of each other may swap labels; its score still agrees.
 LABEL_MISMATCH_FRACTION = 1e-3
+
+
+def merge_checks(checks: list[dict]) -> dict:
+    """The shrunk-FFN check over all shards of a split: counts add up, worst differences are the largest."""
+    return {"detections": sum(c["detections"] for c in checks),
+            "label_mismatches": sum(c["label_mismatches"] for c in checks),
+            "max_score_difference": max(c["max_score_difference"] for c in checks),
+            "max_box_difference_px": max(c["max_box_difference_px"] for c in checks)}
 
 
 def static_keep_masks(indicators: dict[str, torch.Tensor], threshold: float) -> dict[str, torch.Tensor]:
@@ -58,18 +69,27 @@ def compare_detections(masked: list[dict], shrunk: list[dict]) -> dict:
 
 
 def sibs_stage(cfg: StudyConfig, threshold: float, model_dir: Path, data_dir: Path, profile_dir: Path,
-               detections_path: Path, row_path: Path, run: StageRun) -> dict:
-    """Evaluate SIBS at one threshold; check the physically shrunk FFN against the masked one; write the row."""
+               detections_path: Path, row_path: Path | None, run: StageRun,
+               sharding: Sharding = WHOLE_SPLIT) -> dict | None:
+    """Evaluate SIBS at one threshold; check the physically shrunk FFN against the masked one; write the row.
+
+    Sharded, each shard job checks the shrunk FFN on its own batches and attaches the check to its partial
+    evaluation; the gather job merges the checks.
+    """
     indicator = cfg.sibs["indicator"]
     keep = static_keep_masks(load_indicator(profile_dir, indicator), threshold)
-    data = evaluation_split(cfg, data_dir)
-    model = load_detr(model_dir)
+    data = evaluation_split(cfg, data_dir, sharding=sharding)
+    model = load_detr(model_dir, device=job_device())
     measured = evaluate_policies(model, data, {name: StaticMask(k) for name, k in keep.items()}, detections_path)
-
     shrunk = shrink_ffns(copy.deepcopy(model), keep)
-    with torch.no_grad():
-        shrunk_detections = detect(shrunk, data.processor, data.loader, total=len(data.loader))
-    check = compare_detections(json.loads(Path(detections_path).read_text()), shrunk_detections)
+    if sharding.gathers:
+        check = merge_checks(shards.attached(sharding.partials_for(detections_path), "shrunk_ffn"))
+    else:
+        with torch.no_grad():
+            shrunk_detections = detect(shrunk, data.processor, data.loader, total=len(data.loader))
+        masked = (shards.read_partial(detections_path)["detections"] if measured is None
+                  else json.loads(Path(detections_path).read_text()))
+        check = compare_detections(masked, shrunk_detections)
     hidden = {name: int(k.numel()) for name, k in keep.items()}
     check.update({"kept_neurons": {name: int(k.sum()) for name, k in keep.items()}, "hidden": hidden,
                   "parameters_removed": sum((hidden[n] - int(k.sum())) * (2 * shrunk.config.d_model + 1)
@@ -78,6 +98,9 @@ def sibs_stage(cfg: StudyConfig, threshold: float, model_dir: Path, data_dir: Pa
             or check["max_score_difference"] > SCORE_TOLERANCE
             or check["max_box_difference_px"] > BOX_TOLERANCE_PX):
         raise RuntimeError(f"the shrunk FFN does not reproduce the masked detections at threshold {threshold}: {check}")
+    if measured is None:
+        shards.attach(detections_path, shrunk_ffn=check)
+        return None
 
     row = {"method": "sibs", "setting": {"indicator": indicator, "threshold": threshold},
            **measured, "shrunk_ffn": check, "mlflow_run_id": run.run_id}
