@@ -262,8 +262,10 @@ def markdown(r: dict) -> str:
         "train2017 subset fetched image by image; the hub checkpoint), bound by bandwidth, no GPU; `benchmark` is "
         "a CPU job of fixed size (the same DETR-R50 shapes in every study) that runs beside the GPU jobs; "
         "`summary`, `figures`, `tables`, `paper` take seconds. Queue waits of a shared cluster are not included.",
-        "- The stages compute on the CPU today (no stage takes a device yet; see README, \"Running on a "
-        "cluster\"): the GPU figures are for the study once they run on CUDA.",
+        "- The stages run on the job's device (CUDA where a GPU was granted), but no GPU has been measured: the GPU "
+        "figures rest on the assumed sustained rate above. Sharded evaluation (`evaluate.shards`) is not modelled: "
+        "it splits each evaluation job into shards that run side by side, which shortens the N-GPU wall time "
+        "when there are fewer evaluation jobs than GPUs.",
         ""])
 
 

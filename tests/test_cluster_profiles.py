@@ -115,3 +115,22 @@ def test_slurm_threads_are_set_per_rule(tiny):
     jobs = planned_jobs(tiny, "--profile", "workflow/profiles/slurm", "--set-threads", "model=8")
     model = next(job for job in jobs if job["rule"] == "model")
     assert model["threads"] == 8 and model["resources"]["cpu_slots"] == 8
+
+
+def test_sharded_evaluations_plan_one_job_per_shard_with_the_stage_resources(tiny, tmp_path):
+    """evaluate.shards = 3: every evaluation is 3 detection jobs (each with its stage's GPU) plus its gather."""
+    root = tmp_path / "project"
+    shutil.copytree(tiny, root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["studies"]["synthetic"]["evaluate"]["shards"] = 3
+    write_params(root, params)
+    jobs = planned_jobs(root, "--profile", "workflow/profiles/slurm")
+    counts = Counter(job["rule"] for job in jobs)
+    for stage in ("evaluate", "masking", "sibs", "mgs_evaluate"):
+        assert counts[f"{stage}_shard"] == 3 * counts[stage] > 0, counts
+    cfg = load_config(root / "params.yaml")
+    for job in jobs:
+        stage = job["rule"].removesuffix("_shard")
+        assert {k: job["resources"].get(k) for k in ("mem_mb", "runtime")} == {
+            k: cfg.job_resources(stage)[k] for k in ("mem_mb", "runtime")}, job
+        assert job["resources"].get("gpu") == (1 if stage in GPU_STAGES else None), job
