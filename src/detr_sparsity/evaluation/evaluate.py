@@ -55,11 +55,12 @@ def evaluation_split(cfg: StudyConfig, data_dir: Path, split_name: str | None = 
     dataset = CocoDetection(split)
     batch_size = cfg.evaluate["batch_size"]
     part = dataset
-    if sharding.detects_shard:
-        batches = shard_batches(-(-len(dataset) // batch_size), sharding)
+    if sharding.detects_shard:  # whole batches only: each is exactly a batch of the unsharded job
+        total = -(-len(dataset) // batch_size)
+        batches = shard_batches(total, sharding)
         part = Subset(dataset, range(batches.start * batch_size, min(batches.stop * batch_size, len(dataset))))
-        log.info("%s: batches %d-%d of %d (%d images)", sharding.describe(), batches.start + 1, batches.stop,
-                 -(-len(dataset) // batch_size), len(part))
+        log.info("%s: batches %d-%d of %d (%d images)", sharding.describe(), batches.start + 1, batches.stop, total,
+                 len(part))
     loader = DataLoader(part, batch_size=batch_size, collate_fn=DetrCollate(processor, with_labels=False))
     return EvaluationSplit(split, processor, loader, sharding, len(dataset))
 

@@ -89,13 +89,13 @@ def shard_batches(batches: int, sharding: Sharding) -> range:
     return range(start, stop)
 
 
-def write_partial(path: Path, detections: list[dict], flops: FlopCount, sparsity: FFNSparsity,
-                  **attached: Any) -> None:
-    """A shard's partial evaluation: its detections and the counts the measures are computed from."""
+def write_partial(path: Path, detections: list[dict], flops: FlopCount, sparsity: FFNSparsity) -> None:
+    """A shard's partial evaluation: its detections and the counts the measures are computed from (a stage may
+    `attach` its own per-shard results afterwards)."""
     counts = {name: {f.name: int(getattr(w.counts, f.name)) for f in dataclasses.fields(BlockCounts)}
               for name, w in sparsity.blocks.items()}
     write_json(path, {"format": PARTIAL_FORMAT, "detections": detections, "images": flops.images,
-                      "module_flops": flops.module_flops, "ffn_counts": counts, "attached": attached}, indent=None)
+                      "module_flops": flops.module_flops, "ffn_counts": counts, "attached": {}}, indent=None)
 
 
 def read_partial(path: Path) -> dict:
