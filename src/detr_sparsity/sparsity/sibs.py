@@ -81,10 +81,10 @@ def sibs_stage(cfg: StudyConfig, threshold: float, model_dir: Path, data_dir: Pa
     data = evaluation_split(cfg, data_dir, sharding=sharding)
     model = load_detr(model_dir, device=job_device())
     measured = evaluate_policies(model, data, {name: StaticMask(k) for name, k in keep.items()}, detections_path)
-    shrunk = shrink_ffns(copy.deepcopy(model), keep)
-    if sharding.gathers:
+    if sharding.gathers:  # the shard jobs ran the shrunk model; only their checks are merged here
         check = merge_checks(shards.attached(sharding.partials_for(detections_path), "shrunk_ffn"))
     else:
+        shrunk = shrink_ffns(copy.deepcopy(model), keep)
         with torch.no_grad():
             shrunk_detections = detect(shrunk, data.processor, data.loader, total=len(data.loader))
         masked = (shards.read_partial(detections_path)["detections"] if measured is None
@@ -92,7 +92,7 @@ def sibs_stage(cfg: StudyConfig, threshold: float, model_dir: Path, data_dir: Pa
         check = compare_detections(masked, shrunk_detections)
     hidden = {name: int(k.numel()) for name, k in keep.items()}
     check.update({"kept_neurons": {name: int(k.sum()) for name, k in keep.items()}, "hidden": hidden,
-                  "parameters_removed": sum((hidden[n] - int(k.sum())) * (2 * shrunk.config.d_model + 1)
+                  "parameters_removed": sum((hidden[n] - int(k.sum())) * (2 * model.config.d_model + 1)
                                             for n, k in keep.items())})
     if (check["label_mismatches"] > LABEL_MISMATCH_FRACTION * check["detections"]
             or check["max_score_difference"] > SCORE_TOLERANCE
