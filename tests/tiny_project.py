@@ -18,8 +18,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 # What a checkout needs to run the pipeline (the package itself is installed in the test's venv).
-PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", ".dvc/config", ".dvc/.gitignore", "src",
-                 "paper/main.tex", "benchmarks"]
+PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+                 "src", "paper/main.tex", "benchmarks"]
 
 TINY = {
     "data": {"source": "synthetic", "splits": {"train": 16, "calibration": 4, "val": 6},
