@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CORES ?= 8
 
-.PHONY: study test install lint benchmark clean
+.PHONY: study test install lint benchmark pull clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: install
 benchmark: install
 	$(PYTHON) benchmarks/profiling_overhead.py --repeats 7
 	$(PYTHON) benchmarks/gate_training_cache.py --repeats 5
+
+# A clone of a study someone pushed to the DVC remote: `dvc pull`, and once `dvc status` confirms that every stage
+# matches dvc.lock, `snakemake --touch` so that Snakemake sees the pulled outputs as up to date too.
+pull: install
+	$(PYTHON) -m detr_sparsity.sharing
 
 clean:
 	rm -rf results .snakemake mlflow.db mlruns mlartifacts

@@ -503,9 +503,43 @@ def test_dvc_repro_runs_the_study_and_then_has_nothing_to_do(tmp_path):
     assert {v["filename"] for v in series} == {"topk.csv", "random.csv", "sibs.csv", "mgs-task.csv",
                                                 "mgs-distillation.csv"}
 
+    check_a_clone_pulls_the_study(root, tmp_path)
+
     # A longer sweep: DVC sees only the new points (and the summary) as changed.
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["masking"]["keep_ratios"].append(0.5)
     write_params(root, params)
     changed = json.loads(run(["dvc", "status", "--json"], root).stdout)
     assert set(changed) == {"masking@topk-0.5", "masking@random-0.5", "summary"}
+
+
+def check_a_clone_pulls_the_study(root: Path, tmp_path: Path) -> None:
+    """Shared artifacts: the study pushed to a local-directory DVC remote, a fresh clone, `make pull`'s command;
+    then DVC and Snakemake both have nothing to do there, and a changed param still plans its stages."""
+    run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], root)
+    run(["git", "add", "dvc.lock", ".dvc/config"], root)
+    run(["git", "commit", "-q", "-m", "dvc.lock of the study, and its remote"], root)
+    run(["dvc", "push"], root)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path)
+    run(["python", "-m", "detr_sparsity.sharing"], clone)
+
+    assert "up to date" in run(["dvc", "status"], clone).stdout
+    planned = run(["snakemake", "-n", "--cores", "2"], clone)
+    assert "Nothing to be done" in planned.stdout + planned.stderr
+    # No stage ran and no hook: no MLflow store, and nothing for git to see (dvc.lock untouched).
+    assert not (clone / "mlflow.db").exists()
+    assert run(["git", "status", "--porcelain"], clone).stdout == ""
+
+    # Snakemake recorded the pulled jobs' params: a setting every evaluation reads reruns them, nothing upstream.
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["studies"]["synthetic"]["evaluate"]["batch_size"] = 2
+    write_params(clone, params)
+    rerun = {"evaluate": "1", "profile": "1", "masking": "4", "sibs": "2", "mgs_evaluate": "2", "summary": "1",
+             **REPORTING, "all": "1", "total": str(12 + len(REPORTING))}
+    assert planned_jobs(clone) == rerun
+    # Pulling now refuses (before touching anything), naming what DVC does not confirm.
+    refused = run(["python", "-m", "detr_sparsity.sharing"], clone, check=False)
+    assert refused.returncode == 1
+    assert ("evaluate@dense: changed deps: params.yaml studies.synthetic.evaluate.batch_size (modified)"
+            in refused.stderr)

@@ -1,0 +1,122 @@
+"""Taking a study's artifacts from a DVC remote so that Snakemake, too, sees them as up to date.
+
+`python -m detr_sparsity.sharing` (`make pull`), in the project root of a clone:
+1. `dvc pull`: the outputs recorded in dvc.lock, from the default remote (or `--remote NAME`);
+2. `dvc status` must report every stage Snakemake would run here as matching dvc.lock (its deps, params
+   and outs); otherwise it stops, says what differs and marks nothing up to date;
+3. `snakemake --touch --forceall --no-hooks`: sets the outputs' modification times in pipeline order and
+   records each job's params, command and input checksums in `.snakemake/`, without running a job, opening
+   MLflow or committing to DVC;
+4. `snakemake -n` must then have nothing to do.
+
+Why step 3: DVC restores contents, not modification times, and a fresh clone has no `.snakemake/` records.
+Snakemake 9 reruns a job whose input is newer than its oldest output unless the input's checksum matches
+one it recorded (it never checksums a directory, and no `--rerun-triggers` setting turns this off), and it
+compares params and code only against its records: after a plain pull it would rerun almost everything,
+and without records a changed param would rerun nothing. After step 3 an edit to a param or to a stage's
+source file reruns what it should. Logs are no outputs to Snakemake: missing ones rerun nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+from detr_sparsity.reporting.paper import toolchain_missing
+
+NOTHING_TO_DO = "Nothing to be done"
+
+
+class NotConfirmed(RuntimeError):
+    """DVC or Snakemake does not agree that the pulled artifacts are the pipeline's current outputs."""
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NotConfirmed(f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def dvc_targets() -> list[str]:
+    """The stages Snakemake runs here: all of them, or without LaTeX all but `paper` (as the Snakefile does)."""
+    return ["--with-deps", "figures", "tables"] if toolchain_missing() else []
+
+
+def _flatten(value) -> Iterator[list[str]]:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            for rest in _flatten(inner):
+                yield [str(key), *rest]
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _flatten(inner)
+    else:
+        yield [str(value)]
+
+
+def differences(status: dict) -> list[str]:
+    """`dvc status --json` as one line per difference, e.g. `sibs@0.2: changed outs: results/... (deleted)`."""
+    lines = []
+    for stage, entries in status.items():
+        for parts in _flatten(entries):
+            what = f"{parts[0]}: {' '.join(parts[1:-1])} ({parts[-1]})" if len(parts) > 1 else parts[0]
+            lines.append(f"{stage}: {what}")
+    return lines
+
+
+def confirm_with_dvc() -> None:
+    """Raise unless DVC reports every stage Snakemake would run here as matching dvc.lock."""
+    status = json.loads(_run(["dvc", "status", "--json", *dvc_targets()]).stdout)
+    if not status:
+        return
+    lines = differences(status)
+    report = [f"  {line}" for line in lines[:20]] + ([f"  ... and {len(lines) - 20} more"] if len(lines) > 20 else [])
+    if any(line.endswith("(deleted)") for line in lines):
+        report.append("A file still deleted after a pull is one the remote does not hold: never pushed, or an out "
+                      "that dvc.yaml keeps out of DVC's cache (`cache: false`).")
+    report.append("Where you changed these on purpose, run the pipeline (`snakemake --cores N`); otherwise check out "
+                  "the commit whose dvc.lock describes what the remote holds and pull again.")
+    raise NotConfirmed("DVC does not confirm that the workspace matches dvc.lock, so nothing was marked up to date "
+                       "for Snakemake:\n" + "\n".join(report))
+
+
+def record_in_snakemake() -> None:
+    """Touch every output in pipeline order and record the jobs in .snakemake/, running none (and no hooks)."""
+    _run(["snakemake", "--touch", "--forceall", "--no-hooks", "--cores", "1"])
+
+
+def confirm_with_snakemake() -> None:
+    proc = _run(["snakemake", "-n", "--cores", "1"])
+    out = proc.stdout + proc.stderr
+    if NOTHING_TO_DO not in out:
+        raise NotConfirmed(f"after recording the pulled outputs, `snakemake -n` still plans jobs:\n{out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m detr_sparsity.sharing",
+        description="Pull the study's artifacts from a DVC remote; once DVC confirms they match dvc.lock, "
+                    "make Snakemake see them as up to date.")
+    parser.add_argument("--remote", help="the DVC remote to pull from (default: the project's default remote)")
+    parser.add_argument("--no-pull", action="store_true",
+                        help="skip `dvc pull` (after `dvc checkout`, or a pull done by hand): only confirm and record")
+    args = parser.parse_args(argv)
+    try:
+        if not args.no_pull:
+            _run(["dvc", "pull", *(["--remote", args.remote] if args.remote else [])])
+        confirm_with_dvc()
+        record_in_snakemake()
+        confirm_with_snakemake()
+    except NotConfirmed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print("DVC confirms that every stage matches dvc.lock, and `snakemake -n` has nothing to do.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
