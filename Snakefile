@@ -60,5 +60,5 @@ onsuccess:
     try:
         shell("dvc commit --force --quiet" + (" --with-deps figures tables" if LATEX_MISSING else ""))
     except Exception:
-        print("NOTE: dvc.lock is not updated: some stages' outputs do not exist yet (a partial run); "
-              "it is once the whole study has run", file=sys.stderr)
+        print("NOTE: dvc.lock is not updated (`dvc commit` failed). A run of only some targets ends so while the "
+              "rest of the study has no outputs yet; otherwise run `dvc commit` to see why.", file=sys.stderr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from torch.utils.data import DataLoader, Subset
 from transformers import DetrForObjectDetection, DetrImageProcessorPil
@@ -66,14 +66,19 @@ def evaluation_split(cfg: StudyConfig, data_dir: Path, split_name: str | None = 
 
 
 def evaluate_policies(model: DetrForObjectDetection, data: EvaluationSplit, policies: Mapping[str, Policy],
-                      detections_path: Path) -> dict | None:
+                      detections_path: Path, check: Callable[[list[dict]], dict] | None = None) -> dict | None:
     """Detect with `policies` installed (blocks not named run dense), score with COCOeval, count FLOPs.
 
     Returns the measured part of a row: AP metrics, natural / induced / effective sparsity, FLOPs. A shard job
     writes its partial evaluation at `detections_path` instead and returns None; a gather job merges the
     shards' partials instead of detecting.
+
+    `check`, a stage's own check of the detections (SIBS: the shrunk FFN reproduces them), sees them before
+    anything is written, so a check that raises leaves no output. What it returns joins the row, or is attached
+    to a shard's partial evaluation for the gather job.
     """
     flops = FlopCount()
+    checked: dict = {}
     with sparse_ffns(model, policies) as sparsity:
         if data.sharding.gathers:
             detections = gather_partials(data.sharding.partials_for(detections_path), flops, sparsity)
@@ -83,8 +88,10 @@ def evaluate_policies(model: DetrForObjectDetection, data: EvaluationSplit, poli
                                     on_batch=lambda batch, _out: flops.add_images(len(batch["image_ids"])),
                                     start_batch=lambda batch: [p.start_batch(batch["image_ids"])
                                                                for p in policies.values()])
+            if check is not None:
+                checked = check(detections)
             if data.sharding.detects_shard:
-                write_partial(detections_path, detections, flops, sparsity)
+                write_partial(detections_path, detections, flops, sparsity, checked)
                 return None
     if flops.images != data.images:
         raise RuntimeError(f"{flops.images} images were evaluated, the {data.split.name} split holds {data.images}")
@@ -101,6 +108,7 @@ def evaluate_policies(model: DetrForObjectDetection, data: EvaluationSplit, poli
         "images": data.images,
         "detections": str(detections_path),
         "annotations": str(data.split.annotations),
+        **checked,
     }
 
 

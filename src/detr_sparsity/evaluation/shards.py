@@ -89,13 +89,14 @@ def shard_batches(batches: int, sharding: Sharding) -> range:
     return range(start, stop)
 
 
-def write_partial(path: Path, detections: list[dict], flops: FlopCount, sparsity: FFNSparsity) -> None:
-    """A shard's partial evaluation: its detections and the counts the measures are computed from (a stage may
-    `attach` its own per-shard results afterwards)."""
+def write_partial(path: Path, detections: list[dict], flops: FlopCount, sparsity: FFNSparsity,
+                  attached: dict[str, Any]) -> None:
+    """A shard's partial evaluation: its detections, the counts the measures are computed from, and a stage's
+    own per-shard results (`attached`, e.g. SIBS's shrunk-FFN check)."""
     counts = {name: {f.name: int(getattr(w.counts, f.name)) for f in dataclasses.fields(BlockCounts)}
               for name, w in sparsity.blocks.items()}
     write_json(path, {"format": PARTIAL_FORMAT, "detections": detections, "images": flops.images,
-                      "module_flops": flops.module_flops, "ffn_counts": counts, "attached": {}}, indent=None)
+                      "module_flops": flops.module_flops, "ffn_counts": counts, "attached": attached}, indent=None)
 
 
 def read_partial(path: Path) -> dict:
@@ -103,13 +104,6 @@ def read_partial(path: Path) -> dict:
     if not isinstance(partial, dict) or partial.get("format") != PARTIAL_FORMAT:
         raise ValueError(f"{path} is not a shard's partial evaluation (run the shard jobs with --shard K/N)")
     return partial
-
-
-def attach(path: Path, **attached: Any) -> None:
-    """Add a stage's own per-shard result (e.g. SIBS's shrunk-FFN check) to a partial evaluation."""
-    partial = read_partial(path)
-    partial["attached"].update(attached)
-    write_json(path, partial, indent=None)
 
 
 def attached(paths: Iterable[Path], key: str) -> list[Any]:

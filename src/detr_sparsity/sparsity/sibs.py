@@ -10,7 +10,6 @@ detections.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 
@@ -47,6 +46,15 @@ def merge_checks(checks: list[dict]) -> dict:
             "max_box_difference_px": max(c["max_box_difference_px"] for c in checks)}
 
 
+def reproduced(check: dict, threshold: float) -> dict:
+    """`check` (of compare_detections, or merged), unless the shrunk FFN misses the masked detections."""
+    if (check["label_mismatches"] > LABEL_MISMATCH_FRACTION * check["detections"]
+            or check["max_score_difference"] > SCORE_TOLERANCE
+            or check["max_box_difference_px"] > BOX_TOLERANCE_PX):
+        raise RuntimeError(f"the shrunk FFN does not reproduce the masked detections at threshold {threshold}: {check}")
+    return check
+
+
 def static_keep_masks(indicators: dict[str, torch.Tensor], threshold: float) -> dict[str, torch.Tensor]:
     """Per block, the neurons kept for every input: indicator >= threshold."""
     if threshold < 0:
@@ -80,27 +88,27 @@ def sibs_stage(cfg: StudyConfig, threshold: float, model_dir: Path, data_dir: Pa
     keep = static_keep_masks(load_indicator(profile_dir, indicator), threshold)
     data = evaluation_split(cfg, data_dir, sharding=sharding)
     model = load_detr(model_dir, device=job_device())
-    measured = evaluate_policies(model, data, {name: StaticMask(k) for name, k in keep.items()}, detections_path)
-    if sharding.gathers:  # the shard jobs ran the shrunk model; only their checks are merged here
-        check = merge_checks(shards.attached(sharding.partials_for(detections_path), "shrunk_ffn"))
-    else:
-        shrunk = shrink_ffns(copy.deepcopy(model), keep)
+    hidden = {name: int(k.numel()) for name, k in keep.items()}
+    shrinking = {"kept_neurons": {name: int(k.sum()) for name, k in keep.items()}, "hidden": hidden,
+                 "parameters_removed": sum((hidden[n] - int(k.sum())) * (2 * model.config.d_model + 1)
+                                           for n, k in keep.items())}
+    # Shrunk from the plain model, before the evaluation wraps its FFN blocks; a gather job runs no model.
+    shrunk = None if sharding.gathers else shrink_ffns(copy.deepcopy(model), keep)
+
+    def shrunk_reproduces(masked: list[dict]) -> dict:
         with torch.no_grad():
             shrunk_detections = detect(shrunk, data.processor, data.loader, total=len(data.loader))
-        masked = (shards.read_partial(detections_path)["detections"] if measured is None
-                  else json.loads(Path(detections_path).read_text()))
-        check = compare_detections(masked, shrunk_detections)
-    hidden = {name: int(k.numel()) for name, k in keep.items()}
-    check.update({"kept_neurons": {name: int(k.sum()) for name, k in keep.items()}, "hidden": hidden,
-                  "parameters_removed": sum((hidden[n] - int(k.sum())) * (2 * model.config.d_model + 1)
-                                            for n, k in keep.items())})
-    if (check["label_mismatches"] > LABEL_MISMATCH_FRACTION * check["detections"]
-            or check["max_score_difference"] > SCORE_TOLERANCE
-            or check["max_box_difference_px"] > BOX_TOLERANCE_PX):
-        raise RuntimeError(f"the shrunk FFN does not reproduce the masked detections at threshold {threshold}: {check}")
-    if measured is None:
-        shards.attach(detections_path, shrunk_ffn=check)
+        return {"shrunk_ffn": reproduced({**compare_detections(masked, shrunk_detections), **shrinking}, threshold)}
+
+    measured = evaluate_policies(model, data, {name: StaticMask(k) for name, k in keep.items()}, detections_path,
+                                 check=shrunk_reproduces)
+    if measured is None:  # a shard job: its check is attached to its partial evaluation
         return None
+    if sharding.gathers:  # the shard jobs ran the shrunk model; only their checks are merged here
+        merged = merge_checks(shards.attached(sharding.partials_for(detections_path), "shrunk_ffn"))
+        check = reproduced({**merged, **shrinking}, threshold)
+    else:
+        check = measured.pop("shrunk_ffn")
 
     row = {"method": "sibs", "setting": {"indicator": indicator, "threshold": threshold},
            **measured, "shrunk_ffn": check, "mlflow_run_id": run.run_id}
