@@ -1,31 +1,27 @@
-# The study's pipeline. dvc.yaml describes the same DAG with the same commands (tests keep them in step).
+# The study's pipeline. Its stages are declared once, in src/detr_sparsity/pipeline.py: the rules below are
+# derived from that declaration (workflow/rules/stages.smk), and so is dvc.yaml (`python -m detr_sparsity dvc_yaml`).
 # Settings come from params.yaml only, validated by detr_sparsity.config before any job starts.
 import os
 import sys
 import uuid
 
-from detr_sparsity.config import load_config
+from detr_sparsity.cli import load_study
+from detr_sparsity.pipeline import path
+from detr_sparsity.reporting.paper import toolchain_missing
 from detr_sparsity.tracking import PIPELINE_RUN_ENV
 
 
-CFG = load_config("params.yaml")
+CFG = load_study("params.yaml")
 # Every job of this invocation tags its MLflow run with one id, so a pipeline's runs can be grouped.
 os.environ.setdefault(PIPELINE_RUN_ENV, uuid.uuid4().hex[:12])
 STUDY = CFG.name
-RESULTS = f"results/{STUDY}"
+# Without a LaTeX toolchain the PDF is left out of the default target (rule `all`), and said so at the start;
+# the `paper` rule is declared all the same, so the DAG is the same on every machine.
+LATEX_MISSING = toolchain_missing()
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
-include: "workflow/rules/model.smk"
-include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/profile.smk"
-include: "workflow/rules/masking.smk"
-include: "workflow/rules/sibs.smk"
-include: "workflow/rules/mgs.smk"
-include: "workflow/rules/summary.smk"
-include: "workflow/rules/benchmark.smk"
-include: "workflow/rules/paper.smk"
+include: "workflow/rules/stages.smk"
 
 
 # `snakemake --report report.html`: one self-contained page of the study, figures and tables with captions.
@@ -34,11 +30,10 @@ report: "workflow/report/study.rst"
 
 rule all:
     input:
-        f"{RESULTS}/summary.json",
-        rules.figures.output.figures,
-        rules.tables.output.markdown,
-        [] if LATEX_MISSING else rules.paper.output,
-        f"{RESULTS}/benchmark/speed.json",
+        path("summary", "out", STUDY),
+        path("figures", "out", STUDY),
+        path("tables", "markdown", STUDY),
+        [] if LATEX_MISSING else path("paper", "pdf", STUDY),
     default_target: True
 
 
@@ -48,7 +43,7 @@ if LATEX_MISSING:
 
 onstart:
     # One process creates the MLflow store and experiment before parallel jobs open it.
-    shell("python -m detr_sparsity init-tracking")
+    shell("python -m detr_sparsity init_tracking")
 
 
 onsuccess:

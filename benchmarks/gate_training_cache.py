@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from environment import environment  # benchmarks/environment.py: the script's own folder is on sys.path
-
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import load_config
+from detr_sparsity.machine import environment
+from detr_sparsity.pipeline import path
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
 from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache
 from detr_sparsity.mgs.gates import make_gates
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.params)
     torch.set_num_threads(args.threads)
-    model_dir, data_dir = cfg.results_dir / "model", cfg.results_dir / "data"
-    cache_path = cfg.results_dir / "mgs" / "cache" / "front_end.safetensors"
+    model_dir, data_dir = path("model", "out", cfg.name), path("data", "out", cfg.name)
+    cache_path = path("mgs_cache", "out", cfg.name)
     if not (model_dir / "config.json").is_file() or not cache_path.is_file():
         print(f"error: no model at {model_dir} or no cache at {cache_path}; run the pipeline first "
               "(snakemake --cores 8)", file=sys.stderr)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_cached_vs_recomputed": median["recomputed"] / median["cached"],
         **environment(),
     }
-    out = args.out or cfg.results_dir / "benchmark" / "gate_training_cache.json"
+    out = args.out or path("benchmark", "out", cfg.name).parent / "gate_training_cache.json"
     write_json(out, result)
     print(f"cached front end: {steps_per_second['cached']:.2f} steps/s, recomputed: "
           f"{steps_per_second['recomputed']:.2f} steps/s; speed-up {result['speedup_cached_vs_recomputed']:.2f}x ({out})")

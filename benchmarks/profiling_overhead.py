@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from environment import environment  # benchmarks/environment.py: the script's own folder is on sys.path
-
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import load_config
+from detr_sparsity.machine import environment
+from detr_sparsity.pipeline import path
 from detr_sparsity.evaluation.evaluate import evaluation_split
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.ffn import sparse_ffns
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.params)
     torch.set_num_threads(args.threads)
-    model_dir, data_dir = cfg.results_dir / "model", cfg.results_dir / "data"
+    model_dir, data_dir = path("model", "out", cfg.name), path("data", "out", cfg.name)
     if not (model_dir / "config.json").is_file():
         print(f"error: no model at {model_dir}; run the pipeline first (snakemake --cores 8)", file=sys.stderr)
         return 2
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "goal": "profiled_vs_plain <= 1.30",
         **environment(),
     }
-    out = args.out or cfg.results_dir / "benchmark" / "profiling_overhead.json"
+    out = args.out or path("benchmark", "out", cfg.name).parent / "profiling_overhead.json"
     write_json(out, result)
     print(f"profiled / plain = {result['overhead_ratio']['profiled_vs_plain']:.3f}, "
           f"wrapped / plain = {result['overhead_ratio']['wrapped_vs_plain']:.3f} "

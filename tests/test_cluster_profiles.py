@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from detr_sparsity.config import load_config
+from detr_sparsity.pipeline import PIPELINE
 from tiny_project import REPO, make_tiny_project, run, write_params
 
 # The real `snakemake` command line, with a logging handler that keeps each planned job's rule, resources and threads
@@ -34,10 +35,7 @@ finally:
         json.dump(jobs, out)
 """
 
-# The stages that run the detector on an accelerator in the tiny (synthetic) study, pretraining included; every
-# other stage asks for none (benchmark times the CPU kernels).
-GPU_STAGES = {"model", "evaluate", "profile", "masking", "sibs", "mgs_cache", "mgs_train", "mgs_evaluate"}
-STAGES = GPU_STAGES | {"data", "model", "summary", "benchmark", "figures", "tables", "paper"}
+STAGES = set(PIPELINE)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +65,13 @@ def test_slurm_profile_plans_every_stage_with_its_resources(tiny):
         wanted = cfg.job_resources(job["rule"])
         got = job["resources"]
         assert got["mem_mb"] == wanted["mem_mb"] and got["runtime"] == wanted["runtime"], job
-        if job["rule"] in GPU_STAGES:
-            assert got.get("gpu") == 1, job
-        else:
-            assert not got.get("gpu"), job
-        if job["rule"] != "benchmark":  # the benchmark claims every slot of the machine
+        assert got.get("gpu") == wanted.get("gpu"), job
+        if got.get("gpu"):  # a GPU is asked for only by a stage that runs the detector on the job's device
+            assert PIPELINE[job["rule"]].device, job
+        if not PIPELINE[job["rule"]].exclusive:  # a timing job (the benchmark) claims every slot of the machine
             assert got["cpu_slots"] == job["threads"], job
+    # the tiny study copies the default study's resources: its model-running stages ask for a GPU
+    assert {j["rule"] for j in jobs if j["resources"].get("gpu")} == {s for s in STAGES if PIPELINE[s].device}
 
 
 def test_study_resources_reach_the_jobs(tiny, tmp_path):
@@ -97,7 +96,7 @@ def test_default_profile_plans_the_same_jobs_locally(tiny):
     slurm = planned_jobs(tiny, "--profile", "workflow/profiles/slurm")
     assert Counter(j["rule"] for j in local) == Counter(j["rule"] for j in slurm)
     # locally the same requests are recorded; nothing enforces gpu or mem_mb without --resources limits
-    assert {j["rule"] for j in local if j["resources"].get("gpu")} == GPU_STAGES
+    assert {j["rule"] for j in local if j["resources"].get("gpu")} == {j["rule"] for j in slurm if j["resources"].get("gpu")}
 
 
 def test_profiles_are_valid_yaml_with_placeholders_only():
@@ -133,4 +132,4 @@ def test_sharded_evaluations_plan_one_job_per_shard_with_the_stage_resources(tin
         stage = job["rule"].removesuffix("_shard")
         assert {k: job["resources"].get(k) for k in ("mem_mb", "runtime")} == {
             k: cfg.job_resources(stage)[k] for k in ("mem_mb", "runtime")}, job
-        assert job["resources"].get("gpu") == (1 if stage in GPU_STAGES else None), job
+        assert job["resources"].get("gpu") == cfg.job_resources(stage).get("gpu"), job

@@ -13,7 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
+from detr_sparsity import tracking
+from detr_sparsity.cli import load_study
 from detr_sparsity.config import ConfigError, InputSize, StudyConfig, load_config
+from detr_sparsity.pipeline import stage_params
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -85,9 +88,12 @@ def test_params_hash_tracks_stage_params(tmp_path):
     base = load_config(PARAMS)
     changed = load_config(modified(tmp_path, {"studies.synthetic.evaluate.batch_size": 3}))
     # Only the stages that read the `evaluate` block see a different hash.
-    assert base.params_hash("evaluate") != changed.params_hash("evaluate")
-    assert base.params_hash("model") == changed.params_hash("model")
-    assert base.params_hash("data") == changed.params_hash("data")
+    def params_hash(cfg, stage):
+        return tracking.params_hash(stage_params(cfg, stage))
+
+    assert params_hash(base, "evaluate") != params_hash(changed, "evaluate")
+    assert params_hash(base, "model") == params_hash(changed, "model")
+    assert params_hash(base, "data") == params_hash(changed, "data")
 
 
 def test_copy_of_real_params_in_tmp_loads(tmp_path):
@@ -316,19 +322,79 @@ def test_job_resources_merge_the_stage_entry_over_the_default():
     assert "gpu" not in cfg.job_resources("benchmark")  # times the CPU kernels
 
 
-def test_study_without_resources_gets_the_schema_default(tmp_path):
+def test_a_study_without_resources_is_refused(tmp_path):
     raw = copy.deepcopy(real_params())
     del raw["studies"]["synthetic"]["resources"]
-    cfg = load_config(write_params(tmp_path, raw))
-    default = yaml.safe_load(SCHEMA.read_text())["$defs"]["study"]["properties"]["resources"]["default"]
-    assert cfg.job_resources("model") == {**default["default"], **default["model"]}
+    with pytest.raises(ConfigError, match=re.escape("studies.synthetic: missing key(s) resources")):
+        load_config(write_params(tmp_path, raw))
 
 
 @pytest.mark.parametrize("changes, expected", [
-    ({"studies.synthetic.resources.evaluation": {"gpu": 1}}, "evaluation"),
+    ({"studies.synthetic.resources.evaluation": {"gpu": 1}},
+     "studies.synthetic.resources: unknown key(s) evaluation; allowed keys: default, data, model, evaluate"),
     ({"studies.synthetic.resources.evaluate": {"gpu": -1}}, "studies.synthetic.resources.evaluate.gpu = -1"),
     ({"studies.synthetic.resources.evaluate": {"mem_gb": 4}}, "unknown key(s) mem_gb"),
 ])
 def test_bad_resources_are_rejected(tmp_path, changes, expected):
+    # Resource entries name stages: the pipeline's declaration knows them, so they are checked on loading a study.
     with pytest.raises(ConfigError, match=re.escape(expected)):
-        load_config(modified(tmp_path, changes))
+        load_study(modified(tmp_path, changes))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The schema: it describes, params.yaml holds the values
+
+# The JSON Schema keywords the project's schema uses. The meta-schema accepts any other keyword, so a stray block
+# (settings indented under the wrong key) or a misspelt keyword would be ignored silently: this list catches it.
+VOCABULARY = {"$schema", "$defs", "$ref", "description", "type", "properties", "additionalProperties", "required",
+              "items", "enum", "const", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems",
+              "uniqueItems", "minLength", "minProperties", "pattern", "oneOf", "allOf", "if", "then"}
+
+
+def schema_keywords(node, at="") -> list[tuple[str, str]]:
+    """(where, keyword) of every schema keyword, walking into subschemas only (property names are not keywords)."""
+    found = []
+    if not isinstance(node, dict):
+        return found
+    for key, value in node.items():
+        found.append((at, key))
+        if key in ("properties", "$defs"):
+            for name, sub in value.items():
+                found += schema_keywords(sub, f"{at}/{key}/{name}")
+        elif key in ("items", "additionalProperties", "if", "then") and isinstance(value, dict):
+            found += schema_keywords(value, f"{at}/{key}")
+        elif key in ("allOf", "oneOf"):
+            for i, sub in enumerate(value):
+                found += schema_keywords(sub, f"{at}/{key}/{i}")
+    return found
+
+
+def test_the_schema_uses_only_known_keywords_and_holds_no_defaults():
+    schema = yaml.safe_load(SCHEMA.read_text())
+    unknown = [(at, key) for at, key in schema_keywords(schema) if key not in VOCABULARY]
+    assert unknown == []
+    # One source of values: params.yaml. The walk itself must see what it is meant to catch.
+    assert ("/properties/seed", "description") in schema_keywords(schema)
+    stray = {"properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}, "c": {"type": "integer"}}}}
+    assert ("/properties/a", "c") in schema_keywords(stray)
+
+
+def test_a_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = write_params(tmp_path, real_params())
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3] + ": x"  # "a: b: x": mapping values are not allowed here
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"^invalid params.yaml: line 4, column \d+: "):
+        load_config(path)
+    done = subprocess.run([sys.executable, "-m", "detr_sparsity", "--params", str(path), "validate"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: invalid params.yaml: line 4, column ")
+    assert "Traceback" not in done.stderr
+
+
+def test_an_empty_params_file_is_one_message(tmp_path):
+    path = write_params(tmp_path, real_params())
+    path.write_text("")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value).count("\n") == 0 and "holds no settings" in str(refused.value)

@@ -20,14 +20,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from detr_sparsity import tracking
+from detr_sparsity.cli import run_stage
 from detr_sparsity.config import load_config
+from detr_sparsity.pipeline import stage_params
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
 from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
-from detr_sparsity.evaluation.evaluate import evaluate
 from detr_sparsity.models.load import load_detr
-from detr_sparsity.models.stage import build_model
-from detr_sparsity.sparsity.profile import load_indicator, profile_stage
-from detr_sparsity.sparsity.sibs import sibs_stage
+from detr_sparsity.sparsity.profile import load_indicator
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "params.schema.yaml"
@@ -111,16 +110,14 @@ def stages(tmp_path_factory, detr_dir, data_dir) -> dict:
         cfg = load_config(work / "params.yaml")
         tracking.init_store(cfg)
         model_dir = work / "results" / "coco" / "model"
-        with tracking.stage_run(cfg, "model") as run:
-            info = build_model(cfg, data_dir, model_dir, run)
-            model_run_id = run.run_id
+        model_run_id = run_stage(cfg, "model", data=data_dir, out=model_dir)
+        info = json.loads((model_dir / "model_info.json").read_text())
         detections = work / "results" / "coco" / "detections" / "dense.json"
         row_path = work / "results" / "coco" / "rows" / "dense.json"
-        with tracking.stage_run(cfg, "evaluate", setting={"method": "dense"}) as run:
-            returned = evaluate(cfg, "dense", model_dir, data_dir, detections, row_path, run)
+        run_stage(cfg, "evaluate", method="dense", model=model_dir, data=data_dir, detections=detections, row=row_path)
         yield {"cfg": cfg, "work": work, "uri": uri, "info": info, "model_dir": model_dir,
                "model_run_id": model_run_id, "detections": detections, "row_path": row_path,
-               "row": json.loads(row_path.read_text()), "returned": returned}
+               "row": json.loads(row_path.read_text())}
         mlflow.set_tracking_uri(None)  # leave no process-wide MLflow state behind
 
 
@@ -187,7 +184,6 @@ def test_every_query_of_every_image_is_a_detection(stages):
 
 def test_row_metrics_are_cocoeval_of_its_own_files(stages, data_dir):
     row = stages["row"]
-    assert row == stages["returned"]
     assert row["method"] == "dense" and row["images"] == len(IMAGE_SIZES)
     assert Path(row["detections"]) == stages["detections"]
     assert Path(row["annotations"]) == data_dir / "instances_val.json"
@@ -275,7 +271,7 @@ def test_mlflow_runs_are_finished_and_tagged(stages):
     tags = run.data.tags
     assert tags["study"] == "coco" and tags["stage"] == "evaluate" and tags["setting"] == "method=dense"
     assert tags["git_commit"]
-    assert tags["params_hash"] == cfg.params_hash("evaluate")
+    assert tags["params_hash"] == tracking.params_hash(stage_params(cfg, "evaluate"))
     assert tags["pipeline_run"] == PIPELINE_RUN
     for name in AP_METRICS:
         assert run.data.metrics[name] == pytest.approx(row[name])
@@ -288,7 +284,7 @@ def test_mlflow_runs_are_finished_and_tagged(stages):
     model_run = client.get_run(stages["model_run_id"])
     assert model_run.info.status == "FINISHED"
     assert model_run.data.tags["stage"] == "model"
-    assert model_run.data.tags["params_hash"] == cfg.params_hash("model")
+    assert model_run.data.tags["params_hash"] == tracking.params_hash(stage_params(cfg, "model"))
     assert model_run.data.params["model.name_or_path"] == cfg.model["name_or_path"]
 
 
@@ -302,12 +298,14 @@ def test_profile_and_sibs_stages_count_real_tokens_of_the_padded_batch(stages, d
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         mp.setenv("MLFLOW_TRACKING_URI", stages["uri"])
-        with tracking.stage_run(cfg, "profile") as run:
-            profile = profile_stage(cfg, model_dir, data_dir, results / "profile", run)
+        neurons = results / "profile" / "neurons.safetensors"
+        run_stage(cfg, "profile", model=model_dir, data=data_dir, profile=results / "profile" / "profile.json",
+                  neurons=neurons)
         threshold = 0.5
-        with tracking.stage_run(cfg, "sibs", setting={"threshold": threshold}) as run:
-            row = sibs_stage(cfg, threshold, model_dir, data_dir, results / "profile",
-                             results / "sibs" / "detections.json", results / "sibs" / "row.json", run)
+        run_stage(cfg, "sibs", threshold=threshold, model=model_dir, data=data_dir, neurons=neurons,
+                  detections=results / "sibs" / "detections.json", row=results / "sibs" / "row.json")
+    profile = json.loads((results / "profile" / "profile.json").read_text())
+    row = json.loads((results / "sibs" / "row.json").read_text())
 
     # The calibration split here holds the val images: the profile counts exactly what the dense row counted.
     assert profile["natural_sparsity"] == stages["row"]["natural_sparsity"]
@@ -321,7 +319,7 @@ def test_profile_and_sibs_stages_count_real_tokens_of_the_padded_batch(stages, d
 
     # SIBS: the kept neurons come from the saved profile; FLOPs follow from them in closed form.
     kept = row["shrunk_ffn"]["kept_neurons"]
-    firing = load_indicator(results / "profile", "firing_frequency")
+    firing = load_indicator(neurons, "firing_frequency")
     assert kept == {name: int((values >= threshold).sum()) for name, values in firing.items()}
     assert 0 < row["induced_sparsity"]["overall"] < 1
     tokens = {name: real if name.startswith("encoder") else shape[0] * QUERIES for name in kept}
@@ -340,17 +338,15 @@ def test_mgs_stages_and_the_gated_model_on_detr_r50(stages, data_dir):
 
     from detr_sparsity.evaluation.detections import detect
     from detr_sparsity.evaluation.evaluate import evaluation_split
-    from detr_sparsity.mgs import load_gated_detr
+    from detr_sparsity.execution.gated_detr import load_gated_detr
     from detr_sparsity.mgs.front_end import FrontEndCache, cached_front_end
-    from detr_sparsity.mgs.stage import mgs_cache_stage, mgs_evaluate_stage, mgs_train_stage
 
     budget = {"cache": {"split": "train", "images": 0, "batch_size": 2},
               "training": {"steps": 2, "batch_size": 2, "learning_rate": 0.01, "multiplier_rate": 0.05,
                            "target_warmup": 0.0, "checkpoint_every": 1, "calibration_images": 0}}
     cfg, model_dir = replace(stages["cfg"], gate_training=budget), stages["model_dir"]
     out = stages["work"] / "results" / "coco" / "mgs"
-    with tracking.stage_run(cfg, "mgs_cache") as run:
-        mgs_cache_stage(cfg, model_dir, data_dir, out / "cache.safetensors", run)
+    run_stage(cfg, "mgs_cache", model=model_dir, data=data_dir, out=out / "cache.safetensors")
     cache = FrontEndCache.load(out / "cache.safetensors")
     # Each image's real feature region, as DETR's mask marks it: the landscape 800 x 1066 and portrait 1066 x 800
     # images share a batch padded to 1066 x 1066 (34 x 34 at stride 32), where 800 px become 26 rows.
@@ -366,13 +362,14 @@ def test_mgs_stages_and_the_gated_model_on_detr_r50(stages, data_dir):
     torch.testing.assert_close(cached.logits, full.logits, rtol=0, atol=1e-4)
 
     gates, training = out / "distillation" / "gates.safetensors", out / "distillation" / "training.json"
-    with tracking.stage_run(cfg, "mgs_train", setting={"objective": "distillation", "target": 0.5}) as run:
-        record = mgs_train_stage(cfg, "distillation", 0.5, model_dir, out / "cache.safetensors", gates, training, run)
+    run_stage(cfg, "mgs_train", objective="distillation", target=0.5, model=model_dir, cache=out / "cache.safetensors",
+              gates=gates, training=training)
+    record = json.loads(training.read_text())
     assert record["final"]["steps"] == 2 and len(record["blocks"]) == 2 * LAYERS
     detections, row_path = out / "distillation" / "detections.json", out / "distillation" / "row.json"
-    with tracking.stage_run(cfg, "mgs_evaluate", setting={"objective": "distillation", "target": 0.5}) as run:
-        row = mgs_evaluate_stage(cfg, "distillation", 0.5, model_dir, data_dir, gates, training, detections,
-                                 row_path, run)
+    run_stage(cfg, "mgs_evaluate", objective="distillation", target=0.5, model=model_dir, data=data_dir, gates=gates,
+              training=training, detections=detections, row=row_path)
+    row = json.loads(row_path.read_text())
     assert {k: row[k] for k in AP_METRICS} == coco_ap(data.split.annotations, detections)
     assert set(row["induced_sparsity"]["per_block"]) == set(record["blocks"])
 

@@ -1,9 +1,13 @@
-"""Snakemake and DVC describe one DAG, and both really run it end to end on a tiny study."""
+"""The pipeline is declared once and both orchestrators follow it: dvc.yaml is generated from the declaration,
+Snakemake's rules and DVC's stages describe one DAG, code dependencies follow the import graph, and one real run of
+the tiny study under Snakemake is then checked by DVC (nothing to do; a changed param reruns exactly its stages)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import shutil
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -14,17 +18,29 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from detr_sparsity.config import STAGE_KEYS, STAGE_SECTIONS, load_config
+from detr_sparsity.config import load_config
 from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
+from detr_sparsity.pipeline import PIPELINE, STAGES, code_deps, dvc_yaml, stage_params
 from detr_sparsity.reporting.paper import toolchain_missing
 from tiny_project import REPO, TINY, TINY_SWEEPS, make_tiny_project, mlflow_server, run, write_params
 
+PACKAGE = REPO / "src" / "detr_sparsity"
+# The paper stage runs where a LaTeX toolchain is installed (CI installs one); elsewhere every other stage runs.
+LATEX = toolchain_missing() is None
+RUN_STAGES = set(PIPELINE) - (set() if LATEX else {"paper"})
 
-# ---------------------------------------------------------------- the two descriptions agree
 
-def snakemake_jobs(root: Path) -> dict[str, dict]:
-    """Per job of a forced dry run: the shell command Snakemake would run, from its own output."""
-    out = run(["snakemake", "-n", "-p", "--forceall", "--cores", "1"], root).stdout
+# ---------------------------------------------------------------- one declaration, two orchestrators
+
+def test_dvc_yaml_is_what_the_declaration_generates():
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(), "run `python -m detr_sparsity dvc_yaml`"
+    checked = run(["python", "-m", "detr_sparsity", "dvc_yaml", "--check"], REPO)
+    assert "is current" in checked.stdout
+
+
+def snakemake_jobs(root: Path) -> dict[str, str]:
+    """Per job of a forced dry run of the whole DAG (the paper too, with or without LaTeX): its shell command."""
+    out = run(["snakemake", "-n", "-p", "--forceall", "--cores", "1", "all", "paper/synthetic/main.pdf"], root).stdout
     jobs = {}
     for message, command in re.findall(r"Job \d+: ([^\n]*)\n(?:Reason:[^\n]*\n)?Shell command: ([^\n]*)", out):
         jobs[message] = " ".join(command.split())
@@ -83,11 +99,9 @@ def test_snakemake_and_dvc_describe_the_same_dag(monkeypatch):
     rules = snakemake_rules(REPO)
     stages = dvc_stages(REPO)
 
-    snake_commands = sorted(commands.values())
-    dvc_commands = sorted(" ".join(s.cmd.split()) for s in stages.values())
-    assert snake_commands == dvc_commands
-
-    assert {name.split("@")[0] for name in stages} == set(rules)
+    # Every job of each, the paper's included, with the same command.
+    assert sorted(commands.values()) == sorted(" ".join(s.cmd.split()) for s in stages.values())
+    assert {name.split("@")[0] for name in stages} == set(rules) == set(PIPELINE)
     for name, stage in stages.items():
         rule = rules[name.partition("@")[0]]
         dvc_outs = {o.def_path for o in stage.outs}
@@ -97,20 +111,19 @@ def test_snakemake_and_dvc_describe_the_same_dag(monkeypatch):
             return {fill(p, wildcards) for p in paths}
 
         assert dvc_outs == expand(list(rule.output) + list(rule.log)), name
-
-        inputs = expand(p for key, value in rule.input._allitems() if key != "code"
+        inputs = expand(p for _key, value in rule.input._allitems()
                         for p in (value if isinstance(value, list) else [value]))
-        code_dirs = {str(Path(*Path(f).parts[:3])) for f in rule.input.code}
         dvc_deps = {d.def_path for d in stage.deps if type(d).__name__ == "Dependency"}
         # A DVC dep may be a directory holding several Snakemake inputs (the summary's row files).
-        assert all(any(covers(dep, p) for dep in dvc_deps) for p in inputs | code_dirs), name
-        assert all(any(covers(dep, p) for p in inputs | code_dirs) for dep in dvc_deps), name
+        assert all(any(covers(dep, p) for dep in dvc_deps) for p in inputs), name
+        assert all(any(covers(dep, p) for p in inputs) for dep in dvc_deps), name
+        assert set(code_deps(rule.name)) <= inputs and set(code_deps(rule.name)) <= dvc_deps, name
 
         (params_dep,) = [d for d in stage.deps if type(d).__name__ == "ParamsDependency"]
-        sections, keys = STAGE_SECTIONS[rule.name], STAGE_KEYS.get(rule.name, [])
-        expected = {"study", "seed", *keys} | {f"studies.{cfg.name}.{s}" for s in sections}
+        spec = PIPELINE[rule.name]
+        expected = {"study", "seed", *spec.keys} | {f"studies.{cfg.name}.{s}" for s in spec.sections}
         assert set(params_dep.params) == expected, name
-        assert set(rule.params.settings) == {"study", "seed", *sections, *keys}, name
+        assert rule.params.settings == stage_params(cfg, rule.name), name
 
 
 def test_snakemake_lint_is_clean():
@@ -118,15 +131,50 @@ def test_snakemake_lint_is_clean():
     assert "Congratulations" in out.stdout + out.stderr
 
 
+# ---------------------------------------------------------------- code dependencies from the import graph
+
+def package_imports(file: Path) -> set[str]:
+    """The detr_sparsity modules a source file names in its imports, read independently of the pipeline's walker."""
+    names = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return {n for n in names if n.startswith("detr_sparsity")}
+
+
+def test_a_stage_depends_on_what_it_imports_indirectly():
+    # stages/evaluate.py imports evaluation.evaluate, which imports data.dataset (the collate function) and
+    # sparsity.ffn: an edit to either can change what the evaluation computes.
+    deps = code_deps("evaluate")
+    for module in ("stages/evaluate.py", "evaluation/evaluate.py", "data/dataset.py", "sparsity/ffn.py",
+                   "models/load.py", "config.py"):
+        assert f"src/detr_sparsity/{module}" in deps, module
+    # ... and on nothing it does not import
+    for module in ("cli.py", "pipeline.py", "mgs/training.py", "reporting/figures.py", "stages/masking.py"):
+        assert f"src/detr_sparsity/{module}" not in deps, module
+    assert "src/detr_sparsity/pipeline.py" in code_deps("summary")  # it asks the declaration for its row files
+
+
+def test_libraries_import_no_stage_and_no_entry_point():
+    for file in PACKAGE.rglob("*.py"):
+        relative = file.relative_to(PACKAGE).as_posix()
+        if relative.startswith("stages/") or relative in ("cli.py", "__main__.py", "sharing.py"):
+            continue
+        imported = package_imports(file)
+        assert not any(m.startswith("detr_sparsity.stages") for m in imported), relative
+        assert "detr_sparsity.cli" not in imported, relative
+
+
+def test_every_stage_module_has_its_entry_point():
+    for stage in STAGES:
+        module = PACKAGE / "stages" / f"{stage.name}.py"
+        tree = ast.parse(module.read_text())
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "run_stage" for n in tree.body), stage.name
+
+
 # ---------------------------------------------------------------- end to end on the tiny study
-
-# The paper stage runs where a LaTeX toolchain is installed (CI installs one).
-LATEX = toolchain_missing() is None
-STAGES = {"data", "model", "evaluate", "profile", "masking", "sibs", "mgs_cache", "mgs_train", "mgs_evaluate",
-          "summary", "benchmark", "figures", "tables"} | ({"paper"} if LATEX else set())
-# A changed evaluation reruns the benchmark (it reads the gates and SIBS masks) and the reporting after it.
-REPORTING = {"benchmark": "1", "figures": "1", "tables": "1", **({"paper": "1"} if LATEX else {})}
-
 
 def row_key(row: dict) -> tuple:
     setting = row["setting"] or {}
@@ -219,7 +267,7 @@ def markdown_rows(path: Path) -> list[list[str]]:
 
 def check_paper_outputs(root: Path, by_key: dict[tuple, dict]) -> None:
     """Figures and tables exist, carry the study's name, and every number checked equals summary.json's."""
-    figures = root / "paper/figures"
+    figures = root / "paper/synthetic/figures"
     for name in ("f1_natural_sparsity", "f2_topk_vs_random", "f3_flops_vs_ap", "f4_gate_training",
                  "f5_mgs_per_block"):
         assert (figures / f"{name}.pdf").read_bytes().startswith(b"%PDF"), name
@@ -245,14 +293,14 @@ def check_paper_outputs(root: Path, by_key: dict[tuple, dict]) -> None:
     for cells in (dict(zip(t2[0], row)) for row in t2[1:]):
         assert cells["AP"] == f"{by_key[('sibs', float(cells['threshold tau']), None)]['AP']:.3f}"
     for name in ("t1_dense", "t2_sibs", "t3_mgs", "t4_matched", "study"):
-        assert (root / f"paper/tables/{name}.tex").stat().st_size > 0, name
-    assert "\\toprule" in (root / "paper/tables/t3_mgs.tex").read_text()
+        assert (root / f"paper/synthetic/tables/{name}.tex").stat().st_size > 0, name
+    assert "\\toprule" in (root / "paper/synthetic/tables/t3_mgs.tex").read_text()
 
     metrics = json.loads((root / "results/synthetic/metrics.json").read_text())
     assert metrics["mgs"]["task"]["target=0.5"]["AP"] == by_key[("mgs", 0.5, "task")]["AP"]
     assert metrics["dense"]["AP"] == dense["AP"]
     if LATEX:
-        assert (root / "paper/main.pdf").read_bytes().startswith(b"%PDF")
+        assert (root / "paper/synthetic/main.pdf").read_bytes().startswith(b"%PDF")
 
 
 def mlflow_runs(root: Path) -> list:
@@ -374,21 +422,41 @@ def check_mlflow_server(url: str, root: Path, jobs: dict[str, int], by_key: dict
         assert response.read() == (root / "results/synthetic/evaluate/dense/row.json").read_bytes()
 
 
-@pytest.mark.slow
-def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
-    """Parallel jobs against an `mlflow server` (the team setup); the DVC test covers the default SQLite store."""
-    root = make_tiny_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    """The tiny study run once under Snakemake (parallel jobs, against an `mlflow server`: the team setup); the tests
+    below check it, then rerun parts of it with Snakemake and DVC."""
+    tmp = tmp_path_factory.mktemp("study")
+    root = make_tiny_project(tmp / "project")
     jobs = {stage: int(n) for stage, n in planned_jobs(root).items() if stage not in ("all", "total")}
-    with mlflow_server(tmp_path / "mlflow") as url:
+    with mlflow_server(tmp / "mlflow") as url:
         run(["snakemake", "--cores", "2"], root, env={"MLFLOW_TRACKING_URI": url})
         by_key = check_summary(root)
         check_mlflow_server(url, root, jobs, by_key)
+    return {"root": root, "tmp": tmp, "by_key": by_key}
+
+
+def dvc_status(root: Path) -> dict:
+    """`dvc status` of every stage Snakemake runs here (without LaTeX, all but the paper)."""
+    targets = [] if LATEX else ["--with-deps", "figures", "tables"]
+    return json.loads(run(["dvc", "status", "--json", *targets], root).stdout)
+
+
+# A changed evaluation reruns the benchmark (it reads the gates and SIBS masks) and the reporting after it.
+REPORTING = {"benchmark": "1", "figures": "1", "tables": "1", **({"paper": "1"} if LATEX else {})}
+
+
+@pytest.mark.slow
+def test_snakemake_runs_the_study_and_reruns_only_what_changed(study):
+    root, by_key = study["root"], study["by_key"]
     assert not (root / "mlflow.db").exists()  # every run went to the server
     check_counts_independently(root, by_key)
     check_paper_outputs(root, by_key)
-    for stage in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "mgs-cache",
-                  "mgs-train-task-0.5", "mgs-evaluate-distillation-0.5", "summary", "benchmark"):
-        assert (root / f"results/synthetic/logs/{stage}.log").stat().st_size > 0
+    for log in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "mgs_cache",
+                "mgs_train-task-0.5", "mgs_evaluate-distillation-0.5", "summary", "benchmark"):
+        assert (root / f"results/synthetic/logs/{log}.log").stat().st_size > 0
     # The Snakemake report: one self-contained page with the figures (and their captions) and tables.
     run(["snakemake", "--report", "report.html"], root)
     report = (root / "report.html").read_text()
@@ -398,9 +466,7 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     again = run(["snakemake", "-n", "--cores", "2"], root)
     assert "Nothing to be done" in again.stdout + again.stderr
     # Snakemake's onsuccess recorded its outputs in dvc.lock: DVC agrees that nothing is left to run.
-    assert "up to date" in run(["dvc", "status"], root).stdout
-    repro = run(["dvc", "repro"], root).stdout
-    assert "Running stage" not in repro
+    assert dvc_status(root) == {}
 
     # A longer sweep runs only its new points (and the summary that gathers them; the benchmark times every
     # SIBS threshold).
@@ -421,76 +487,46 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(tmp_path):
     assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_train": "2",
                                   "mgs_evaluate": "4", "summary": "1", **REPORTING, "all": "1",
                                   "total": str(19 + len(REPORTING))}
-
-    check_sharded_evaluations(root)
-
-
-# One evaluation per evaluating rule, the random masking included (its draws must not depend on where a shard
-# starts): (row file, detections file or directory) under results/synthetic.
-SHARDED = {
-    "evaluate": ("evaluate/dense/row.json", "evaluate/dense/detections.json"),
-    "masking": ("masking/random-0.25/rows.json", "masking/random-0.25/detections"),
-    "sibs": ("sibs/0.2/row.json", "sibs/0.2/detections.json"),
-    "mgs_evaluate": ("mgs/distillation/0.5/row.json", "mgs/distillation/0.5/detections.json"),
-}
+    run(["git", "checkout", "params.yaml"], root)
 
 
-def check_sharded_evaluations(root: Path, shards: int = 3) -> None:
-    """The finished study's evaluations again with `shards` detection jobs each plus a gather: detections and rows
-    equal the unsharded ones exactly. The tiny split is 2 batches of 3 images, so one shard is empty."""
-    results = root / "results/synthetic"
-    unsharded = {stage: (json.loads((results / row).read_text()), detection_files(results / detections))
-                 for stage, (row, detections) in SHARDED.items()}
-    run(["git", "checkout", "params.yaml"], root)  # the settings of the finished run
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["studies"]["synthetic"]["evaluate"]["shards"] = shards
-    write_params(root, params)
-    targets = [f"results/synthetic/{row}" for row, _ in SHARDED.values()]
-    # Only the evaluations rerun (their jobs have other inputs now), nothing upstream.
-    assert planned_jobs(root, targets) == {**{f"{stage}_shard": str(shards) for stage in SHARDED},
-                                           **dict.fromkeys(SHARDED, "1"), "total": str(len(SHARDED) * (shards + 1))}
-    run(["snakemake", "--cores", "2", *targets], root)
-    assert not list(results.glob("**/shards/*")), "the shards' partial evaluations are temporary"
-    for stage, (row_file, detections) in SHARDED.items():
-        row, files = unsharded[stage]
-        assert detection_files(results / detections) == files, stage
-        assert comparable(json.loads((results / row_file).read_text())) == comparable(row), stage
-    sibs = json.loads((results / SHARDED["sibs"][0]).read_text())
-    assert sibs["images"] == 6 and sibs["shrunk_ffn"]["detections"] == 6 * 8  # every query, over all shards
-    # Sharding is no stage's param: DVC (which evaluates whole) sees the same pipeline, up to date.
-    assert "up to date" in run(["dvc", "status"], root).stdout
+def changed_stages(root: Path) -> set[str]:
+    return {name.partition("@")[0] for name in dvc_status(root)}
 
 
-def detection_files(path: Path) -> dict[str, bytes]:
-    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
-    return {f.name: f.read_bytes() for f in files}
-
-
-def comparable(row: dict) -> dict:
-    """A row without what names the job rather than the result: its MLflow run and its detections file."""
-    if "method" not in row:  # masking: rows keyed by scope
-        return {scope: comparable(r) for scope, r in row.items()}
-    return {k: v for k, v in row.items() if k not in ("mlflow_run_id", "detections")}
-
-
-def planned_jobs(root: Path, targets: list[str] = ()) -> dict[str, str]:
-    planned = run(["snakemake", "-n", "--cores", "2", *targets], root).stdout
-    return dict(re.findall(r"^(\w+)\s+(\d+)$", planned.split("Job stats:")[1].split("\n\n")[0], re.M))
+def planned_stages(root: Path) -> set[str]:
+    return set(planned_jobs(root)) - {"all", "total"}
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_study_and_then_has_nothing_to_do(tmp_path):
-    root = make_tiny_project(tmp_path / "project")
-    run(["dvc", "repro"], root)
-    by_key = check_summary(root)
-    assert {r.data.tags["stage"] for r in mlflow_runs(root)} == STAGES
-    assert (root / "dvc.lock").exists()
+def test_an_edit_reruns_exactly_the_stages_that_import_the_module(study):
+    root = study["root"]
+    assert changed_stages(root) == set() and planned_stages(root) == set()
+    # detect(): the evaluating stages import it only through evaluation/evaluate.py (SIBS also directly).
+    source = root / "src/detr_sparsity/evaluation/detections.py"
+    original = source.read_text()
+    try:
+        source.write_text(original + "\n# an edit\n")
+        importing = {"evaluate", "profile", "masking", "sibs", "mgs_evaluate", "benchmark"}
+        assert changed_stages(root) == importing  # DVC names the stages whose own deps changed
+        # Snakemake plans them and what reads their outputs; not the gate training, nor anything before it.
+        assert planned_stages(root) == importing | {"summary", "figures", "tables", *(["paper"] if LATEX else [])}
+    finally:
+        source.write_text(original)
+    # A module no stage imports changes nothing.
+    unused = root / "src/detr_sparsity/sharing.py"
+    original = unused.read_text()
+    try:
+        unused.write_text(original + "\n# an edit\n")
+        assert changed_stages(root) == set() and planned_stages(root) == set()
+    finally:
+        unused.write_text(original)
 
-    again = run(["dvc", "repro"], root)
-    assert "didn't change" in again.stdout and "Running stage" not in again.stdout
-    status = run(["dvc", "status"], root)
-    assert "up to date" in status.stdout
 
+@pytest.mark.slow
+def test_dvc_sees_the_snakemake_run_and_reruns_exactly_a_changed_param(study):
+    root, by_key = study["root"], study["by_key"]
+    assert dvc_status(root) == {}
     # `dvc metrics show` reads the compact metrics.json: headline numbers per configuration.
     metrics = run(["dvc", "metrics", "show", "--json"], root).stdout
     shown = next(iter(json.loads(metrics).values()))["data"]["results/synthetic/metrics.json"]["data"]
@@ -503,14 +539,32 @@ def test_dvc_repro_runs_the_study_and_then_has_nothing_to_do(tmp_path):
     assert {v["filename"] for v in series} == {"topk.csv", "random.csv", "sibs.csv", "mgs-task.csv",
                                                 "mgs-distillation.csv"}
 
-    check_a_clone_pulls_the_study(root, tmp_path)
+    check_a_clone_pulls_the_study(root, study["tmp"])
 
-    # A longer sweep: DVC sees only the new points (and the summary) as changed.
+    # A new SIBS threshold: DVC reports that point and the stages that read the sweep as changed, and `dvc repro`
+    # runs exactly those and what reads their outputs, itself (its runs land in the project's own SQLite store).
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["masking"]["keep_ratios"].append(0.5)
+    params["sibs"]["thresholds"].append(0.3)
     write_params(root, params)
-    changed = json.loads(run(["dvc", "status", "--json"], root).stdout)
-    assert set(changed) == {"masking@topk-0.5", "masking@random-0.5", "summary"}
+    paper = {"paper"}  # without LaTeX it has no entry in dvc.lock: always reported, and refused when run
+    assert set(json.loads(run(["dvc", "status", "--json"], root).stdout)) - paper == {"sibs@0.3", "summary",
+                                                                                     "benchmark"}
+    expected = {"sibs@0.3", "summary", "benchmark", "figures", "tables", *(paper if LATEX else [])}
+    repro = run(["dvc", "repro"], root, check=False)
+    ran = set(re.findall(r"Running stage '([^']+)'", repro.stdout))
+    assert ran == expected | paper, repro.stdout + repro.stderr
+    if LATEX:
+        assert repro.returncode == 0, repro.stderr
+    else:  # every other stage ran; the paper stops with the LaTeX message, after all of them
+        assert repro.returncode != 0 and "no LaTeX toolchain" in repro.stdout + repro.stderr
+    assert dvc_status(root) == {}
+    runs = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").search_runs(
+        [MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_experiment_by_name(
+            "detr-sparsity-synthetic").experiment_id])
+    assert Counter(r.data.tags["stage"] for r in runs) == Counter({name.partition("@")[0]: 1 for name in expected})
+    rows = json.loads((root / "results/synthetic/summary.json").read_text())
+    assert [r["setting"]["threshold"] for r in rows if r["method"] == "sibs"] == [*TINY_SWEEPS["sibs"]["thresholds"], 0.3]
+    run(["git", "checkout", "params.yaml"], root)
 
 
 def check_a_clone_pulls_the_study(root: Path, tmp_path: Path) -> None:
@@ -524,7 +578,7 @@ def check_a_clone_pulls_the_study(root: Path, tmp_path: Path) -> None:
     run(["git", "clone", "-q", str(root), str(clone)], tmp_path)
     run(["python", "-m", "detr_sparsity.sharing"], clone)
 
-    assert "up to date" in run(["dvc", "status"], clone).stdout
+    assert dvc_status(clone) == {}
     planned = run(["snakemake", "-n", "--cores", "2"], clone)
     assert "Nothing to be done" in planned.stdout + planned.stderr
     # No stage ran and no hook: no MLflow store, and nothing for git to see (dvc.lock untouched).
@@ -543,3 +597,106 @@ def check_a_clone_pulls_the_study(root: Path, tmp_path: Path) -> None:
     assert refused.returncode == 1
     assert ("evaluate@dense: changed deps: params.yaml studies.synthetic.evaluate.batch_size (modified)"
             in refused.stderr)
+
+
+@pytest.mark.slow
+def test_a_failed_stage_leaves_its_traceback_in_its_log(study):
+    """A stage that fails writes its traceback to its log file and exits non-zero (here: a row file that lost a
+    field, read by the summary)."""
+    root = study["root"]
+    row = root / "results/synthetic/evaluate/dense/row.json"
+    original = row.read_text()
+    try:
+        row.write_text(json.dumps({k: v for k, v in json.loads(original).items() if k != "AP50"}))
+        log = root / "results/synthetic/logs/summary-failed.log"
+        failed = run(["python", "-m", "detr_sparsity", "--log", str(log), "summary", "--out", "/dev/null",
+                      "--metrics", "/dev/null"], root, check=False)
+        assert failed.returncode == 1
+        text = log.read_text()
+        assert "Traceback (most recent call last)" in text and f"row file {row.relative_to(root)} lacks field(s) AP50" in text
+    finally:
+        row.write_text(original)
+
+
+@pytest.mark.slow
+def test_switching_study_leaves_the_other_studys_figures_alone(study):
+    """Figures, tables and the paper build of a study live under paper/<study>/: another study's reporting writes
+    its own (here `other`, a copy of the tiny study's results, reported by `dvc repro` of those stages alone)."""
+    root = study["root"]
+    figures = root / "paper/synthetic/figures"
+    before = {f.name: f.read_bytes() for f in figures.iterdir()}
+    lock = (root / "dvc.lock").read_text()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["studies"]["other"] = params["studies"]["synthetic"]
+    params["study"] = "other"
+    write_params(root, params)
+    shutil.copytree(root / "results/synthetic", root / "results/other")
+    try:
+        run(["dvc", "repro", "--single-item", "figures", "tables"], root)
+        assert (root / "paper/other/figures/f1_natural_sparsity.png").is_file()
+        assert (root / "paper/other/tables/t1_dense.tex").is_file()
+        assert "other study" in (root / "paper/other/figures/captions.tex").read_text()
+        assert {f.name: f.read_bytes() for f in figures.iterdir()} == before
+    finally:
+        shutil.rmtree(root / "results/other")
+        (root / "dvc.lock").write_text(lock)
+        run(["git", "checkout", "params.yaml"], root)
+
+
+# One evaluation per evaluating rule, the random masking included (its draws must not depend on where a shard
+# starts): (row file, detections file or directory) under results/synthetic.
+SHARDED = {
+    "evaluate": ("evaluate/dense/row.json", "evaluate/dense/detections.json"),
+    "masking": ("masking/random-0.25/rows.json", "masking/random-0.25/detections"),
+    "sibs": ("sibs/0.2/row.json", "sibs/0.2/detections.json"),
+    "mgs_evaluate": ("mgs/distillation/0.5/row.json", "mgs/distillation/0.5/detections.json"),
+}
+
+
+@pytest.mark.slow
+def test_sharded_evaluations_equal_the_whole_ones(study, shards: int = 3):
+    """The finished study's evaluations again with `shards` detection jobs each plus a gather: detections and rows
+    equal the unsharded ones exactly. The tiny split is 2 batches of 3 images, so one shard is empty. (Last: it
+    leaves Snakemake with evaluations to rerun at N = 1.)"""
+    root = study["root"]
+    results = root / "results/synthetic"
+    status = dvc_status(root)
+    unsharded = {stage: (json.loads((results / row).read_text()), detection_files(results / detections))
+                 for stage, (row, detections) in SHARDED.items()}
+    run(["git", "checkout", "params.yaml"], root)  # the settings of the finished run
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["studies"]["synthetic"]["evaluate"]["shards"] = shards
+    write_params(root, params)
+    # Sharding is no stage's param: DVC (which evaluates whole) sees the same pipeline as before.
+    assert dvc_status(root) == status
+    targets = [f"results/synthetic/{row}" for row, _ in SHARDED.values()]
+    # Only the evaluations rerun (their jobs have other inputs now), nothing upstream.
+    assert planned_jobs(root, targets) == {**{f"{stage}_shard": str(shards) for stage in SHARDED},
+                                           **dict.fromkeys(SHARDED, "1"), "total": str(len(SHARDED) * (shards + 1))}
+    run(["snakemake", "--cores", "2", *targets], root)
+    assert not list(results.glob("**/shards/*")), "the shards' partial evaluations are temporary"
+    for stage, (row_file, detections) in SHARDED.items():
+        row, files = unsharded[stage]
+        assert detection_files(results / detections) == files, stage
+        assert comparable(json.loads((results / row_file).read_text())) == comparable(row), stage
+    sibs = json.loads((results / SHARDED["sibs"][0]).read_text())
+    assert sibs["images"] == 6 and sibs["shrunk_ffn"]["detections"] == 6 * 8  # every query, over all shards
+
+
+def detection_files(path: Path) -> dict[str, bytes]:
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def comparable(row: dict) -> dict:
+    """A row without what names the job rather than the result: its MLflow run and its detections file."""
+    if "method" not in row:  # masking: rows keyed by scope
+        return {scope: comparable(r) for scope, r in row.items()}
+    return {k: v for k, v in row.items() if k not in ("mlflow_run_id", "detections")}
+
+
+def planned_jobs(root: Path, targets: list[str] = ()) -> dict[str, str]:
+    planned = run(["snakemake", "-n", "--cores", "2", *targets], root).stdout
+    if "Job stats:" not in planned:
+        return {}
+    return dict(re.findall(r"^(\w+)\s+(\d+)$", planned.split("Job stats:")[1].split("\n\n")[0], re.M))

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from transformers import DetrImageProcessorPil
 
-from detr_sparsity.execution import PackedFFN, dispatch_ffn, load_gated_detr, set_execution, sparse_ffn
+from detr_sparsity.execution.gated_detr import GatedFFN, SparseGatedFFN, load_gated_detr, set_execution
+from detr_sparsity.execution.gated_ffn import PackedFFN, dispatch_ffn, sparse_ffn
+from detr_sparsity.execution import benchmark
 from detr_sparsity.execution.cpu_kernel import cpu_kernel
-from detr_sparsity.execution.gated_detr import SparseGatedFFN
-from detr_sparsity.mgs.gated_detr import GatedFFN
 from detr_sparsity.mgs.gates import make_gates, save_gates
 from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
 from detr_sparsity.sparsity.ffn import ffn_blocks, sparse_ffns
@@ -197,39 +197,24 @@ def test_bad_execution_is_refused(saved, bad):
 
 # ---------------------------------------------------------------- the benchmark's rows (format, not timings)
 
-def speed_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmarks_speed", REPO / "benchmarks" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    __import__("sys").modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
 def test_sampled_masks_are_made_of_real_token_masks():
-    speed = speed_module()
     real = torch.rand(40, 16) > 0.8
-    sampled = speed.sample_group_masks(real, 300, 32, torch.Generator().manual_seed(0))
+    sampled = benchmark.sample_group_masks(real, 300, 32, torch.Generator().manual_seed(0))
     assert sampled.shape == (300, 32)
     rows = {tuple(r.tolist()) for r in real}
     assert all(tuple(half.tolist()) in rows for row in sampled for half in (row[:16], row[16:]))
 
 
 def test_block_rows_report_dense_sparse_speedup_and_flops():
-    speed = speed_module()
     blocks = []
     for i in range(2):
         fc1, fc2 = ffn_pair(seed=i)
-        block = speed.Block(f"encoder.{i}", fc1, fc2, torch.randn(30, D))
-        block.gates["0.9"] = speed.random_gate(D, H, G)
+        block = benchmark.Block(f"encoder.{i}", fc1, fc2, torch.randn(30, D))
+        block.gates["0.9"] = benchmark.random_gate(D, H, G)
         block.open_groups["0.9"] = torch.rand(30, H // G) > 0.9
         block.keep["0.1"] = torch.rand(H) > 0.5
         blocks.append(block)
-    rows = speed.block_rows("study", "encoder", blocks, ["0.9"], ["0.1"], "distillation", repeats=1, warmup=0)
+    rows = benchmark.block_rows("study", "encoder", blocks, ["0.9"], ["0.1"], "distillation", repeats=1, warmup=0)
     assert [(r["method"], r["setting"], r["objective"]) for r in rows] == [("mgs", "0.9", "distillation"),
                                                                            ("sibs", "0.1", None)]
     mgs, sibs = rows
@@ -252,7 +237,7 @@ def test_without_the_kernel_the_pytorch_path_runs_and_says_so():
     import sys
 
     script = ("import logging, torch; logging.basicConfig(level=logging.INFO)\n"
-              "from detr_sparsity.execution import PackedFFN, sparse_ffn\n"
+              "from detr_sparsity.execution.gated_ffn import PackedFFN, sparse_ffn\n"
               "fc1, fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)\n"
               "x, m = torch.randn(5, 8), torch.rand(5, 2) > 0.5\n"
               "ref = fc2(torch.relu(fc1(x)) * m.repeat_interleave(16, -1))\n"

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from detr_sparsity import tracking
 from detr_sparsity.config import load_config
+from detr_sparsity.pipeline import stage_params
 from tiny_project import REPO
 
 
@@ -24,7 +25,7 @@ def _one_stage_run(uri: str, index: int) -> str:
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     cfg = load_config(REPO / "params.yaml")
-    with tracking.stage_run(cfg, "evaluate", setting={"job": index}) as run:
+    with tracking.stage_run(cfg, "evaluate", stage_params(cfg, "evaluate"), setting={"job": index}) as run:
         for step in range(20):
             run.log_metrics({"value": step * index}, step=step)
         run.log_metrics({"final": float(index)})
@@ -34,13 +35,13 @@ def _one_stage_run(uri: str, index: int) -> str:
 def test_stage_run_records_tags_params_and_metrics(store):
     cfg = load_config(REPO / "params.yaml")
     tracking.init_store(cfg)
-    with tracking.stage_run(cfg, "model") as run:
+    with tracking.stage_run(cfg, "model", stage_params(cfg, "model")) as run:
         run.log_metrics({"loss": 2.0}, step=1)
         run.log_metrics({"loss": 1.0}, step=2)
     got = MlflowClient(store).get_run(run.run_id)
     assert got.info.status == "FINISHED"
     assert got.data.tags["stage"] == "model" and got.data.tags["study"] == "synthetic"
-    assert got.data.tags["params_hash"] == cfg.params_hash("model")
+    assert got.data.tags["params_hash"] == tracking.params_hash(stage_params(cfg, "model"))
     assert got.data.params["model.architecture.d_model"] == "128"
     history = MlflowClient(store).get_metric_history(run.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.0)]
@@ -49,9 +50,9 @@ def test_stage_run_records_tags_params_and_metrics(store):
 def test_run_name_says_stage_and_setting(store):
     cfg = load_config(REPO / "params.yaml")
     tracking.init_store(cfg)
-    with tracking.stage_run(cfg, "mgs_train", setting={"objective": "task", "target": 0.9}) as swept:
+    with tracking.stage_run(cfg, "mgs_train", stage_params(cfg, "mgs_train"), setting={"objective": "task", "target": 0.9}) as swept:
         pass
-    with tracking.stage_run(cfg, "profile") as single:
+    with tracking.stage_run(cfg, "profile", stage_params(cfg, "profile")) as single:
         pass
     client = MlflowClient(store)
     swept, single = client.get_run(swept.run_id), client.get_run(single.run_id)
@@ -68,7 +69,7 @@ def test_failed_stage_is_marked_failed(store):
     cfg = load_config(REPO / "params.yaml")
     tracking.init_store(cfg)
     with pytest.raises(RuntimeError):
-        with tracking.stage_run(cfg, "data") as run:
+        with tracking.stage_run(cfg, "data", stage_params(cfg, "data")) as run:
             raise RuntimeError("boom")
     assert MlflowClient(store).get_run(run.run_id).info.status == "FAILED"
 

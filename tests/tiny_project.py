@@ -19,7 +19,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 # What a checkout needs to run the pipeline (the package itself is installed in the test's venv).
 PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
-                 "src", "paper/main.tex", "benchmarks"]
+                 "src", "paper/main.tex"]
 
 TINY = {
     "data": {"source": "synthetic", "splits": {"train": 16, "calibration": 4, "val": 6},
@@ -34,7 +34,7 @@ TINY = {
                      "warmup_steps": 1, "grad_clip": 0.1, "target_copies": 2,
                      "one_to_many_fraction": 0.5, "checkpoint_every": 2},
     },
-    "evaluate": {"split": "val", "batch_size": 3},
+    "evaluate": {"split": "val", "batch_size": 3, "shards": 1},
     "mgs": {"cache": {"split": "train", "images": 8, "batch_size": 4},
             "training": {"steps": 4, "batch_size": 4, "learning_rate": 0.05, "multiplier_rate": 0.5,
                          "target_warmup": 0.5, "checkpoint_every": 2,
@@ -76,7 +76,7 @@ def make_tiny_project(dest: Path) -> Path:
             shutil.copy2(src, target)
     shutil.copy2(REPO / ".gitignore", dest / ".gitignore")
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["studies"]["synthetic"] = TINY
+    params["studies"]["synthetic"] = {**TINY, "resources": params["studies"]["synthetic"]["resources"]}
     params.update(TINY_SWEEPS)
     write_params(dest, params)
     run(["git", "init", "-q", "-b", "main"], dest)

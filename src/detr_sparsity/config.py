@@ -7,7 +7,6 @@ value and what is allowed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,39 +17,8 @@ import yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SCHEMA_FILENAME = Path("workflow/schemas/params.schema.yaml")
-
-
-# The blocks of a study each stage depends on (besides `study` and `seed`), dotted below the study. Snakemake's params and
-# dvc.yaml's `params:` list the same; tests/test_orchestration.py keeps them in step.
-# How an evaluation runs: its split and batch size. Not `evaluate.shards`: sharding never changes a result.
-EVALUATION = ["input", "evaluate.split", "evaluate.batch_size"]
-STAGE_SECTIONS: dict[str, list[str]] = {
-    "data": ["data"],
-    "model": ["input", "model"],
-    "evaluate": EVALUATION,
-    "profile": EVALUATION,
-    "masking": EVALUATION,
-    "sibs": EVALUATION,
-    "mgs_cache": ["input", "mgs.cache"],
-    "mgs_train": ["mgs.training"],
-    "mgs_evaluate": EVALUATION,
-    "summary": [],
-    "benchmark": EVALUATION,  # the study shapes are timed on the first evaluation batch
-    "figures": [],
-    "tables": [],
-    "paper": [],
-}
-# Study-independent params a stage depends on, as dotted keys of params.yaml. A sweep's list is not among
-# them: each point is its own job, and its value is part of the job's command.
-STAGE_KEYS: dict[str, list[str]] = {
-    "profile": ["profile.split"],
-    "sibs": ["sibs.indicator"],
-    "mgs_train": ["mgs.group_size", "mgs.blocks", "mgs.gate_threshold"],
-    # which rows are gathered
-    "summary": ["masking.methods", "masking.keep_ratios", "sibs.thresholds", "mgs.objectives", "mgs.targets"],
-    # which rows are measured, and how
-    "benchmark": ["benchmark", "sibs.indicator", "sibs.thresholds", "mgs.targets"],
-}
+# Where a study's outputs live (the pipeline's declaration spells every path below it), and its checkpoints.
+RESULTS = "results/{study}"
 
 
 class ConfigError(ValueError):
@@ -76,8 +44,8 @@ class StudyConfig:
     evaluate: dict[str, Any]
     gate_training: dict[str, Any]  # the study's MGS budget: `cache` and `training`
     raw: dict[str, Any] = field(repr=False)
-    # What each stage's job asks a scheduler for, per stage name plus `default` (the schema's default when the
-    # study gives none). Not among any stage's params: resources never change a result.
+    # What each stage's job asks a scheduler for, per stage name plus `default`. Not among any stage's params:
+    # resources never change a result.
     resources: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -102,19 +70,12 @@ class StudyConfig:
 
     @property
     def results_dir(self) -> Path:
-        return Path("results") / self.name
-
-    def stage_params(self, stage: str) -> dict[str, Any]:
-        """The params a stage depends on (what DVC lists under `params:`), for logging and hashing."""
-        study = self.raw["studies"][self.name]
-        sections = {s: _lookup(study, s) for s in STAGE_SECTIONS.get(stage, [])}
-        keys = {key: _lookup(self.raw, key) for key in STAGE_KEYS.get(stage, [])}
-        return {"study": self.name, "seed": self.seed, **sections, **keys}
+        return Path(RESULTS.format(study=self.name))
 
     @property
     def shards(self) -> int:
         """Detection jobs per evaluation under Snakemake (evaluation.shards); 1 runs each evaluation whole."""
-        return self.evaluate.get("shards", 1)
+        return self.evaluate["shards"]
 
     def job_resources(self, stage: str) -> dict[str, int]:
         """mem_mb, runtime (minutes) and gpu of one stage's jobs: its entry over `default`; no `gpu` key if 0."""
@@ -123,13 +84,10 @@ class StudyConfig:
             merged.pop("gpu", None)
         return merged
 
-    def params_hash(self, stage: str) -> str:
-        """Short hash of a stage's params: equal hashes mean equal settings."""
-        blob = json.dumps(self.stage_params(stage), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def _lookup(raw: dict[str, Any], dotted: str) -> Any:
+def lookup(raw: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key (`mgs.targets`, `evaluate.split`)."""
     value = raw
     for part in dotted.split("."):
         value = value[part]
@@ -246,7 +204,15 @@ def load_config(params_path: str | Path = "params.yaml", study: str | None = Non
     params_path = Path(params_path)
     if not params_path.is_file():
         raise ConfigError(f"params file {str(params_path)!r} does not exist")
-    raw = yaml.safe_load(params_path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(params_path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"invalid {params_path.name}: {where}{getattr(err, 'problem', None) or err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid {params_path.name}: it holds no settings (an empty file, or not a mapping); "
+                          f"start from the project's params.yaml")
     if study is not None:
         raw = {**raw, "study": study}
     schema = yaml.safe_load(_schema_path(params_path).read_text())
@@ -262,5 +228,5 @@ def load_config(params_path: str | Path = "params.yaml", study: str | None = Non
         evaluate=cfg["evaluate"],
         gate_training=cfg["mgs"],
         raw=raw,
-        resources=cfg.get("resources", schema["$defs"]["study"]["properties"]["resources"]["default"]),
+        resources=cfg["resources"],
     )

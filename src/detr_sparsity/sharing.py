@@ -24,6 +24,9 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
 
 from detr_sparsity.reporting.paper import toolchain_missing
 
@@ -39,6 +42,11 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise NotConfirmed(f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     return proc
+
+
+def locked_stages() -> list[str]:
+    """The stages dvc.lock records: what the remote holds (without LaTeX, the pusher had no paper to push)."""
+    return list(yaml.safe_load(Path("dvc.lock").read_text()).get("stages", {}))
 
 
 def dvc_targets() -> list[str]:
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if not args.no_pull:
-            _run(["dvc", "pull", *(["--remote", args.remote] if args.remote else [])])
+            _run(["dvc", "pull", *(["--remote", args.remote] if args.remote else []), *locked_stages()])
         confirm_with_dvc()
         record_in_snakemake()
         confirm_with_snakemake()

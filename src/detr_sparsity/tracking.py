@@ -9,6 +9,7 @@ once up front (Snakemake `onstart`); DVC runs stages one at a time, so it needs 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -67,8 +68,9 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
 class StageRun:
     """Handle on the active stage run: metrics (batched), artifacts and the run id."""
 
-    def __init__(self, run_id: str, client: MlflowClient):
+    def __init__(self, run_id: str, client: MlflowClient, params_hash: str = ""):
         self.run_id, self.client = run_id, client
+        self.params_hash = params_hash  # equal hashes, equal settings: names a stage's resumable checkpoints
         self._pending: list[Metric] = []
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -100,9 +102,15 @@ def run_name(stage: str, setting: dict[str, Any] | None = None) -> str:
     return " ".join([stage, *(f"{key}={value}" for key, value in (setting or {}).items())])
 
 
+def params_hash(params: dict[str, Any]) -> str:
+    """Short hash of a stage's params: equal hashes mean equal settings."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
 @contextmanager
-def stage_run(cfg: StudyConfig, stage: str, setting: dict[str, Any] | None = None) -> Iterator[StageRun]:
-    """An MLflow run for one stage run, tagged with study, stage, git commit and the stage's params hash.
+def stage_run(cfg: StudyConfig, stage: str, params: dict[str, Any],
+              setting: dict[str, Any] | None = None) -> Iterator[StageRun]:
+    """An MLflow run for one stage run, tagged with study, stage, git commit and the hash of the stage's params.
 
     `setting` names the point of a sweep that this run computes (`{"method": "topk", "keep_ratio": 0.1}`);
     it goes into the run's name, the `setting` tag and one `setting.<key>` tag per value, for filtering.
@@ -111,13 +119,12 @@ def stage_run(cfg: StudyConfig, stage: str, setting: dict[str, Any] | None = Non
     client = MlflowClient()
     experiment = client.get_experiment_by_name(cfg.experiment)
     experiment_id = experiment.experiment_id if experiment else init_store(cfg)
-    params = cfg.stage_params(stage)
     pipeline_run = os.environ.get(PIPELINE_RUN_ENV) or hashlib.sha1(f"{os.getpid()}{time.time()}".encode()).hexdigest()[:12]
     tags = {
         "study": cfg.name,
         "stage": stage,
         "git_commit": git_commit(),
-        "params_hash": cfg.params_hash(stage),
+        "params_hash": params_hash(params),
         "pipeline_run": pipeline_run,
         "mlflow.runName": run_name(stage, setting),
     }
@@ -125,7 +132,7 @@ def stage_run(cfg: StudyConfig, stage: str, setting: dict[str, Any] | None = Non
         tags["setting"] = run_name(stage, setting).partition(" ")[2]
         tags.update({f"setting.{key}": str(value) for key, value in setting.items()})
     run = client.create_run(experiment_id, tags=tags)
-    handle = StageRun(run.info.run_id, client)
+    handle = StageRun(run.info.run_id, client, params_hash(params))
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in _flatten(params).items()])
     status = "FAILED"
     try:

@@ -1,16 +1,10 @@
-# Shared helpers of the rule files.
-import glob
+# Shared by the rules: the declaration's stages as rule parts, how jobs share the machine's cores, and sharded
+# evaluation.
+import os
 from pathlib import Path
 
-
-def code(*packages):
-    """The stage's own source files: editing them reruns the stage (dvc.yaml lists the same directories)."""
-    return sorted(f for p in packages for f in glob.glob(f"src/detr_sparsity/{p}/**/*.py", recursive=True))
-
-
-def stage_params(stage):
-    """The params the stage depends on; a change reruns it (Snakemake's params rerun trigger)."""
-    return CFG.stage_params(stage)
+from detr_sparsity.pipeline import code_deps, command, gathered, render
+from detr_sparsity.reporting.figures import captions
 
 
 # Torch threads per job (Snakemake exports OMP_NUM_THREADS=threads, which torch honours): never more than
@@ -30,14 +24,13 @@ def cpu_slots(wildcards, threads):
     return threads
 
 
-def job_resources(stage):
-    """mem_mb, runtime (minutes) and gpu of the stage's jobs, from params.yaml's studies.<study>.resources: what a
-    cluster executor asks for (workflow/profiles/slurm). Resources are no rerun trigger: changing them reruns nothing."""
-    return CFG.job_resources(stage)
+def all_cpu_slots(wildcards, threads):
+    """A timing job claims every core, so nothing runs beside it."""
+    return os.cpu_count() or 1
 
 
-# Sharded evaluation (evaluation/shards.py): with studies.<study>.evaluate.shards = N > 1, each evaluating rule
-# below has a `<rule>_shard` twin run once per shard; the rule itself then gathers the shards' partial
+# Sharded evaluation (evaluation/shards.py): with studies.<study>.evaluate.shards = N > 1, each evaluating stage
+# gets a `<stage>_shard` rule run once per shard; the stage's own rule then gathers the shards' partial
 # evaluations (temporary files) into the same outputs an unsharded job writes.
 SHARDS = CFG.shards
 
@@ -57,3 +50,52 @@ def shard_partials(path):
 
 def gather_option(wildcards, input):
     return " --gather " + " ".join(input.shards) if input.shards else ""
+
+
+# ---------------------------------------------------------------- the declaration's stages as rule parts
+
+# Snakemake's report (`snakemake --report report.html`): which outputs it shows, under what caption.
+REPORT = {
+    ("figures", "out"): dict(patterns=["{figure}.png"], caption="../report/figure.rst", category="Figures"),
+    ("tables", "markdown"): dict(patterns=["{table}.md"], caption="../report/table.rst", category="Tables"),
+    ("paper", "pdf"): dict(caption="../report/paper.rst", category="Paper"),
+}
+# The figures' captions, for the report's figure.rst (the figures stage writes the same text beside them).
+REPORT_PARAMS = {"figures": {"captions": captions(STUDY, CFG.profile["split"], CFG.evaluate["split"])}}
+
+
+def at(template):
+    """A declared path for this study; a sweep's axes stay as wildcards."""
+    return render(template, study=STUDY)
+
+
+def snakemake_command(stage, shard=None):
+    """The stage's command with Snakemake's placeholders: the same text as dvc.yaml's once they are filled."""
+    fill = {"input": "{{input.{}}}", "output": "{{output.{}}}", "axis": "{{wildcards.{}}}"}
+    text = command(stage, lambda kind, name: fill[kind].format(name), "{log}", shard)
+    return text + ("" if shard or not stage.shardable else "{params.gather}")
+
+
+def inputs(stage):
+    found = {"code": code_deps(stage.name)}
+    for name, spec in stage.inputs.items():
+        found[name] = at(spec) if isinstance(spec, str) else [str(p) for p in gathered(CFG, stage.name, name)]
+    return found
+
+
+def outputs(stage):
+    found = {}
+    for name, template in stage.outputs.items():
+        path = directory(at(template)) if name in stage.directories else at(template)
+        found[name] = report(path, **REPORT[(stage.name, name)]) if (stage.name, name) in REPORT else path
+    return found
+
+
+# Each rule's command, by its name. A `shell` directive is evaluated twice, where its rule is defined (in the
+# loop over the stages), and again when a job runs, after the loop has moved on; then the job's own `rule` names
+# the command.
+COMMANDS = {}
+
+
+def command_for(scope, name):
+    return COMMANDS[scope["rule"] if "rule" in scope else name]

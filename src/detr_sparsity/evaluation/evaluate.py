@@ -1,8 +1,8 @@
 """Evaluating a configuration: detections on the evaluation split with FFN policies installed, their COCO AP,
 the sparsity the wrappers counted and the FLOPs as run, as one row of summary.json.
 
-`evaluate_policies` is the one evaluation used by every method (dense here, top-k / random in `masking`,
-SIBS in `sibs`, ...). Each job writes only its own files; the `summary` stage gathers the rows, so parallel
+`evaluate_policies` is the one evaluation used by every method (dense, top-k / random, SIBS, MGS: each stage
+installs its policies). Each job writes only its own files; the `summary` stage gathers the rows, so parallel
 evaluations never write to one file. An evaluation may also run sharded (`evaluation.shards`): N jobs detect
 a shard each, and one job gathers them into the same row.
 """
@@ -19,22 +19,15 @@ from transformers import DetrForObjectDetection, DetrImageProcessorPil
 
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
-from detr_sparsity.device import job_device
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, Split, image_processor, load_split
 from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
 from detr_sparsity.evaluation.detections import detect
 from detr_sparsity.evaluation.flops import FLOPS_CONVENTION, FlopCount, flops_per_image
 from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding, gather_partials, shard_batches, write_partial
-from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.ffn import sparse_ffns
 from detr_sparsity.sparsity.policies import Policy
-from detr_sparsity.tracking import StageRun
 
 log = logging.getLogger(__name__)
-
-# Methods of the `evaluate` stage itself; the other methods have their own stages.
-METHODS = ("dense",)
-
 
 @dataclass
 class EvaluationSplit:
@@ -119,22 +112,3 @@ def row_metrics(row: dict) -> dict[str, float]:
             "induced_sparsity": row["induced_sparsity"]["overall"],
             "effective_sparsity": row["effective_sparsity"]["overall"],
             "ffn_gflops": row["ffn_flops"]["as_run"] / 1e9, "total_gflops": row["total_flops"]["as_run"] / 1e9}
-
-
-def evaluate(cfg: StudyConfig, method: str, model_dir: Path, data_dir: Path, detections_path: Path,
-             row_path: Path | None, run: StageRun, sharding: Sharding = WHOLE_SPLIT) -> dict | None:
-    """Stage `evaluate`: the dense model's row (a shard job writes its partial evaluation only)."""
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not known; allowed: {', '.join(METHODS)}")
-    data = evaluation_split(cfg, data_dir, sharding=sharding)
-    model = load_detr(model_dir, device=job_device())
-    measured = evaluate_policies(model, data, {}, detections_path)
-    if measured is None:
-        return None
-    row = {"method": method, "setting": None, **measured, "mlflow_run_id": run.run_id}
-    write_json(row_path, row)
-    run.log_metrics(row_metrics(row))
-    run.log_artifact(row_path)
-    log.info("%s: AP %.4f AP50 %.4f natural sparsity %.3f", method, row["AP"], row["AP50"],
-             row["natural_sparsity"]["overall"])
-    return row

@@ -1,5 +1,2 @@
-"""MGS, micro-gated sparsification: gates, their training on a frozen DETR, and the gated model to take away."""
-
-from detr_sparsity.mgs.gated_detr import load_gated_detr
-
-__all__ = ["load_gated_detr"]
+"""MGS, micro-gated sparsification: gates, their training on a frozen DETR from a cached front end, and their
+calibration to a sparsity target (the gated model to take away: `detr_sparsity.execution.gated_detr`)."""

@@ -81,6 +81,11 @@ def _logit(p: float) -> float:
     return float(torch.logit(torch.tensor(p, dtype=torch.float64)))
 
 
+def gated_block_names(setting: str | list[str], blocks: Mapping[str, nn.Module]) -> list[str]:
+    """The blocks params.yaml's `mgs.blocks` gates: `all`, or the listed ones (others run dense)."""
+    return list(blocks) if setting == "all" else list(setting)
+
+
 def make_gates(blocks: Mapping[str, nn.Module], names: list[str], group_size: int, threshold: float
                ) -> dict[str, MicroGate]:
     """Fresh gates for the named FFN blocks (DetrMLP modules, by block name)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import torch
 from transformers import DetrForObjectDetection
 
 
@@ -18,3 +20,12 @@ def load_detr(name_or_path: str | Path, revision: str | None = None, device: str
     else:
         model = DetrForObjectDetection.from_pretrained(str(name_or_path), revision=revision)
     return model.to(device).eval()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer: equal digests, unchanged weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,4 +1,4 @@
-"""Stage `figures`: the study's figures, drawn only from summary.json and the stage outputs beside it.
+"""The study's figures, drawn only from summary.json and the stage outputs beside it (stage `figures`).
 
 - F1 natural sparsity of each FFN block and its spread across images (profile.json);
 - F2 top-k against random keep: AP against induced sparsity, one panel per block and one for all (paper Fig. 2);
@@ -15,7 +15,6 @@ one place. The curves of F2 and F3 are also written as CSV series for `dvc plots
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,6 @@ matplotlib.use("Agg")  # files only: no display on a pipeline machine
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from detr_sparsity.atomic import atomic_dir  # noqa: E402
 from detr_sparsity.reporting.latex import latex_text  # noqa: E402
 from detr_sparsity.reporting.records import (METHOD_LABELS, StudyRecord, flops_reduction,  # noqa: E402
                                              mgs_label, sparsity)
@@ -278,18 +276,11 @@ def write_plot_series(record: StudyRecord, out_dir: Path) -> None:
                                  f"{r['AP50']:.6f}"])
 
 
-def figures_stage(study: str, evaluate_split: str, summary_path: Path, profile_path: Path,
-                  speed_path: Path | None, out_dir: Path, plots_dir: Path, run) -> list[str]:
-    """Draw every figure into `out_dir` (PDF + PNG + captions) and the plot series into `plots_dir`."""
-    record = StudyRecord.load(summary_path)
-    profile = json.loads(Path(profile_path).read_text())
-    by_setting = {}
-    for objective in record.mgs_objectives():
-        for row in record.mgs(objective):
-            # Each MGS row names its gates; the gate training's record (with its curve) lies beside them.
-            training = json.loads((Path(row["gates"]).parent / "training.json").read_text())
-            by_setting[(objective, row["setting"]["target"])] = training
-    speed = json.loads(Path(speed_path).read_text()) if speed_path else None
+def write_figures(out_dir: Path, study: str, evaluate_split: str, record: StudyRecord, profile: dict,
+                  trainings: list[dict], speed: dict | None) -> list[str]:
+    """Draw every figure into `out_dir` (PDF + PNG) with its captions; `trainings` are the gate trainings'
+    records (their curves), `speed` the benchmark's result (F6; None leaves F6 out)."""
+    by_setting = {(t["objective"], t["target"]): t for t in trainings}
     _style()
     drawings: dict[str, Callable[[], object]] = {
         "f1_natural_sparsity": lambda: f1_natural_sparsity(record, profile),
@@ -300,17 +291,12 @@ def figures_stage(study: str, evaluate_split: str, summary_path: Path, profile_p
     }
     if speed is not None:
         drawings["f6_speed"] = lambda: f6_speed(speed)
-    with atomic_dir(out_dir) as tmp:
-        for name, draw in drawings.items():
-            fig = draw()
-            fig.savefig(tmp / f"{name}.pdf")
-            fig.savefig(tmp / f"{name}.png", dpi=PNG_DPI)
-            plt.close(fig)
-            log.info("drew %s", name)
-        write_captions(tmp, {name: text for name, text in captions(study, profile["split"], evaluate_split).items()
+    for name, draw in drawings.items():
+        fig = draw()
+        fig.savefig(out_dir / f"{name}.pdf")
+        fig.savefig(out_dir / f"{name}.png", dpi=PNG_DPI)
+        plt.close(fig)
+        log.info("drew %s", name)
+    write_captions(out_dir, {name: text for name, text in captions(study, profile["split"], evaluate_split).items()
                              if name in drawings})
-    with atomic_dir(plots_dir) as tmp:
-        write_plot_series(record, tmp)
-    run.log_artifact(out_dir, "figures")
-    run.log_artifact(plots_dir, "plots")
     return list(drawings)

@@ -1,4 +1,4 @@
-"""Stage `tables`: the paper's tables T1-T4, from summary.json and the stage outputs beside it.
+"""The paper's tables T1-T5, from summary.json and the stage outputs beside it (stage `tables`).
 
 - T1 the dense baseline: AP metrics, FLOPs, and the natural sparsity of each FFN block;
 - T2 the SIBS threshold sweep: sparsity, AP and FLOPs per threshold;
@@ -7,21 +7,19 @@
 - T5 measured speed: sparse execution against dense per FFN block kind and end to end, at the study's and
   DETR-R50's shapes, next to the FLOPs speed-up and the Amdahl ceiling (benchmark/speed.json).
 
-Each table is written as Markdown (results/<study>/tables/) and as LaTeX with booktabs (paper/tables/), from
+Each table is written as Markdown (results/<study>/tables/) and as LaTeX with booktabs (paper/<study>/tables/), from
 the same cells, and states its units and the FLOPs convention. Numbers are rounded for reading only: AP to
 three decimals, percentages to one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy
 
-from detr_sparsity.atomic import atomic_dir
 from detr_sparsity.evaluation.coco_eval import AP_METRICS
 from detr_sparsity.reporting.latex import latex_text
 from detr_sparsity.reporting.records import METHOD_LABELS, StudyRecord, flops_ratio, mgs_label, sparsity
@@ -297,21 +295,16 @@ def study_macros(study: str, record: StudyRecord, profile: dict, model_config: d
     return "\n".join(lines) + "\n"
 
 
-def tables_stage(study: str, summary_path: Path, profile_path: Path, model_config_path: Path,
-                 speed_path: Path | None, markdown_dir: Path, latex_dir: Path, run) -> list[str]:
-    record = StudyRecord.load(summary_path)
-    profile = json.loads(Path(profile_path).read_text())
-    speed = json.loads(Path(speed_path).read_text()) if speed_path else None
+def write_tables(markdown_dir: Path, latex_dir: Path, study: str, record: StudyRecord, profile: dict,
+                 model_config: dict, speed: dict | None) -> list[str]:
+    """Every table as Markdown into `markdown_dir` and as LaTeX into `latex_dir` (with the study's macros);
+    `speed` None leaves T5 out."""
     tables = [t1_dense(record, profile), t2_sibs(record), t3_mgs(record), t4_matched(record, speed)]
     if speed is not None:
         tables.append(t5_speed(speed))
-    with atomic_dir(markdown_dir) as md, atomic_dir(latex_dir) as tex:
-        for table in tables:
-            (md / f"{table.name}.md").write_text(table.markdown())
-            (tex / f"{table.name}.tex").write_text(table.latex())
-            log.info("wrote %s", table.name)
-        model_config = json.loads(Path(model_config_path).read_text())
-        (tex / "study.tex").write_text(study_macros(study, record, profile, model_config))
-    run.log_artifact(markdown_dir, "tables")
-    run.log_artifact(latex_dir, "paper_tables")
+    for table in tables:
+        (markdown_dir / f"{table.name}.md").write_text(table.markdown())
+        (latex_dir / f"{table.name}.tex").write_text(table.latex())
+        log.info("wrote %s", table.name)
+    (latex_dir / "study.tex").write_text(study_macros(study, record, profile, model_config))
     return [t.name for t in tables]

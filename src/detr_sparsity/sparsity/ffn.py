@@ -172,24 +172,40 @@ class FFNSparsity:
         return int(c.tokens) / c.all_tokens if c.all_tokens else 1.0
 
 
-def _install(model: DetrForObjectDetection, policies: Mapping[str, Policy]) -> dict[str, SparseFFN]:
+def replace_ffns(model: DetrForObjectDetection, replace: Callable[[str, nn.Module], nn.Module | None]
+                 ) -> dict[str, nn.Module]:
+    """Put `replace(name, block)` in place of each FFN block (None keeps the block); returns the replacements.
+
+    Every replacement is made before any block changes, so one that refuses (raises) leaves the model as it was.
+    The one way FFN blocks are swapped: the evaluation's wrappers, the gated model, the benchmark's variants.
+    """
     layers = ffn_layers(model)
-    unknown = sorted(set(policies) - set(layers))
-    if unknown:
-        raise ValueError(f"no FFN block named {', '.join(unknown)}; blocks: {', '.join(layers)}")
-    wrapped = [name for name, layer in layers.items() if isinstance(layer.mlp, SparseFFN)]
-    if wrapped:  # checked before any change, so a refused install leaves the model as it was
-        raise RuntimeError(f"FFN block {wrapped[0]} is already wrapped")
-    wrappers = {}
+    replacements = {}
     for name, layer in layers.items():
-        wrappers[name] = layer.mlp = SparseFFN(layer.mlp, name, policies.get(name, Dense()))
-    return wrappers
+        module = replace(name, layer.mlp)
+        if module is not None:
+            replacements[name] = module
+    for name, module in replacements.items():
+        layers[name].mlp = module
+    return replacements
+
+
+def _install(model: DetrForObjectDetection, policies: Mapping[str, Policy]) -> dict[str, SparseFFN]:
+    blocks = ffn_blocks(model)
+    unknown = sorted(set(policies) - set(blocks))
+    if unknown:
+        raise ValueError(f"no FFN block named {', '.join(unknown)}; blocks: {', '.join(blocks)}")
+
+    def wrap(name: str, block: nn.Module) -> SparseFFN:
+        if isinstance(block, SparseFFN):
+            raise RuntimeError(f"FFN block {name} is already wrapped")
+        return SparseFFN(block, name, policies.get(name, Dense()))
+
+    return replace_ffns(model, wrap)
 
 
 def _remove(model: DetrForObjectDetection) -> None:
-    for layer in ffn_layers(model).values():
-        if isinstance(layer.mlp, SparseFFN):
-            layer.mlp = layer.mlp.block
+    replace_ffns(model, lambda _name, block: block.block if isinstance(block, SparseFFN) else None)
 
 
 @contextmanager

@@ -101,3 +101,15 @@ class StaticMask(Policy):
         if activations.shape[-1] != self.keep.numel():
             raise ValueError(f"static mask has {self.keep.numel()} neurons, the block has {activations.shape[-1]}")
         return self.keep.to(activations.device)
+
+
+MASKING_METHODS = ("topk", "random")
+
+
+def masking_policy(method: str, keep_ratio: float, seed: int, block: str) -> Policy:
+    """The oracle analysis's policy (stage `masking`): keep the k largest, or k random, activations per token."""
+    if method == "topk":
+        return TopK(keep_ratio)
+    if method == "random":
+        return RandomKeep(keep_ratio, seed, block)
+    raise ValueError(f"masking method {method!r} is not known; allowed: {', '.join(MASKING_METHODS)}")

@@ -1,4 +1,4 @@
-"""Stage `profile`: streaming statistics of the FFN activations of the dense model over the calibration split.
+"""Streaming statistics of the FFN activations of the dense model over the calibration split.
 
 Nothing per token is kept: per block, running per-neuron firing counts and activation sums, and one zero
 count per image. From them:
@@ -10,27 +10,16 @@ Padding tokens are excluded everywhere (the wrappers pass each block's real-toke
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from detr_sparsity.atomic import atomic_dir, write_json
-from detr_sparsity.config import StudyConfig
-from detr_sparsity.device import job_device
-from detr_sparsity.evaluation.evaluate import evaluation_split
-from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.blocks import block_order
 from detr_sparsity.sparsity.ffn import sparse_ffns
-from detr_sparsity.tracking import StageRun
 
-log = logging.getLogger(__name__)
-
-PROFILE_FILE = "profile.json"
-NEURONS_FILE = "neurons.safetensors"
 INDICATORS = ("firing_frequency", "mean_activation")
 QUANTILES = {"p05": 0.05, "p25": 0.25, "median": 0.5, "p75": 0.75, "p95": 0.95}
 
@@ -99,18 +88,16 @@ def profile_activations(model, loader, total: int | None = None) -> tuple[dict, 
     return natural, profile
 
 
-def profile_stage(cfg: StudyConfig, model_dir: Path, data_dir: Path, out_dir: Path, run: StageRun) -> dict:
-    """Stage `profile`: write profile.json (per-layer and per-image sparsity) and neurons.safetensors."""
-    split_name = cfg.profile["split"]
-    data = evaluation_split(cfg, data_dir, split_name)
-    model = load_detr(model_dir, device=job_device())
-    natural, profile = profile_activations(model, data.loader, total=len(data.loader))
+def profile_summary(split: str, images: int, natural: dict, profile: ActivationProfile
+                    ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """profile.json's content (per-block and per-image sparsity, firing-frequency spread), and the per-neuron
+    indicators as the tensors of neurons.safetensors (`<block>.<indicator>`)."""
     neurons = profile.neurons()
     per_image = profile.per_image_sparsity()
     names = sorted(neurons, key=block_order)
     summary = {
-        "split": split_name,
-        "images": data.images,
+        "split": split,
+        "images": images,
         "natural_sparsity": natural,
         "per_block": {
             name: {
@@ -124,25 +111,14 @@ def profile_stage(cfg: StudyConfig, model_dir: Path, data_dir: Path, out_dir: Pa
         },
         "per_image_sparsity": {name: per_image[name].round(6).tolist() for name in names},
     }
-    with atomic_dir(out_dir) as tmp:
-        write_json(tmp / PROFILE_FILE, summary)
-        save_file({f"{name}.{key}": value.contiguous() for name in names for key, value in neurons[name].items()},
-                  str(tmp / NEURONS_FILE))
-    metrics = {"natural_sparsity": natural["overall"]}
-    for name in names:
-        metrics[f"natural_sparsity.{name}"] = natural["per_block"][name]
-        metrics[f"natural_sparsity_std.{name}"] = summary["per_block"][name]["per_image"]["std"]
-    run.log_metrics(metrics)
-    run.log_artifact(out_dir / PROFILE_FILE)
-    log.info("profile of %d %s images: natural sparsity %.3f (%s)", data.images, split_name, natural["overall"],
-             ", ".join(f"{n} {natural['per_block'][n]:.3f}" for n in names))
-    return summary
+    tensors = {f"{name}.{key}": value.contiguous() for name in names for key, value in neurons[name].items()}
+    return summary, tensors
 
 
-def load_indicator(profile_dir: Path, indicator: str) -> dict[str, torch.Tensor]:
-    """Per block, one indicator value per neuron from a saved profile."""
+def load_indicator(neurons: Path, indicator: str) -> dict[str, torch.Tensor]:
+    """Per block, one indicator value per neuron, from the profile's neurons.safetensors."""
     if indicator not in INDICATORS:
         raise ValueError(f"indicator {indicator!r} is not known; allowed: {', '.join(INDICATORS)}")
-    tensors = load_file(str(Path(profile_dir) / NEURONS_FILE))
+    tensors = load_file(str(neurons))
     suffix = f".{indicator}"
     return {key[: -len(suffix)]: value for key, value in tensors.items() if key.endswith(suffix)}

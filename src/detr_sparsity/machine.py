@@ -1,4 +1,4 @@
-"""What every benchmark result records about where it ran, so that ratios are compared like for like."""
+"""The machine a measurement ran on, recorded with every benchmark result so that ratios are compared like for like."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import transformers
 
 
 def environment() -> dict:
+    """Platform, processor, cores, torch threads and library versions."""
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},

@@ -1,4 +1,5 @@
-"""Stage `model`: the dense DETR of the study, saved with save_pretrained so later stages never touch the hub."""
+"""Stage `model`: the dense DETR of the study (pretrained here, or fetched), saved with save_pretrained and its
+image processor, so that later stages never touch the hub."""
 
 from __future__ import annotations
 
@@ -9,41 +10,43 @@ import torch
 
 from detr_sparsity.atomic import atomic_dir, write_json
 from detr_sparsity.config import StudyConfig
-from detr_sparsity.device import job_device
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
+from detr_sparsity.device import job_device
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.models.pretrain import pretrain
 from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
 from detr_sparsity.tracking import StageRun
 
 log = logging.getLogger(__name__)
+MODEL_INFO = "model_info.json"
 
 
-def build_model(cfg: StudyConfig, data_dir: Path, out_dir: Path, run: StageRun) -> dict:
-    """Pretrain (synthetic) or fetch (hub) the dense DETR and save it, with its image processor, to `out_dir`."""
+def run_stage(cfg: StudyConfig, tracked: StageRun, *, data: Path, out: Path) -> None:
     model_cfg = cfg.model
     processor = image_processor(cfg.input)
     if model_cfg["source"] == "pretrain":
-        train = CocoDetection(load_split(data_dir, "train"))
+        train = CocoDetection(load_split(data, "train"))
         torch.manual_seed(cfg.seed)
         model = build_small_detr(small_detr_config(model_cfg["architecture"], train.categories)).to(job_device())
         # Outside the output directory, so an interrupted stage resumes instead of starting over.
-        checkpoint = cfg.results_dir / "checkpoints" / f"pretrain-{cfg.params_hash('model')}.pt"
+        checkpoint = cfg.results_dir / "checkpoints" / f"pretrain-{tracked.params_hash}.pt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         log.info("pretraining a DETR of %.2fM parameters on %d images for %d steps",
                  sum(p.numel() for p in model.parameters()) / 1e6, len(train), model_cfg["pretrain"]["steps"])
         info = pretrain(model, train, DetrCollate(processor, with_labels=True), model_cfg["pretrain"],
-                        cfg.seed, checkpoint, lambda step, m: run.log_metrics(m, step=step))
+                        cfg.seed, checkpoint, lambda step, m: tracked.log_metrics(m, step=step))
     else:
         log.info("loading %s (revision %s)", model_cfg["name_or_path"], model_cfg["revision"])
         model = load_detr(model_cfg["name_or_path"], model_cfg["revision"])
         info = {"name_or_path": model_cfg["name_or_path"], "revision": model_cfg["revision"]}
     info["parameters"] = sum(p.numel() for p in model.parameters())
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        write_json(tmp / "model_info.json", info)
-    log.info("saved the dense DETR to %s", out_dir)
+        write_json(tmp / MODEL_INFO, info)
+    log.info("saved the dense DETR to %s", out)
     if model_cfg["source"] == "pretrain":
         checkpoint.unlink(missing_ok=True)
-    return info
+    tracked.log_metrics({k: v for k, v in info.items() if isinstance(v, (int, float))})
+    tracked.log_artifact(out / "config.json")
+    tracked.log_artifact(out / MODEL_INFO)

@@ -1,32 +1,25 @@
-"""Stage `data`: the study's splits on disk (train, calibration, val) plus their manifest."""
+"""Stage `data`: the study's splits on disk (train, calibration, val), generated (synthetic) or fetched (COCO),
+with their manifest."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from detr_sparsity.atomic import atomic_dir, write_json
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.data.coco import prepare_coco
-from detr_sparsity.data.dataset import MANIFEST
+from detr_sparsity.data.dataset import MANIFEST, CocoDetection, load_split
 from detr_sparsity.data.synthetic import SyntheticSpec, generate_synthetic
+from detr_sparsity.tracking import StageRun
 
-log = logging.getLogger(__name__)
 
-
-def prepare_data(cfg: StudyConfig, out_dir: Path) -> dict:
-    """Generate (synthetic) or fetch (COCO) every split into `out_dir`; returns the manifest."""
+def run_stage(cfg: StudyConfig, tracked: StageRun, *, out: Path) -> None:
     data = cfg.data
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out) as tmp:
         if data["source"] == "synthetic":
-            spec = SyntheticSpec(
-                num_images=0,
-                image_size=data["image_size"],
-                num_classes=data["num_classes"],
-                min_objects=data["min_objects"],
-                max_objects=data["max_objects"],
-                count_decay=data["count_decay"],
-            )
+            spec = SyntheticSpec(num_images=0, image_size=data["image_size"], num_classes=data["num_classes"],
+                                 min_objects=data["min_objects"], max_objects=data["max_objects"],
+                                 count_decay=data["count_decay"])
             manifest = generate_synthetic(tmp, data["splits"], spec, cfg.seed)
             write_json(tmp / MANIFEST, manifest)
         else:
@@ -40,4 +33,5 @@ def prepare_data(cfg: StudyConfig, out_dir: Path) -> dict:
                 calibration_images=data["calibration_images"],
                 seed=cfg.seed,
             )
-    return manifest
+    tracked.log_artifact(out / MANIFEST)
+    tracked.log_metrics({f"images_{split}": len(CocoDetection(load_split(out, split))) for split in manifest})

@@ -1,4 +1,4 @@
-"""Measured speed of sparse FFN execution (stage `benchmark`): dense vs SIBS (shrunk FFN) vs MGS (sparse group
+"""Measured speed of sparse FFN execution (the library of stage `benchmark`): dense vs SIBS (shrunk FFN) vs MGS (sparse group
 kernel) per FFN block kind and end to end, at the study's shapes and at DETR-R50's.
 
 Every figure is a median over `repeats` timed calls after `warmup` untimed ones. Within one (shape, scope)
@@ -29,18 +29,14 @@ FLOPs speedup = dense FFN MACs / (kept MACs + gate MACs) per block kind; end to 
 share of dense model time (forward hooks on the FFN blocks); amdahl_ceiling = 1 / (1 - ffn_share). The
 CPU kernel also skips fc2 rows of ReLU zeros, so on real activations a speedup above the FLOPs ratio of
 the gate mask is possible; random R50 weights give about 50 % ReLU zeros, trained DETR-R50 more.
-
-    PYTHONPATH=src python benchmarks/speed.py --results results/synthetic --out /tmp/speed.json
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,21 +47,19 @@ import transformers
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from environment import environment  # noqa: E402  benchmarks/environment.py
-
-from detr_sparsity.atomic import write_json  # noqa: E402
-from detr_sparsity.config import StudyConfig, load_config  # noqa: E402
-from detr_sparsity.evaluation.evaluate import evaluation_split  # noqa: E402
-from detr_sparsity.execution import PackedFFN, SparseGatedFFN, sparse_ffn  # noqa: E402
-from detr_sparsity.execution.cpu_kernel import cpu_kernel  # noqa: E402
-from detr_sparsity.mgs.gates import MicroGate, load_gates  # noqa: E402
-from detr_sparsity.models.load import load_detr  # noqa: E402
-from detr_sparsity.sparsity.blocks import block_order  # noqa: E402
-from detr_sparsity.sparsity.ffn import ffn_blocks, ffn_layers  # noqa: E402
-from detr_sparsity.sparsity.profile import load_indicator  # noqa: E402
-from detr_sparsity.sparsity.shrink import shrink_linear_pair  # noqa: E402
-from detr_sparsity.sparsity.sibs import static_keep_masks  # noqa: E402
+from detr_sparsity.config import StudyConfig
+from detr_sparsity.evaluation.evaluate import evaluation_split
+from detr_sparsity.execution.cpu_kernel import cpu_kernel
+from detr_sparsity.execution.gated_detr import SparseGatedFFN
+from detr_sparsity.execution.gated_ffn import PackedFFN, sparse_ffn
+from detr_sparsity.machine import environment
+from detr_sparsity.mgs.gates import MicroGate, load_gates
+from detr_sparsity.models.load import load_detr
+from detr_sparsity.sparsity.blocks import block_order
+from detr_sparsity.sparsity.ffn import ffn_blocks, ffn_layers, replace_ffns
+from detr_sparsity.sparsity.profile import load_indicator
+from detr_sparsity.sparsity.shrink import shrink_linear_pair
+from detr_sparsity.sparsity.sibs import static_keep_masks
 
 log = logging.getLogger("detr_sparsity.benchmark")
 
@@ -206,8 +200,8 @@ class StudyInputs:
     keep: dict[str, dict[str, torch.Tensor]]  # by threshold, by block
 
 
-def study_inputs(cfg: StudyConfig, model_dir: Path, data_dir: Path, profile_dir: Path, mgs_dir: Path, objective: str,
-                 targets: list[str], thresholds: list[str]) -> StudyInputs:
+def study_inputs(cfg: StudyConfig, model_dir: Path, data_dir: Path, neurons: Path, gate_files: dict[str, Path],
+                 thresholds: list[str]) -> StudyInputs:
     model = load_detr(model_dir).eval()
     batch = next(iter(evaluation_split(cfg, data_dir).loader))
     tokens: dict[str, torch.Tensor] = {}
@@ -218,14 +212,10 @@ def study_inputs(cfg: StudyConfig, model_dir: Path, data_dir: Path, profile_dir:
         model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
     for handle in handles:
         handle.remove()
-    gates = {t: load_gates(gate_file(mgs_dir, objective, t)) for t in targets}
-    indicators = load_indicator(profile_dir, cfg.sibs["indicator"])
+    gates = {t: load_gates(path) for t, path in gate_files.items()}
+    indicators = load_indicator(neurons, cfg.sibs["indicator"])
     keep = {t: static_keep_masks(indicators, float(t)) for t in thresholds}
     return StudyInputs(model, batch, tokens, gates, keep)
-
-
-def gate_file(mgs_dir: Path, objective: str, target: str) -> Path:
-    return Path(mgs_dir) / objective / target / "gates.safetensors"
 
 
 def study_blocks(inputs: StudyInputs, kind: str) -> list[Block]:
@@ -342,8 +332,7 @@ def ffn_share(model, batch: dict, repeats: int, warmup: int) -> float:
 
 
 def set_ffns(model, modules: dict[str, nn.Module]) -> None:
-    for name, layer in ffn_layers(model).items():
-        layer.mlp = modules[name].eval()
+    replace_ffns(model, lambda name, _block: modules[name].eval())
 
 
 def model_rows(shape: str, model, batch: dict, blocks: dict[str, Block], mgs_ffns: dict[str, dict[str, nn.Module]],
@@ -407,9 +396,10 @@ class ShrunkFFN(nn.Module):
 
 # ---------------------------------------------------------------- the stage
 
-def run_benchmark(cfg: StudyConfig, model_dir: Path, data_dir: Path, profile_dir: Path, mgs_dir: Path, out: Path,
+def run_benchmark(cfg: StudyConfig, model_dir: Path, data_dir: Path, neurons: Path, gate_files: dict[str, Path],
                   settings: dict | None = None) -> dict:
-    """Measure every configured row and write speed.json to `out`; returns the result."""
+    """Measure every configured row (MGS: the gate set of each target in `gate_files`); returns speed.json's
+    content."""
     settings = settings or cfg.benchmark
     threads, repeats, warmup = settings["threads"], settings["repeats"], settings["warmup"]
     model_repeats = settings["model_repeats"]
@@ -418,12 +408,12 @@ def run_benchmark(cfg: StudyConfig, model_dir: Path, data_dir: Path, profile_dir
     kernel = cpu_kernel() is not None
     # Other jobs on the machine slow every variant alike (interleaved), but widen the spread: recorded.
     load_at_start = list(os.getloadavg())
-    targets = [str(t) for t in cfg.mgs["targets"]]
+    targets = list(gate_files)
     thresholds = [str(t) for t in cfg.sibs["thresholds"]]
     log.info("benchmark: shapes %s, %d threads, %d repeats after %d warm-up; MGS %s targets %s; SIBS %s; "
              "CPU kernel %s", shapes, threads, repeats, warmup, objective, targets, thresholds,
              "compiled" if kernel else "unavailable (PyTorch dispatch)")
-    inputs = study_inputs(cfg, model_dir, data_dir, profile_dir, mgs_dir, objective, targets, thresholds)
+    inputs = study_inputs(cfg, model_dir, data_dir, neurons, gate_files, thresholds)
     study = {kind: study_blocks(inputs, kind) for kind in KINDS}
     rows, shares, model_inputs = [], {}, {}
 
@@ -484,7 +474,6 @@ def run_benchmark(cfg: StudyConfig, model_dir: Path, data_dir: Path, profile_dir
         "block_tokens": {"study": {kind: int(study[kind][0].tokens.shape[0]) for kind in KINDS},
                          "detr-r50": {"encoder": R50["encoder_tokens"], "decoder": R50["queries"]}},
     }
-    write_json(out, result)
     return result
 
 
@@ -499,22 +488,3 @@ def format_table(result: dict) -> str:
         lines.append(f"{shape}: FFN share of dense model time {share:.3f}, Amdahl ceiling "
                      f"{result['amdahl_ceiling'][shape]:.3f}x")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--results", type=Path, default=None, help="the study's results (default results/<study>)")
-    parser.add_argument("--out", type=Path, default=None, help="default: <results>/benchmark/speed.json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.params)
-    results = args.results or cfg.results_dir
-    result = run_benchmark(cfg, results / "model", results / "data", results / "profile", results / "mgs",
-                           args.out or results / "benchmark" / "speed.json")
-    print(format_table(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
