@@ -96,55 +96,72 @@ def test_ground_truth_given_back_as_detections_scores_ap_one(tmp_path):
         assert value == pytest.approx(1.0, abs=1e-12), name
 
 
+def _category_ap_by_hand(hits: list[bool], ground_truth: int) -> Fraction:
+    """COCO's AP of one category at one IoU threshold, exactly: `hits` are its detections ranked by score over all
+    images (True: matched a ground-truth box). Precision and recall after each rank; the precision made
+    non-increasing from the right (the envelope); at each of the 101 recall thresholds r = 0, 0.01, ..., 1 the
+    envelope at the first rank whose recall >= r (0 if recall never reaches r); their mean."""
+    tp = list(itertools.accumulate(int(h) for h in hits))
+    recall = [Fraction(t, ground_truth) for t in tp]
+    precision = [Fraction(t, rank + 1) for rank, t in enumerate(tp)]
+    envelope = [max(precision[i:]) for i in range(len(hits))]
+    at_threshold = [next((envelope[i] for i in range(len(hits)) if recall[i] >= Fraction(r, 100)), Fraction(0))
+                    for r in range(101)]
+    return sum(at_threshold) / 101
+
+
 def test_ap_of_a_known_mix_of_hits_and_misses_is_the_hand_computed_value(tmp_path):
     images = [{"id": 1, "width": 640, "height": 480, "file_name": "1.jpg"},
               {"id": 2, "width": 640, "height": 480, "file_name": "2.jpg"}]
     A, B = (20, 30, 100, 100), (400, 300, 120, 110)  # image 1, category 1
     C, E = (100, 100, 200, 100), (350, 200, 150, 150)  # image 2: C category 1, E category 2
-    gt = [(1, 1, A), (1, 1, B), (2, 1, C), (2, 2, E)]
-    categories = [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}]
+    M = (50, 350, 50, 50)  # image 2, category 3: the only medium box (32^2 <= 2500 < 96^2); all others are large
+    gt = [(1, 1, A), (1, 1, B), (2, 1, C), (2, 2, E), (2, 3, M)]
+    categories = [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}, {"id": 3, "name": "three"}]
     near_c = (102, 100, 200, 100)
-    assert _iou(near_c, C) == pytest.approx(19800 / 20200)  # 0.980: a hit at every IoU threshold up to 0.95
-    assert _iou(A, B) == 0 and _iou(C, E) == 0
+    near_b = (428, 300, 120, 110)
+    assert _iou(near_c, C) == pytest.approx(198 / 202)  # 0.980: a hit at every IoU threshold 0.50:0.05:0.95
+    assert _iou(near_b, B) == pytest.approx(92 / 148)  # 0.622: a hit at 0.50, 0.55, 0.60; a miss from 0.65 on
+    assert _iou(A, B) == _iou(C, E) == _iou(near_b, A) == _iou(M, C) == _iou(M, E) == 0
     dt = [
         (1, 1, A, 0.9),  # rank 1: hits A
         (1, 1, A, 0.8),  # rank 2: a duplicate of A: A is taken, B does not overlap -> false positive
         (2, 1, near_c, 0.7),  # rank 3: hits C
         (2, 1, E, 0.6),  # rank 4: on E's box, but E is category 2 -> false positive for category 1
+        (1, 1, near_b, 0.55),  # rank 5: hits B up to IoU threshold 0.60, a false positive above
         (2, 2, E, 0.5),  # category 2: hits E
-    ]  # B (category 1) is never found.
+        (2, 3, M, 0.4),  # category 3: hits M
+    ]
     annotations = _write(tmp_path, "gt.json", _instances(images, gt, categories))
     detections = _write(tmp_path, "dt.json", [{"image_id": i, "category_id": c, "bbox": list(b), "score": s}
                                              for i, c, b, s in dt])
 
-    # By hand, COCO's definition: detections of a category ranked by score over all images; precision and
-    # recall after each; precision made non-increasing from the right (the envelope); at each of the 101
-    # recall thresholds r = 0, 0.01, ..., 1 the envelope's precision at the first rank whose recall >= r
-    # (0 if recall never reaches r); AP is their mean, then the mean over categories with ground truth.
-    # Category 1, 3 ground-truth boxes, ranks TP FP TP FP:
-    #   recall    1/3 1/3 2/3 2/3
-    #   precision 1   1/2 2/3 1/2  -> envelope 1, 2/3, 2/3, 1/2
-    # r in [0, 1/3]: 34 thresholds (0.00..0.33) at precision 1; r in (1/3, 2/3]: 33 (0.34..0.66) at 2/3;
-    # r > 2/3: 34 (0.67..1.00) at 0.  (3 boxes: no recall lands exactly on a threshold.)
-    recall = [Fraction(1, 3), Fraction(1, 3), Fraction(2, 3), Fraction(2, 3)]
-    precision = [Fraction(1), Fraction(1, 2), Fraction(2, 3), Fraction(1, 2)]
-    envelope = [max(precision[i:]) for i in range(4)]
-    assert envelope == [1, Fraction(2, 3), Fraction(2, 3), Fraction(1, 2)]
-    at_threshold = [next((envelope[i] for i in range(4) if recall[i] >= Fraction(t, 100)), Fraction(0))
-                    for t in range(101)]
-    category_1 = sum(at_threshold) / 101
-    assert category_1 == Fraction(34 + 33 * Fraction(2, 3), 101) == Fraction(56, 101)
-    category_2 = Fraction(1)  # one box, found first at IoU 1: precision 1 at every threshold
-    expected = float((category_1 + category_2) / 2)  # 157/202 = 0.7772
-    # Every hit has IoU >= 0.98, every miss IoU 0: the same at each IoU threshold 0.50:0.95, so AP = AP50 = AP75.
-    # All boxes have areas > 96^2: large. No small or medium ground truth: COCOeval reports -1 there.
+    # Category 1 (3 boxes; 3 is chosen so that no recall lands exactly on a recall threshold):
+    # IoU threshold <= 0.60: ranks TP FP TP FP TP
+    #   recall 1/3 1/3 2/3 2/3 1, precision 1 1/2 2/3 1/2 3/5, envelope 1 2/3 2/3 3/5 3/5
+    #   r in [0, 1/3]: 34 thresholds at 1; (1/3, 2/3]: 33 at 2/3; (2/3, 1]: 34 at 3/5 -> (34 + 22 + 20.4) / 101
+    # IoU threshold >= 0.65: ranks TP FP TP FP FP: the last 34 thresholds at 0 -> (34 + 22) / 101
+    low = _category_ap_by_hand([True, False, True, False, True], 3)
+    high = _category_ap_by_hand([True, False, True, False, False], 3)
+    assert low == Fraction(764, 1010) and high == Fraction(56, 101)
+    # Categories 2 and 3: one box each, found first: precision 1 at every recall threshold, at every IoU threshold.
+    assert _category_ap_by_hand([True], 1) == 1
+    # AP is the mean over the 10 IoU thresholds (3 of them <= 0.60) of the mean over categories with ground
+    # truth in the area range. Large: categories 1 and 2; medium: category 3 alone; small: none (COCOeval: -1).
+    ap50, ap75 = (low + 2) / 3, (high + 2) / 3
+    expected = {
+        "AP": float((3 * ap50 + 7 * ap75) / 10),
+        "AP50": float(ap50),
+        "AP75": float(ap75),
+        "APs": -1.0,
+        "APm": 1.0,
+        "APl": float((3 * (low + 1) / 2 + 7 * (high + 1) / 2) / 10),
+    }
+    assert len(set(expected.values())) == 6  # a metric reported under another's name would show
     result = coco_ap(annotations, detections)
-    assert result["AP"] == pytest.approx(expected, abs=1e-12)
-    assert result["AP50"] == pytest.approx(expected, abs=1e-12)
-    assert result["AP75"] == pytest.approx(expected, abs=1e-12)
-    assert result["APl"] == pytest.approx(expected, abs=1e-12)
-    assert result["APs"] == -1.0 and result["APm"] == -1.0
-
+    assert result.keys() == expected.keys()
+    for name, value in expected.items():
+        assert result[name] == pytest.approx(value, abs=1e-12), name
 
 # =========================================================================================================
 # detect(): model outputs -> COCO detections
