@@ -39,5 +39,6 @@ def prepare_data(cfg: StudyConfig, out_dir: Path) -> dict:
                 train_images=data["train_images"],
                 calibration_images=data["calibration_images"],
                 seed=cfg.seed,
+                download=data["download"],
             )
     return manifest
