@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from PIL import Image
+from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from detr_sparsity.atomic import atomic_path, write_json
@@ -62,7 +62,7 @@ class ChecksumError(RuntimeError):
 
 
 class InvalidImageError(RuntimeError):
-    """A downloaded image does not decode."""
+    """A downloaded image does not decode fully."""
 
 
 def _md5(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -119,20 +119,46 @@ def download_file(
     return dest
 
 
+def _image_problem(path: Path, size: int | None) -> str | None:
+    """Say why `path` is not a complete image (wrong size, or it does not decode fully), or None."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by imported code), so a cut image would "
+            "decode as complete; leave it False"
+        )
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        return f"holds {actual:,} of {size:,} bytes"
+    try:
+        with Image.open(path) as image:
+            # verify() passes a JPEG cut short; load() decodes every byte and fails on a truncated one.
+            image.load()
+    except Exception as error:
+        return f"does not decode fully ({error})"
+    return None
+
+
 def fetch_image(url: str, dest: Path, settings: DownloadSettings) -> Path:
-    """Download one image to `dest` unless present, resuming a partial download, checking that it decodes."""
+    """Download one image to `dest` unless a complete copy is there, resuming a partial download."""
     dest = Path(dest)
     if dest.exists():
-        return dest
+        problem = _image_problem(dest, None)
+        if problem is None:
+            return dest
+        # Images are small: a bad one (an older run may have saved a cut one) is simply fetched again.
+        log.warning("%s %s; downloading it again", dest, problem)
+        dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    download_part(url, part, settings)
-    try:
-        with Image.open(part) as image:
-            image.verify()
-    except Exception as error:
+    # Without a Content-Length only decoding tells a cut image; then the rest is asked for.
+    total = download_part(url, part, settings, incomplete=lambda path: _image_problem(path, None))
+    problem = _image_problem(part, total)
+    if problem is not None:
         part.unlink()
-        raise InvalidImageError(f"image downloaded from {url} does not decode: {error}") from error
+        raise InvalidImageError(
+            f"image downloaded from {url} {problem}; removed {part}: rerun to download it again, "
+            "and check the server's copy if this repeats"
+        )
     os.replace(part, dest)
     return dest
 
@@ -240,13 +266,13 @@ def _download_archives(
 def _fetch_images(
     images: list[dict], base_url: str, image_dir: Path, settings: DownloadSettings
 ) -> None:
-    """Fetch each image from the mirror into `image_dir`, skipping those already there."""
-    missing = [im for im in images if not (image_dir / im["file_name"]).exists()]
+    """Fetch each image from the mirror into `image_dir`, keeping those already there and whole."""
+    present = sum((image_dir / im["file_name"]).exists() for im in images)
     log.info(
-        "fetching %d of %d images into %s (%d already present)",
-        len(missing), len(images), image_dir, len(images) - len(missing),
+        "fetching %d of %d images into %s (%d already present, each checked to decode fully)",
+        len(images) - present, len(images), image_dir, present,
     )
-    for image in tqdm(missing, desc="images", unit="img", disable=not sys.stderr.isatty()):
+    for image in tqdm(images, desc="images", unit="img", disable=not sys.stderr.isatty()):
         url = mirror_url(image["coco_url"], base_url)
         fetch_image(url, image_dir / image["file_name"], settings)
 

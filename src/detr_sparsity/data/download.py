@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -150,17 +152,23 @@ def download_part(
     settings: DownloadSettings,
     *,
     size: int | None = None,
+    incomplete: Callable[[Path], str | None] | None = None,
 ) -> int | None:
     """Bring `part` up to the whole of `url`, resuming and retrying transient failures; return its size if known.
 
-    `size` is the expected size where the caller knows it; a server that answers 416 to a range
-    request has nothing past the bytes kept, which ends the download as it is.
+    `size` is the expected size where the caller knows it. Where neither it nor the server gives one,
+    `incomplete(part)` says why the bytes are not yet a whole file (None when they are): the rest is
+    then asked for, and a server with nothing more answers 416, which ends the download as it is.
     """
     attempts = settings.retries + 1
     progress = _Progress(size)
     for attempt in range(1, attempts + 1):
         try:
-            _attempt(url, part, settings.timeout_s, progress)
+            more = _attempt(url, part, settings.timeout_s, progress)
+            if more and progress.total is None and incomplete is not None and (why := incomplete(part)):
+                raise IncompleteDownloadError(
+                    f"{url} sent {_size(part):,} bytes: the file {why}", url, transient=True
+                )
             return progress.total
         except (OSError, http.client.HTTPException) as raw:
             error = _as_download_error(raw, url, settings.timeout_s)
