@@ -1,4 +1,4 @@
-"""COCO acquisition against a local HTTP server: checksums, resumption, seeded subsets."""
+"""COCO acquisition against a local HTTP server: checksums, resumption, faults and retries, seeded subsets."""
 
 from __future__ import annotations
 
@@ -6,19 +6,22 @@ import hashlib
 import io
 import json
 import random
+import logging
 import re
 import threading
+import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from detr_sparsity.data.coco import (
     Archive,
     ChecksumError,
+    InvalidImageError,
     choose_images,
     download_file,
     fetch_image,
@@ -26,6 +29,11 @@ from detr_sparsity.data.coco import (
     prepare_coco,
     subset_annotations,
 )
+from detr_sparsity.data.download import DownloadError, DownloadSettings, HTTPStatusError
+
+# Short waits keep the fault tests fast; the real values are in params.yaml.
+ONCE = DownloadSettings(timeout_s=2.0, retries=0, backoff_s=0.0)
+STALL_TIMEOUT_S = 0.3
 
 ANNOTATED_TRAIN_IDS = set(range(101, 109))  # 109 has only a crowd annotation, 110 none
 
@@ -37,8 +45,13 @@ class FakeServer:
     root: Path
     url: str = ""
     cut_after: int | None = None  # send only this many body bytes, then close the connection
+    send_length: bool = True  # False: no Content-Length, the body ends when the connection closes
     honor_range: bool = True
+    stall_after: int | None = None  # send this many body bytes, then nothing until the test ends
+    # Answered first, one per request: an HTTP status, "drop" (close without answering) or "silent".
+    failures: list[int | str] = field(default_factory=list)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)  # ends every stall
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -46,6 +59,14 @@ class _Handler(BaseHTTPRequestHandler):
         fake: FakeServer = self.server.fake
         range_header = self.headers.get("Range")
         fake.requests.append((self.path, range_header))
+        if fake.failures:
+            failure = fake.failures.pop(0)
+            if failure == "silent":
+                fake.release.wait(10)
+            elif failure != "drop":
+                self.send_error(failure)
+            self.close_connection = True
+            return
         path = fake.root / self.path.lstrip("/")
         if ".." in self.path or not path.is_file():
             self.send_error(404)
@@ -62,8 +83,14 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if fake.send_length:
+            self.send_header("Content-Length", str(len(body)))
+        self.close_connection = True
         self.end_headers()
+        if fake.stall_after is not None:
+            self.wfile.write(body[: fake.stall_after])
+            fake.release.wait(10)
+            return
         if fake.cut_after is not None:
             body = body[: fake.cut_after]
             self.close_connection = True
@@ -84,6 +111,7 @@ def server(tmp_path):
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield fake
+    fake.release.set()
     httpd.shutdown()
     httpd.server_close()
     thread.join()
@@ -110,7 +138,7 @@ def served_zip(server):
 def test_download_verifies_md5(served_zip, tmp_path):
     url, data = served_zip
     dest = tmp_path / "cache/small.zip"
-    assert download_file(url, dest, size=len(data), md5=_md5(data)) == dest
+    assert download_file(url, dest, size=len(data), md5=_md5(data), settings=ONCE) == dest
     assert dest.read_bytes() == data
     assert not dest.with_name("small.zip.part").exists()
 
@@ -119,7 +147,7 @@ def test_md5_mismatch_removes_download(served_zip, tmp_path):
     url, data = served_zip
     dest = tmp_path / "small.zip"
     with pytest.raises(ChecksumError) as error:
-        download_file(url, dest, size=len(data), md5="0" * 32)
+        download_file(url, dest, size=len(data), md5="0" * 32, settings=ONCE)
     message = str(error.value)
     assert "md5 mismatch" in message and url in message
     assert "0" * 32 in message and _md5(data) in message
@@ -132,26 +160,32 @@ def test_size_mismatch_is_a_clear_error(served_zip, tmp_path):
     dest = tmp_path / "small.zip"
     expected = f"size mismatch.*expected {len(data) - 1} bytes, got {len(data)} bytes"
     with pytest.raises(ChecksumError, match=expected):
-        download_file(url, dest, size=len(data) - 1, md5=_md5(data))
+        download_file(url, dest, size=len(data) - 1, md5=_md5(data), settings=ONCE)
     assert not dest.exists()
     assert not dest.with_name("small.zip.part").exists()
 
 
-def test_interrupted_download_resumes_with_range(server, served_zip, tmp_path):
+@pytest.mark.parametrize("send_length", [True, False], ids=["content-length", "no-content-length"])
+def test_interrupted_download_resumes_with_range(server, served_zip, tmp_path, send_length):
     url, data = served_zip
     dest = tmp_path / "small.zip"
     part = dest.with_name("small.zip.part")
     cut = 50_000
 
-    server.cut_after = cut
-    with pytest.raises(OSError, match="incomplete"):
-        download_file(url, dest, size=len(data), md5=_md5(data))
+    server.cut_after, server.send_length = cut, send_length
+    with pytest.raises(DownloadError) as error:
+        download_file(url, dest, size=len(data), md5=_md5(data), settings=ONCE)
+    # Without a Content-Length the archive's known size tells the cut.
+    assert str(error.value) == (
+        f"{url} closed the connection after 50,000 of {len(data):,} bytes; gave up after 1 attempt; "
+        f"rerun to resume: 50,000 of {len(data):,} bytes kept in {part}"
+    )
     assert part.stat().st_size == cut
     assert not dest.exists()
 
     server.cut_after = None
     server.requests.clear()
-    download_file(url, dest, size=len(data), md5=_md5(data))
+    download_file(url, dest, size=len(data), md5=_md5(data), settings=ONCE)
     assert server.requests == [("/zips/small.zip", f"bytes={cut}-")]
     assert dest.read_bytes() == data
     assert not part.exists()
@@ -162,7 +196,7 @@ def test_server_ignoring_range_restarts_from_zero(server, served_zip, tmp_path):
     dest = tmp_path / "small.zip"
     dest.with_name("small.zip.part").write_bytes(b"garbage that must be discarded")
     server.honor_range = False
-    download_file(url, dest, size=len(data), md5=_md5(data))
+    download_file(url, dest, size=len(data), md5=_md5(data), settings=ONCE)
     assert server.requests[0][1] is not None  # a Range was asked for ...
     assert dest.read_bytes() == data  # ... and the full 200 answer replaced the partial file
 
@@ -170,9 +204,9 @@ def test_server_ignoring_range_restarts_from_zero(server, served_zip, tmp_path):
 def test_verified_file_needs_no_request(server, served_zip, tmp_path):
     url, data = served_zip
     dest = tmp_path / "small.zip"
-    download_file(url, dest, size=len(data), md5=_md5(data))
+    download_file(url, dest, size=len(data), md5=_md5(data), settings=ONCE)
     server.requests.clear()
-    download_file(url, dest, size=len(data), md5=_md5(data))
+    download_file(url, dest, size=len(data), md5=_md5(data), settings=ONCE)
     assert server.requests == []
 
 
@@ -180,8 +214,198 @@ def test_fetch_image_rejects_undecodable_bytes(server, tmp_path):
     (server.root / "bad.jpg").write_bytes(b"not a jpeg")
     url = f"{server.url}/bad.jpg"
     with pytest.raises(RuntimeError, match=re.escape(url)):
-        fetch_image(url, tmp_path / "bad.jpg")
+        fetch_image(url, tmp_path / "bad.jpg", ONCE)
     assert list(tmp_path.glob("bad.jpg*")) == []
+
+
+# --- faults: cut, stalled and refused transfers, retries ----------------------------------
+
+
+@pytest.fixture
+def served_image(server):
+    """A JPEG of ~20 KB (noise does not compress) served at /train2017/x.jpg."""
+    data = _noisy_jpeg()
+    (server.root / "train2017").mkdir()
+    (server.root / "train2017/x.jpg").write_bytes(data)
+    return f"{server.url}/train2017/x.jpg", data
+
+
+def _noisy_jpeg() -> bytes:
+    noise = random.Random(0).randbytes(96 * 64 * 3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (96, 64), noise).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _leftovers(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.parent.glob(dest.name + "*"))
+
+
+@pytest.mark.parametrize("send_length", [True, False], ids=["content-length", "no-content-length"])
+def test_cut_image_is_kept_and_resumed(server, served_image, tmp_path, send_length):
+    url, data = served_image
+    dest, part = tmp_path / "x.jpg", tmp_path / "x.jpg.part"
+    half = len(data) // 2
+
+    server.cut_after, server.send_length = half, send_length
+    with pytest.raises(DownloadError) as error:
+        fetch_image(url, dest, ONCE)
+    message = str(error.value)
+    if send_length:
+        assert message == (
+            f"{url} closed the connection after {half:,} of {len(data):,} bytes; gave up after 1 attempt; "
+            f"rerun to resume: {half:,} of {len(data):,} bytes kept in {part}"
+        )
+    else:  # only decoding tells that the image was cut
+        assert message.startswith(f"{url} sent {half:,} bytes: the file does not decode fully (image file is truncated")
+        assert message.endswith(f"; gave up after 1 attempt; rerun to resume: {half:,} bytes kept in {part}")
+    assert _leftovers(dest) == ["x.jpg.part"] and part.read_bytes() == data[:half]
+
+    server.cut_after = None
+    server.requests.clear()
+    assert fetch_image(url, dest, ONCE) == dest
+    assert server.requests == [("/train2017/x.jpg", f"bytes={half}-")]
+    assert dest.read_bytes() == data and _leftovers(dest) == ["x.jpg"]
+
+
+def test_retries_resume_a_cut_image_within_one_call(server, served_image, tmp_path, caplog):
+    url, data = served_image
+    server.cut_after = len(data) // 2 + 1  # each answer brings a little over half of what was asked for
+    settings = DownloadSettings(timeout_s=2.0, retries=2, backoff_s=0.01)
+    with caplog.at_level(logging.WARNING):
+        fetch_image(url, tmp_path / "x.jpg", settings)
+    assert (tmp_path / "x.jpg").read_bytes() == data
+    assert server.requests == [("/train2017/x.jpg", None), ("/train2017/x.jpg", f"bytes={len(data) // 2 + 1}-")]
+    assert f"{url} closed the connection after" in caplog.text and "(attempt 1 of 3); retrying in 0.01 s" in caplog.text
+
+
+@pytest.mark.parametrize("what", ["archive", "image"])
+def test_stalled_transfer_keeps_bytes_and_resumes(server, served_zip, served_image, tmp_path, what):
+    url, data = served_zip if what == "archive" else served_image
+    dest = tmp_path / url.rsplit("/", 1)[1]
+    part = dest.with_name(dest.name + ".part")
+    kept = 5_000
+    settings = DownloadSettings(timeout_s=STALL_TIMEOUT_S, retries=0, backoff_s=0.0)
+
+    def get():
+        if what == "archive":
+            return download_file(url, dest, size=len(data), md5=_md5(data), settings=settings)
+        return fetch_image(url, dest, settings)
+
+    server.stall_after = kept
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as error:
+        get()
+    assert time.monotonic() - start < 5 * STALL_TIMEOUT_S
+    assert str(error.value) == (
+        f"no data from {url} for {STALL_TIMEOUT_S:g} s; gave up after 1 attempt; "
+        f"rerun to resume: {kept:,} of {len(data):,} bytes kept in {part}"
+    )
+    # Small reads written as they arrive: what came before the stall is on disk.
+    assert part.read_bytes() == data[:kept] and not dest.exists()
+
+    server.stall_after = None
+    server.requests.clear()
+    assert get() == dest
+    assert [r for _, r in server.requests] == [f"bytes={kept}-"]
+    assert dest.read_bytes() == data and not part.exists()
+
+
+@pytest.mark.parametrize("failure", [503, 500, 429, 408, "drop", "silent"])
+def test_transient_failures_are_retried_with_backoff(server, served_image, tmp_path, caplog, failure):
+    url, data = served_image
+    server.failures = [failure, failure]
+    settings = DownloadSettings(timeout_s=STALL_TIMEOUT_S, retries=2, backoff_s=0.02)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        fetch_image(url, tmp_path / "x.jpg", settings)
+    assert time.monotonic() - start >= 0.02 + 0.04  # the backoff doubles
+    assert (tmp_path / "x.jpg").read_bytes() == data
+    assert len(server.requests) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all(url in w for w in warnings)
+    assert "(attempt 1 of 3); retrying in 0.02 s" in warnings[0]
+    assert "(attempt 2 of 3); retrying in 0.04 s" in warnings[1]
+    if isinstance(failure, int):
+        assert f"{url} answered HTTP {failure} " in warnings[0]
+
+
+def test_retries_are_bounded_and_reported(server, served_image, tmp_path):
+    url, _ = served_image
+    server.failures = [503] * 5
+    settings = DownloadSettings(timeout_s=2.0, retries=2, backoff_s=0.01)
+    with pytest.raises(HTTPStatusError) as error:
+        fetch_image(url, tmp_path / "x.jpg", settings)
+    assert str(error.value) == (
+        f"{url} answered HTTP 503 Service Unavailable; gave up after 3 attempts; rerun to try again"
+    )
+    assert error.value.status == 503 and error.value.url == url
+    assert len(server.requests) == 3
+    assert _leftovers(tmp_path / "x.jpg") == []
+
+
+@pytest.mark.parametrize("status", [404, 403])
+def test_client_errors_fail_at_once(server, tmp_path, status):
+    url = f"{server.url}/train2017/missing.jpg"
+    if status == 403:
+        server.failures = [403]
+    settings = DownloadSettings(timeout_s=2.0, retries=1, backoff_s=3.0)  # a retry would show in the time
+    start = time.monotonic()
+    with pytest.raises(HTTPStatusError) as error:
+        fetch_image(url, tmp_path / "missing.jpg", settings)
+    assert time.monotonic() - start < 2
+    reason = {404: "Not Found", 403: "Forbidden"}[status]
+    assert str(error.value) == (
+        f"{url} answered HTTP {status} {reason}; not retried; check base_url and that the server holds this file"
+    )
+    assert len(server.requests) == 1
+    assert _leftovers(tmp_path / "missing.jpg") == []
+
+
+def test_cut_image_then_server_ignoring_range_restarts_cleanly(server, served_image, tmp_path):
+    url, data = served_image
+    dest = tmp_path / "x.jpg"
+    server.cut_after = 3_000
+    with pytest.raises(DownloadError, match="rerun to resume: 3,000 of"):
+        fetch_image(url, dest, ONCE)
+    server.cut_after, server.honor_range = None, False
+    server.requests.clear()
+    fetch_image(url, dest, ONCE)
+    assert server.requests == [("/train2017/x.jpg", "bytes=3000-")]  # asked for the rest, got a 200
+    assert dest.read_bytes() == data and _leftovers(dest) == ["x.jpg"]
+
+
+@pytest.mark.parametrize("send_length", [True, False], ids=["content-length", "no-content-length"])
+def test_truncated_copy_on_the_server_is_rejected(server, served_image, tmp_path, send_length):
+    url, data = served_image
+    (server.root / "train2017/x.jpg").write_bytes(data[:-1])  # even one byte short
+    server.send_length = send_length
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    settings = DownloadSettings(timeout_s=2.0, retries=1, backoff_s=0.0)  # room to ask for the rest once
+    with pytest.raises(InvalidImageError) as error:
+        fetch_image(url, tmp_path / "x.jpg", settings)
+    part = tmp_path / "x.jpg.part"
+    assert str(error.value).startswith(f"image downloaded from {url} does not decode fully (image file is truncated")
+    assert str(error.value).endswith(f"; removed {part}: rerun to download it again, "
+                                     "and check the server's copy if this repeats")
+    assert _leftovers(tmp_path / "x.jpg") == []
+    # Without a length the rest was asked for once; the server's 416 said there is none.
+    expected = [None] if send_length else [None, f"bytes={len(data) - 1}-"]
+    assert [r for _, r in server.requests] == expected
+
+
+def test_existing_image_that_does_not_decode_is_fetched_again(server, served_image, tmp_path, caplog):
+    url, data = served_image
+    dest = tmp_path / "x.jpg"
+    dest.write_bytes(data[: len(data) // 2])  # what an interrupted run used to leave as complete
+    with caplog.at_level(logging.WARNING):
+        fetch_image(url, dest, ONCE)
+    assert f"{dest} does not decode fully (image file is truncated" in caplog.text
+    assert "; downloading it again" in caplog.text
+    assert dest.read_bytes() == data and server.requests == [("/train2017/x.jpg", None)]
+    server.requests.clear()
+    fetch_image(url, dest, ONCE)  # whole now: no request
+    assert server.requests == []
 
 
 def test_mirror_url_and_subset():
@@ -310,7 +534,8 @@ def test_prepare_coco_downloads_from_mirror(server, tmp_path):
     archives = _serve_fake_coco(server.root)
     cache = tmp_path / "cache"
     kwargs = dict(root=None, base_url=server.url, download_dir=cache, val_images=2,
-                  train_images=3, calibration_images=2, seed=0, archives=archives)
+                  train_images=3, calibration_images=2, seed=0, archives=archives,
+                  download=asdict(ONCE))
 
     splits = prepare_coco(out_dir=tmp_path / "out", **kwargs)
     ids = _check_output(tmp_path / "out", splits, val_count=2)
@@ -338,12 +563,19 @@ def test_prepare_coco_downloads_from_mirror(server, tmp_path):
     assert server.requests == []
     assert _check_output(tmp_path / "full", full, val_count=6)["val"] == list(range(1, 7))
 
+    # A cached image one byte short (as an older run could leave it) is fetched again, not taken as done.
+    cut = cache / "train2017" / on_disk[0]
+    cut.write_bytes(cut.read_bytes()[:-1])
+    prepare_coco(out_dir=tmp_path / "recut", **kwargs)
+    assert server.requests == [(f"/train2017/{on_disk[0]}", None)]
+    assert cut.read_bytes() == (server.root / "train2017" / on_disk[0]).read_bytes()
+
 
 def test_prepare_coco_from_local_root(tmp_path):
     root = _local_root(tmp_path / "coco")
     cache = tmp_path / "unused-cache"
     kwargs = dict(root=root, base_url="http://127.0.0.1:9", download_dir=cache, val_images=3,
-                  train_images=3, calibration_images=2, seed=7)
+                  train_images=3, calibration_images=2, seed=7, download=asdict(ONCE))
     splits = prepare_coco(out_dir=tmp_path / "out", **kwargs)
     _check_output(tmp_path / "out", splits, val_count=3)
     assert Path(splits["val"]["images"]) == (root / "val2017").resolve()

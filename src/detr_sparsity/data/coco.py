@@ -7,26 +7,23 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
-from PIL import Image
+from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from detr_sparsity.atomic import atomic_path, write_json
+from detr_sparsity.data.download import DownloadSettings, download_part
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "http://images.cocodataset.org"
-TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -64,25 +61,8 @@ class ChecksumError(RuntimeError):
     """A downloaded file does not have the expected size or md5."""
 
 
-class IncompleteDownloadError(OSError):
-    """The server closed the connection before sending the whole file."""
-
-
 class InvalidImageError(RuntimeError):
-    """A downloaded image does not decode."""
-
-
-def _progress(total: int | None, initial: int, desc: str) -> tqdm:
-    """Return a byte progress bar, silent when stderr is not a terminal."""
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=not sys.stderr.isatty(),
-    )
+    """A downloaded image does not decode fully."""
 
 
 def _md5(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -107,41 +87,8 @@ def _mismatch(path: Path, size: int | None, md5: str | None) -> tuple[str, str, 
     return None
 
 
-def _transfer(url: str, part: Path, offset: int, chunk_bytes: int) -> None:
-    """Append the bytes of `url` from `offset` on to `part`; raise if the stream ends short."""
-    headers = {"User-Agent": "detr-sparsity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-        if offset and response.status != 206:
-            log.info("%s ignored the range request; downloading from the start", url)
-            offset = 0
-        elif offset:
-            content_range = response.headers.get("Content-Range", "")
-            match = re.match(r"bytes (\d+)-", content_range)
-            if not match or int(match[1]) != offset:
-                raise OSError(
-                    f"{url} answered range {offset}- with {content_range!r}; "
-                    f"delete {part} to restart"
-                )
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
-        with open(part, "ab" if offset else "wb") as f, _progress(total, offset, part.name) as bar:
-            while chunk := response.read(chunk_bytes):
-                f.write(chunk)
-                bar.update(len(chunk))
-    received = part.stat().st_size
-    # http.client returns an empty read when the connection closes early instead of raising.
-    if total is not None and received < total:
-        raise IncompleteDownloadError(
-            f"transfer of {url} was incomplete ({received} of {total} bytes); "
-            f"rerun to resume from {part}"
-        )
-
-
 def download_file(
-    url: str, dest: Path, *, size: int | None, md5: str | None, chunk_bytes: int = 1 << 20
+    url: str, dest: Path, *, size: int | None, md5: str | None, settings: DownloadSettings
 ) -> Path:
     """Download `url` to `dest`, resuming a partial download and verifying size and md5."""
     dest = Path(dest)
@@ -155,14 +102,10 @@ def download_file(
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     if size is None or have < size:
-        resuming = f" (resuming at {have} bytes)" if have else ""
+        resuming = f" (resuming at {have:,} bytes)" if have else ""
         log.info("downloading %s to %s%s", url, dest, resuming)
-        try:
-            _transfer(url, part, have, chunk_bytes)
-        except urllib.error.HTTPError as error:
-            # 416: the partial file is already as long as the server's copy; verification decides.
-            if error.code != 416 or not have:
-                raise
+        # Failures keep what arrived in `part` and say so; a short file is never checksummed.
+        download_part(url, part, settings, size=size)
     mismatch = _mismatch(part, size, md5)
     if mismatch is not None:
         what, expected, actual = mismatch
@@ -176,21 +119,46 @@ def download_file(
     return dest
 
 
-def fetch_image(url: str, dest: Path) -> Path:
-    """Download one image to `dest` unless present, checking that it decodes."""
+def _image_problem(path: Path, size: int | None) -> str | None:
+    """Say why `path` is not a complete image (wrong size, or it does not decode fully), or None."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by imported code), so a cut image would "
+            "decode as complete; leave it False"
+        )
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        return f"holds {actual:,} of {size:,} bytes"
+    try:
+        with Image.open(path) as image:
+            # verify() passes a JPEG cut short; load() decodes every byte and fails on a truncated one.
+            image.load()
+    except Exception as error:
+        return f"does not decode fully ({error})"
+    return None
+
+
+def fetch_image(url: str, dest: Path, settings: DownloadSettings) -> Path:
+    """Download one image to `dest` unless a complete copy is there, resuming a partial download."""
     dest = Path(dest)
     if dest.exists():
-        return dest
+        problem = _image_problem(dest, None)
+        if problem is None:
+            return dest
+        # Images are small: a bad one (an older run may have saved a cut one) is simply fetched again.
+        log.warning("%s %s; downloading it again", dest, problem)
+        dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    # Images are small, so a partial one is simply fetched again from the start.
-    _transfer(url, part, 0, 1 << 20)
-    try:
-        with Image.open(part) as image:
-            image.verify()
-    except Exception as error:
+    # Without a Content-Length only decoding tells a cut image; then the rest is asked for.
+    total = download_part(url, part, settings, incomplete=lambda path: _image_problem(path, None))
+    problem = _image_problem(part, total)
+    if problem is not None:
         part.unlink()
-        raise InvalidImageError(f"image downloaded from {url} does not decode: {error}") from error
+        raise InvalidImageError(
+            f"image downloaded from {url} {problem}; removed {part}: rerun to download it again, "
+            "and check the server's copy if this repeats"
+        )
     os.replace(part, dest)
     return dest
 
@@ -273,13 +241,19 @@ def _extract(zip_path: Path, members: list[str] | None, target: Path, md5: str) 
         tmp.write_text(md5 + "\n")
 
 
-def _download_archives(base_url: str, download_dir: Path, archives: dict[str, Archive]) -> None:
+def _download_archives(
+    base_url: str, download_dir: Path, archives: dict[str, Archive], settings: DownloadSettings
+) -> None:
     """Download and extract the annotation and val2017 archives into `download_dir`."""
     base = base_url.rstrip("/")
     for name in (ANNOTATIONS_ARCHIVE, VAL_ARCHIVE):
         archive = archives[name]
         zip_path = download_file(
-            f"{base}/{archive.path}", download_dir / name, size=archive.size, md5=archive.md5
+            f"{base}/{archive.path}",
+            download_dir / name,
+            size=archive.size,
+            md5=archive.md5,
+            settings=settings,
         )
         if name == ANNOTATIONS_ARCHIVE:
             members = ["annotations/instances_val2017.json", "annotations/instances_train2017.json"]
@@ -289,15 +263,18 @@ def _download_archives(base_url: str, download_dir: Path, archives: dict[str, Ar
         _extract(zip_path, members, download_dir, archive.md5)
 
 
-def _fetch_images(images: list[dict], base_url: str, image_dir: Path) -> None:
-    """Fetch each image from the mirror into `image_dir`, skipping those already there."""
-    missing = [im for im in images if not (image_dir / im["file_name"]).exists()]
+def _fetch_images(
+    images: list[dict], base_url: str, image_dir: Path, settings: DownloadSettings
+) -> None:
+    """Fetch each image from the mirror into `image_dir`, keeping those already there and whole."""
+    present = sum((image_dir / im["file_name"]).exists() for im in images)
     log.info(
-        "fetching %d of %d images into %s (%d already present)",
-        len(missing), len(images), image_dir, len(images) - len(missing),
+        "fetching %d of %d images into %s (%d already present, each checked to decode fully)",
+        len(images) - present, len(images), image_dir, present,
     )
-    for image in tqdm(missing, desc="images", unit="img", disable=not sys.stderr.isatty()):
-        fetch_image(mirror_url(image["coco_url"], base_url), image_dir / image["file_name"])
+    for image in tqdm(images, desc="images", unit="img", disable=not sys.stderr.isatty()):
+        url = mirror_url(image["coco_url"], base_url)
+        fetch_image(url, image_dir / image["file_name"], settings)
 
 
 def _split_path(path: Path, out_dir: Path) -> str:
@@ -318,9 +295,14 @@ def prepare_coco(
     train_images: int,
     calibration_images: int,
     seed: int,
+    download: Mapping[str, Any],
     archives: dict[str, Archive] | None = None,
 ) -> dict:
-    """Write the val, train and calibration annotation files and splits.json into `out_dir`."""
+    """Write the val, train and calibration annotation files and splits.json into `out_dir`.
+
+    `download` is the study's `data.download` block: timeout_s, retries and backoff_s.
+    """
+    settings = DownloadSettings(**download)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if root is not None:
@@ -330,7 +312,7 @@ def prepare_coco(
         source = root
     else:
         source = Path(download_dir)
-        _download_archives(base_url, source, archives or ARCHIVES)
+        _download_archives(base_url, source, archives or ARCHIVES, settings)
     val_json = source / "annotations/instances_val2017.json"
     train_json = source / "annotations/instances_train2017.json"
     val_dir, train_dir = source / "val2017", source / "train2017"
@@ -358,7 +340,7 @@ def prepare_coco(
         subset = subset_annotations(train, ids)
         log.info("%s split: %d train2017 images", name, len(ids))
         if root is None:
-            _fetch_images(subset["images"], base_url, train_dir)
+            _fetch_images(subset["images"], base_url, train_dir, settings)
         else:
             _check_images_present(subset["images"], train_dir)
         write_json(out_dir / f"instances_{name}.json", subset)

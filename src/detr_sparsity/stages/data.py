@@ -32,6 +32,7 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, out: Path) -> None:
                 train_images=data["train_images"],
                 calibration_images=data["calibration_images"],
                 seed=cfg.seed,
+                download=data["download"],
             )
     tracked.log_artifact(out / MANIFEST)
     tracked.log_metrics({f"images_{split}": len(CocoDetection(load_split(out, split))) for split in manifest})
