@@ -239,12 +239,6 @@ def _target(image_id: int, box: list[float]) -> dict:
                                                    "bbox": box, "area": box[2] * box[3], "iscrowd": 0}]}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN BUG (reported, not fixed here): transformers' DETR processor (since its PR #28363) re-normalises "
-    "the label boxes of a padded image to the padded canvas, while DETR's predictions and "
-    "post_process_object_detection (hence detect()) are relative to the visible image, as in the original "
-    "DETR. Every padded image of a training batch gets shrunken, shifted targets: the task objective on "
-    "COCO (mgs cache batches of mixed aspect ratios), and pretraining on images of mixed sizes."))
 def test_label_boxes_are_relative_to_the_visible_image_whatever_the_batch():
     """The ground truth the set-prediction loss is given must be in the frame of DETR's predictions: (cx, cy, w, h)
     relative to the image's own (resized, unpadded) extent, the frame detect() maps back to pixels."""
@@ -258,7 +252,8 @@ def test_label_boxes_are_relative_to_the_visible_image_whatever_the_batch():
     alone = [collate([image])["labels"][0]["boxes"].tolist() for image in (landscape, portrait)]
     assert alone == [[[0.25, 0.5, 0.375, 0.5]], [[0.5, 0.4375, 0.5, 0.75]]]  # unpadded: right
     together = [labels["boxes"].tolist() for labels in batch["labels"]]
-    assert together == alone  # fails: [[0.25, 0.25, 0.375, 0.25]] and [[0.25, 0.4375, 0.25, 0.75]]
+    # (the image processor alone gives [[0.25, 0.25, 0.375, 0.25]] and [[0.25, 0.4375, 0.25, 0.75]]: the canvas)
+    assert together == alone
 
 
 # =========================================================================================================

@@ -88,5 +88,22 @@ class DetrCollate:
             "orig_sizes": torch.tensor([[img.height, img.width] for img in images]),
         }
         if self.with_labels:
-            out["labels"] = [{"class_labels": lab["class_labels"], "boxes": lab["boxes"]} for lab in encoded["labels"]]
+            out["labels"] = [{"class_labels": lab["class_labels"], "boxes": visible_frame(lab["boxes"], mask)}
+                             for lab, mask in zip(encoded["labels"], encoded["pixel_mask"])]
         return out
+
+
+def visible_frame(boxes: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+    """Normalised (cx, cy, w, h) boxes relative to the image's own (resized, unpadded) extent.
+
+    The image processor normalises a padded image's label boxes to the padded canvas of the batch, but DETR
+    predicts boxes relative to the visible image (as the original DETR trains it, and as the pretrained
+    DETR-R50 and post_process_object_detection, hence `detect`, assume). An unpadded image is left exactly as is.
+    """
+    canvas_h, canvas_w = pixel_mask.shape
+    visible_h = int(pixel_mask.any(dim=1).sum())
+    visible_w = int(pixel_mask.any(dim=0).sum())
+    if (visible_h, visible_w) == (canvas_h, canvas_w):
+        return boxes
+    scale = torch.tensor([canvas_w / visible_w, canvas_h / visible_h] * 2, dtype=boxes.dtype)
+    return boxes * scale
