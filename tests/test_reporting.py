@@ -118,3 +118,29 @@ def test_a_record_without_one_dense_row_is_refused(tmp_path):
     path.write_text(json.dumps([row("sibs", {"indicator": "firing_frequency", "threshold": 0.1}, 0.2, 0.3)]))
     with pytest.raises(ValueError, match="0 dense rows"):
         StudyRecord.load(path).dense
+
+
+def plotted(ax) -> dict[str, list[tuple[float, float]]]:
+    """Every labelled line of one panel: its (x, y) points, as matplotlib holds them."""
+    return {line.get_label(): list(zip(map(float, line.get_xdata()), map(float, line.get_ydata())))
+            for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def test_f3_plots_each_method_at_its_own_flops_reduction_and_ap(record):
+    """F3's content, read back from the drawn lines: 1 - FFN FLOPs as run / dense against AP, per row."""
+    lines = plotted(figures.f3_flops_vs_ap(record).axes[0])
+    # by hand from the record: dense 100/100 -> 0; SIBS and top-k 50/100 -> 0.5; MGS 12/100 -> 0.88
+    assert lines["dense"] == [(0.0, 0.30)]
+    assert lines["SIBS"] == [(0.5, 0.30), (0.5, 0.25), (0.5, 0.05)]
+    assert lines["MGS (task)"] == [(pytest.approx(0.88), 0.21)]
+    assert lines["top-k (oracle)"] == [(0.5, 0.30)]  # keep-ratio 1 (the dense check) is left out
+
+
+def test_f2_plots_topk_and_random_at_their_induced_sparsity(record):
+    fig = figures.f2_topk_vs_random(record)
+    assert fig.axes[0].get_title() == "all blocks"
+    lines = plotted(fig.axes[0])
+    # induced sparsity 1 - keep-ratio: 0 and 0.9; AP 0.30 for top-k, 0.02 for random (the record's values)
+    assert lines["top-k (oracle)"] == [(0.0, 0.30), (pytest.approx(0.9), 0.30)]
+    assert lines["random"] == [(0.0, 0.02), (pytest.approx(0.9), 0.02)]
+    assert lines["dense"] == [(0.0, 0.30), (1.0, 0.30)]  # the dense AP as a line across the panel
