@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from detr_sparsity.config import ConfigError, StudyConfig
+from detr_sparsity.config import ConfigError, StudyConfig, load_config
 from detr_sparsity.pipeline import PIPELINE, Stage, check_resources, describe, dvc_yaml, option, stage_params
 
 log = logging.getLogger("detr_sparsity")
@@ -30,8 +30,6 @@ def _setup_logging(log_file: Path | None) -> None:
 
 def load_study(params: Path) -> StudyConfig:
     """params.yaml, validated: the schema, the cross-field rules, and the stage names of its resources."""
-    from detr_sparsity.config import load_config
-
     cfg = load_config(params)
     check_resources(cfg)
     return cfg

@@ -44,7 +44,7 @@ for stage in STAGES:
         rule:
             name: f"{stage.name}_shard"
             input:
-                **{k: v for k, v in inputs(stage).items()},
+                **inputs(stage),
             output:
                 **{stage.detections: temp(directory(output) if stage.detections in stage.directories else output)},
             params:
