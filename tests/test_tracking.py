@@ -85,3 +85,26 @@ def test_parallel_stage_runs_after_init_all_land(store):
     assert all(r.info.status == "FINISHED" for r in runs)
     assert sorted(r.data.metrics["final"] for r in runs) == [float(i) for i in range(8)]
     assert all(len(client.get_metric_history(r.info.run_id, "value")) == 20 for r in runs)
+
+
+def test_every_stage_run_records_its_cost_and_machine(store, tmp_path, monkeypatch):
+    """Wall and CPU seconds, torch threads, and the machine (its instruction-set class read independently here)."""
+    import yaml
+
+    from detr_sparsity.cli import run_stage
+    from tiny_project import TINY, make_tiny_project
+
+    root = make_tiny_project(tmp_path / "project")
+    monkeypatch.chdir(root)
+    cfg = load_config(root / "params.yaml")
+    run_id = run_stage(cfg, "data", out=root / "results/synthetic/data")
+    run = MlflowClient(store).get_run(run_id)
+    metrics, tags = run.data.metrics, run.data.tags
+    assert 0 < metrics["cpu_seconds"] and 0 < metrics["wall_seconds"] < 600
+    assert metrics["threads"] >= 1
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    assert tags["machine.instruction_set"] == ("avx512" if "avx512f" in flags else "avx2" if "avx2" in flags
+                                               else "other")
+    assert int(tags["machine.cores"]) >= 1 and float(tags["machine.load_average"]) >= 0
+    splits = yaml.safe_load((root / "results/synthetic/data/splits.json").read_text())
+    assert set(splits) == set(TINY["data"]["splits"])  # the stage itself ran

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import resource
 import sys
+import time
 from pathlib import Path
 
 from detr_sparsity.config import ConfigError, StudyConfig, load_config
+from detr_sparsity.machine import machine
 from detr_sparsity.pipeline import PIPELINE, Stage, check_resources, describe, dvc_yaml, option, stage_params
 
 log = logging.getLogger("detr_sparsity")
@@ -81,9 +84,30 @@ def run_stage(cfg: StudyConfig, name: str, **arguments) -> str:
         from detr_sparsity.device import job_device
 
         log.info("computing on %s", job_device())
+    where = machine()  # the load average before the stage adds its own
+    wall, cpu = time.perf_counter(), _cpu_seconds()
     with tracking.stage_run(cfg, name, stage_params(cfg, name), setting or None) as run:
         module.run_stage(cfg, run, **arguments)
+        cost = {"wall_seconds": time.perf_counter() - wall, "cpu_seconds": _cpu_seconds() - cpu,
+                "threads": _torch_threads()}
+        run.log_metrics(cost)
+        run.set_tags({f"machine.{key}": str(value) for key, value in where.items()})
+        log.info("cost: %.1f s wall, %.1f s CPU, %d thread(s) on %s (%s, %d cores, load %.2f at start)",
+                 cost["wall_seconds"], cost["cpu_seconds"], cost["threads"], where["cpu"],
+                 where["instruction_set"], where["cores"], where["load_average"])
     return run.run_id
+
+
+def _cpu_seconds() -> float:
+    """User and system CPU time of this process and of the children it waited for (latexmk)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _torch_threads() -> int:
+    """Torch's intra-op threads where the stage used torch (OMP_NUM_THREADS, which Snakemake sets), else 1."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else 1
 
 
 def cmd_stage(cfg: StudyConfig, args) -> None:
