@@ -11,7 +11,7 @@ from transformers import DetrImageProcessorPil
 from detr_sparsity.execution.gated_detr import GatedFFN, SparseGatedFFN, load_gated_detr, set_execution
 from detr_sparsity.execution.gated_ffn import PackedFFN, dispatch_ffn, sparse_ffn
 from detr_sparsity.execution import benchmark
-from detr_sparsity.execution.cpu_kernel import cpu_kernel
+from detr_sparsity.execution.cpu_kernel import CFLAGS, LDFLAGS, build_key, cpu_flags, cpu_kernel, extension_name
 from detr_sparsity.mgs.gates import make_gates, save_gates
 from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
 from detr_sparsity.sparsity.ffn import ffn_blocks, sparse_ffns
@@ -103,6 +103,33 @@ def test_detr_r50_block_shape_at_90_percent():
 def test_the_compiled_kernel_builds_where_a_compiler_exists():
     # Where a compiler exists the fast path must really be the one measured, not the fallback.
     assert cpu_kernel() is not None
+
+
+def test_the_build_is_keyed_by_the_cpus_instruction_set(tmp_path):
+    # A -march=native build cached in a shared home directory must never load on another kind of CPU.
+    avx512 = frozenset({"fpu", "sse2", "avx", "avx2", "fma", "avx512f", "avx512bw"})
+    avx2 = avx512 - {"avx512f", "avx512bw"}
+    assert build_key(CFLAGS, avx512) != build_key(CFLAGS, avx2)
+    assert build_key(CFLAGS, avx2) != build_key(CFLAGS, avx2 | {"avx_vnni"})
+    assert build_key(CFLAGS, avx2) != build_key(CFLAGS[:1], avx2)  # other compile flags, another build
+    assert build_key(CFLAGS, avx2) == build_key(CFLAGS, frozenset(sorted(avx2)))
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "sse2", "avx2", "fma"}
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+    # This machine's name: its capability readable, its flags hashed (where /proc/cpuinfo exists).
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    assert extension_name().startswith(f"detr_sparsity_gated_ffn_v1_{capability}_")
+    if cpu_flags():
+        key = build_key(CFLAGS + LDFLAGS, cpu_flags(), __import__("platform").machine())
+        assert extension_name() == f"detr_sparsity_gated_ffn_v1_{capability}_{key}"
+
+
+@pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler: the PyTorch path runs")
+def test_the_compiled_module_lives_in_the_keyed_build_directory():
+    from pathlib import Path
+
+    assert Path(cpu_kernel().__file__).parent.name == extension_name()
 
 
 def test_a_mask_that_does_not_fit_is_refused():
