@@ -12,7 +12,10 @@ Stage `benchmark` on the default study (machine shared with other jobs, load ave
 six R50 encoder blocks at 90 % induced sparsity with masks sampled from the trained distillation gates, gate
 cost included: 2.8x faster than dense fc1/fc2 with 2 threads, 4.1x with 1 thread (FLOPs allow 7.6x).
 (Fusing fc2 with register-held output chunks over a compacted list of nonzero hidden values measured
-slower, 1.5x against 4.4x, and was dropped.)
+slower, 1.5x against 4.4x, and was dropped. So was a register-blocked fc2 per group and tile, 4 tokens or each
+token alone, with fc1 and fc2 of a group in one contiguous block: no faster at the same tile, slower at 50 %
+sparsity; benchmarks/fc2_blocked.py. The same run found larger tiles faster for the encoder's 850 tokens, see
+its JSON.)
 The kernel never materialises the gathered tokens: each thread takes a tile of tokens, and for each group
 the tile's tokens that open it, four at a time, so that the group's 16 x d weights stay in L1 and feed four
 FMA chains. It also skips fc2's rows for hidden values that ReLU zeroed (they add nothing), so on real
