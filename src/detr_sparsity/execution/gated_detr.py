@@ -111,8 +111,8 @@ def load_gated_detr(model: str | Path | DetrForObjectDetection, gates: str | Pat
     """A DETR (hub id, local directory or loaded model) with the gate set saved at `gates` built in, in eval mode,
     executing its gated FFN blocks as `execution`."""
     check_execution(execution)
-    source = {"source": model.config.name_or_path if isinstance(model, DetrForObjectDetection) else str(model),
-              "revision": revision}
+    source = {"source": (model.config.name_or_path or None) if isinstance(model, DetrForObjectDetection)
+              else str(model), "revision": revision}
     if not isinstance(model, DetrForObjectDetection):
         model = load_detr(model, revision)
     model = add_gates(model.eval(), load_gates(gates), execution).eval()
