@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CORES ?= 8
 
-.PHONY: study test install lint benchmark pull clean
+.PHONY: study test install lint benchmark pull ui clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -36,6 +36,13 @@ benchmark: install
 # matches dvc.lock, `snakemake --touch` so that Snakemake sees the pulled outputs as up to date too.
 pull: install
 	$(PYTHON) -m detr_sparsity.sharing
+
+# The MLflow UI on the study's runs: starts `mlflow ui` on the project's store (MLFLOW_TRACKING_URI, default
+# sqlite:///mlflow.db) on 127.0.0.1 and prints the URL of the study experiment's run table (MLflow 3 would otherwise
+# open on an empty GenAI traces page). UI_PORT=5001 make ui for another port.
+UI_PORT ?= 5000
+ui: install
+	$(PYTHON) -m detr_sparsity.ui --port $(UI_PORT)
 
 clean:
 	rm -rf results .snakemake mlflow.db mlruns mlartifacts

@@ -144,3 +144,61 @@ def test_f2_plots_topk_and_random_at_their_induced_sparsity(record):
     assert lines["top-k (oracle)"] == [(0.0, 0.30), (pytest.approx(0.9), 0.30)]
     assert lines["random"] == [(0.0, 0.02), (pytest.approx(0.9), 0.02)]
     assert lines["dense"] == [(0.0, 0.30), (1.0, 0.30)]  # the dense AP as a line across the panel
+
+
+# ---------------------------------------------------------------- figures read at a glance (drawn, then read back)
+
+def _labels(axis, minor=False):
+    axis.axes.figure.canvas.draw()
+    return [t.get_text() for t in (axis.get_minorticklabels() if minor else axis.get_majorticklabels())
+            if t.get_text()]
+
+
+def _speed(threads):
+    def timed(shape, scope, method, flops, measured):
+        return {"shape": shape, "scope": scope, "method": method, "setting": "0.9",
+                "objective": "distillation" if method == "mgs" else None, "flops_speedup": flops, "speedup": measured}
+    return {"threads": threads, "amdahl_ceiling": {"study": 1.3, "detr-r50": 1.08},
+            "rows": [timed("study", "encoder", "mgs", 7.6, 3.6), timed("study", "model", "mgs", 1.25, 1.1),
+                     timed("study", "encoder", "sibs", 1.1, 0.9), timed("detr-r50", "encoder", "mgs", 13.0, 5.0),
+                     timed("detr-r50", "decoder", "mgs", 1.9, 1.3)]}
+
+
+@pytest.mark.parametrize("threads, wording", [(1, "(1 thread)"), (2, "(2 threads)")])
+def test_f6_speedups_read_as_times_and_its_legend_stays_off_the_data(threads, wording):
+    figures._style()
+    fig = figures.f6_speed(_speed(threads))
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = _labels(axis)
+            assert {"1\u00d7", "2\u00d7", "4\u00d7"} <= set(labels), labels
+            assert not _labels(axis, minor=True)
+        assert ax.get_ylabel().endswith(wording) and ax.get_legend() is None
+    (legend,) = fig.legends
+    renderer = fig.canvas.get_renderer()
+    assert legend.get_window_extent(renderer).y1 <= min(ax.get_window_extent(renderer).y0 for ax in fig.axes)
+    figures.plt.close(fig)
+
+
+def test_f4_loss_axes_read_as_plain_numbers_and_an_undrawable_panel_says_so(record):
+    def training(objective, target, losses):
+        return {"objective": objective, "target": target,
+                "curve": [{"step": 10 * i, "induced_sparsity": 0.5, "budget": 0.5, "objective_loss": loss}
+                          for i, loss in enumerate(losses)]}
+    rows = record.rows + [row("mgs", {"objective": "distillation", "target": 0.9, "group_size": 16}, 0.2, 0.9, 12.0)]
+    trainings = {("task", 0.9): training("task", 0.9, [7.2, 6.9, 6.83, 6.81]),
+                 ("distillation", 0.9): training("distillation", 0.9, [0.0, 0.0, 0.0])}
+    figures._style()
+    fig = figures.f4_gate_training(StudyRecord(rows), trainings)
+    task, distillation = fig.axes[2], fig.axes[3]
+    assert task.get_yscale() == "log"
+    labels = _labels(task.yaxis) + _labels(task.yaxis, minor=True)
+    assert labels and all(label.replace(".", "").isdigit() for label in labels), labels
+    assert distillation.get_yscale() == "linear"
+    assert [t.get_text() for t in distillation.texts] == ["loss 0 at every step:\nnot drawn on a log scale"]
+    figures.plt.close(fig)
+
+
+def test_plain_numbers_have_no_exponent_where_none_is_needed():
+    assert [figures._plain_number(v) for v in (6.828, 0.1, 0.05, 20.0, 1.0, 1500.0, 1e-6)] == \
+        ["6.828", "0.1", "0.05", "20", "1", "1500", "1e-06"]

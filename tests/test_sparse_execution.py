@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import DetrImageProcessorPil
+from transformers import DetrForObjectDetection, DetrImageProcessorPil
 
-from detr_sparsity.execution.gated_detr import GatedFFN, SparseGatedFFN, load_gated_detr, set_execution
+from detr_sparsity.evaluation.detections import detect
+from detr_sparsity.execution.gated_detr import (GatedFFN, SparseGatedFFN, gated_blocks, load_gated, load_gated_detr,
+                                                save_gated, set_execution)
 from detr_sparsity.execution.gated_ffn import PackedFFN, dispatch_ffn, sparse_ffn
 from detr_sparsity.execution import benchmark
-from detr_sparsity.execution.cpu_kernel import cpu_kernel
+from detr_sparsity.execution.cpu_kernel import CFLAGS, LDFLAGS, build_key, cpu_flags, cpu_kernel, extension_name
 from detr_sparsity.mgs.gates import make_gates, save_gates
 from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
 from detr_sparsity.sparsity.ffn import ffn_blocks, sparse_ffns
@@ -105,6 +107,33 @@ def test_the_compiled_kernel_builds_where_a_compiler_exists():
     assert cpu_kernel() is not None
 
 
+def test_the_build_is_keyed_by_the_cpus_instruction_set(tmp_path):
+    # A -march=native build cached in a shared home directory must never load on another kind of CPU.
+    avx512 = frozenset({"fpu", "sse2", "avx", "avx2", "fma", "avx512f", "avx512bw"})
+    avx2 = avx512 - {"avx512f", "avx512bw"}
+    assert build_key(CFLAGS, avx512) != build_key(CFLAGS, avx2)
+    assert build_key(CFLAGS, avx2) != build_key(CFLAGS, avx2 | {"avx_vnni"})
+    assert build_key(CFLAGS, avx2) != build_key(CFLAGS[:1], avx2)  # other compile flags, another build
+    assert build_key(CFLAGS, avx2) == build_key(CFLAGS, frozenset(sorted(avx2)))
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "sse2", "avx2", "fma"}
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+    # This machine's name: its capability readable, its flags hashed (where /proc/cpuinfo exists).
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    assert extension_name().startswith(f"detr_sparsity_gated_ffn_v1_{capability}_")
+    if cpu_flags():
+        key = build_key(CFLAGS + LDFLAGS, cpu_flags(), __import__("platform").machine())
+        assert extension_name() == f"detr_sparsity_gated_ffn_v1_{capability}_{key}"
+
+
+@pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler: the PyTorch path runs")
+def test_the_compiled_module_lives_in_the_keyed_build_directory():
+    from pathlib import Path
+
+    assert Path(cpu_kernel().__file__).parent.name == extension_name()
+
+
 def test_a_mask_that_does_not_fit_is_refused():
     packed = PackedFFN(*ffn_pair(), G)
     with pytest.raises(ValueError, match="does not fit"):
@@ -193,6 +222,61 @@ def test_execution_switches_both_ways_and_refuses_training(saved):
 def test_bad_execution_is_refused(saved, bad):
     with pytest.raises(ValueError, match=rf"execution = '{bad}' is not allowed: allowed values: masked, sparse"):
         load_gated_detr(*saved, execution=bad)
+
+
+def detection_batches():
+    """Two batches as the evaluation collates them (the second with a padded image)."""
+    generator = torch.Generator().manual_seed(8)
+    batches = []
+    for first_id, count in ((1, 2), (3, 2)):
+        pixel_mask = torch.ones(count, 96, 128, dtype=torch.long)
+        pixel_mask[-1, :, 80:] = 0
+        batches.append({"pixel_values": torch.randn(count, 3, 96, 128, generator=generator), "pixel_mask": pixel_mask,
+                        "orig_sizes": torch.tensor([[480, 640]] * count), "image_ids": list(range(first_id,
+                                                                                                   first_id + count))})
+    return batches
+
+
+def test_a_saved_gated_model_travels_in_one_folder(saved, tmp_path):
+    model_dir, gates = saved
+    evaluated = load_gated_detr(model_dir, gates)  # what mgs_evaluate runs: masked
+    processor = DetrImageProcessorPil()
+    expected = detect(evaluated, processor, detection_batches())
+    folder = save_gated(evaluated, tmp_path / "gated", processor=processor)
+    assert {"config.json", "model.safetensors", "gates.safetensors", "gated_detr.json",
+            "preprocessor_config.json"} <= {p.name for p in folder.iterdir()}
+    assert set(gated_blocks(evaluated)) == set(ffn_blocks(evaluated))  # saving left the model gated
+
+    masked = load_gated(folder)  # the execution it was saved with
+    assert all(isinstance(b, GatedFFN) for b in ffn_blocks(masked).values())
+    assert detect(masked, DetrImageProcessorPil.from_pretrained(folder), detection_batches()) == expected
+    sparse = detect(load_gated(folder, execution="sparse"), processor, detection_batches())
+    assert [(d["image_id"], d["category_id"]) for d in sparse] == [(d["image_id"], d["category_id"]) for d in expected]
+    for a, b in zip(sparse, expected):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=2e-3)
+
+    config = __import__("json").loads((folder / "gated_detr.json").read_text())
+    assert config["format"] == "detr-sparsity-gated-detr/1" and config["execution"] == "masked"
+    assert config["gates"] == {"file": "gates.safetensors", "group_size": G, "threshold": 0.5,
+                               "blocks": list(ffn_blocks(evaluated))}
+    assert config["dense_weights"] == {"source": str(model_dir), "revision": None}
+    assert config["gates_trained"] == {"file": str(gates), "info": {"target": "test"}}
+    # The folder is an ordinary transformers model directory holding the dense DETR.
+    dense = DetrForObjectDetection.from_pretrained(folder)
+    torch.testing.assert_close(dense.state_dict(), DetrForObjectDetection.from_pretrained(model_dir).state_dict(),
+                               rtol=0, atol=0)
+
+
+def test_saving_refuses_what_is_not_a_gated_model(tiny_detr, saved, tmp_path):
+    with pytest.raises(ValueError, match="no gated FFN blocks"):
+        save_gated(tiny_detr, tmp_path / "dense")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a model")
+    with pytest.raises(FileExistsError, match="holds no saved gated model"):
+        save_gated(load_gated_detr(*saved), tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="is not a gated model saved by save_gated"):
+        load_gated(tmp_path / "other")
 
 
 # ---------------------------------------------------------------- the benchmark's rows (format, not timings)

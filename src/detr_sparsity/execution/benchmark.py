@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.evaluation.evaluate import evaluation_split
-from detr_sparsity.execution.cpu_kernel import cpu_kernel
+from detr_sparsity.execution.cpu_kernel import cpu_kernel, extension_name
 from detr_sparsity.execution.gated_detr import SparseGatedFFN
 from detr_sparsity.execution.gated_ffn import PackedFFN, sparse_ffn
 from detr_sparsity.machine import environment
@@ -465,7 +465,8 @@ def run_benchmark(cfg: StudyConfig, model_dir: Path, data_dir: Path, neurons: Pa
         "benchmark": "speed",
         "study": cfg.name,
         "environment": {**environment(), "load_average": {"start": load_at_start, "end": list(os.getloadavg())},
-                        "cpu_kernel": "compiled C++/OpenMP" if kernel else "unavailable: PyTorch dispatch"},
+                        "cpu_kernel": f"compiled C++/OpenMP ({extension_name()})" if kernel
+                        else "unavailable: PyTorch dispatch"},
         "threads": threads, "repeats": repeats, "model_repeats": model_repeats, "warmup": warmup,
         "rows": rows,
         "ffn_share": shares,

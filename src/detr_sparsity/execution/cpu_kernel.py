@@ -12,28 +12,42 @@ Stage `benchmark` on the default study (machine shared with other jobs, load ave
 six R50 encoder blocks at 90 % induced sparsity with masks sampled from the trained distillation gates, gate
 cost included: 2.8x faster than dense fc1/fc2 with 2 threads, 4.1x with 1 thread (FLOPs allow 7.6x).
 (Fusing fc2 with register-held output chunks over a compacted list of nonzero hidden values measured
-slower, 1.5x against 4.4x, and was dropped.)
+slower, 1.5x against 4.4x, and was dropped. So was a register-blocked fc2 per group and tile, 4 tokens or each
+token alone, with fc1 and fc2 of a group in one contiguous block: no faster at the same tile, slower at 50 %
+sparsity; benchmarks/fc2_blocked.py. The same run found larger tiles faster for the encoder's 850 tokens, see
+its JSON.)
 The kernel never materialises the gathered tokens: each thread takes a tile of tokens, and for each group
 the tile's tokens that open it, four at a time, so that the group's 16 x d weights stay in L1 and feed four
 FMA chains. It also skips fc2's rows for hidden values that ReLU zeroed (they add nothing), so on real
 activations it can beat the FLOPs ratio computed from the gate mask alone.
 
 The build goes through `torch.utils.cpp_extension.load_inline`, which caches the compiled module under
-TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) keyed by the source; a second process loads it in
-well under a second. Without a compiler (or ninja) the build fails once, is logged, and callers fall back to
-the PyTorch dispatch path.
+TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), in a directory named after the extension; a second
+process loads it in well under a second. torch keys that cache by the source and the compile flags only, and
+`-march=native` reads the same on every machine, so a build cached in a home directory shared by a cluster's
+nodes would be loaded on a CPU without the instructions it was compiled for (an illegal-instruction crash).
+The extension's name therefore carries the machine: torch's CPU capability (`avx512`, `avx2`, ...) and a short
+hash of the compile flags and the CPU's instruction-set flags (`build_key`), so each kind of CPU gets, and only
+ever loads, its own build. Without a compiler (or ninja) the build fails once, is logged, and callers fall
+back to the PyTorch dispatch path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
+import re
 from functools import lru_cache
+from pathlib import Path
 
 
 log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "detr_sparsity_gated_ffn_v1"
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -135,10 +149,39 @@ def cpu_kernel():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(EXTENSION_NAME, cpp_sources=SOURCE, functions=["gated_ffn"],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           verbose=False)
+        return load_inline(extension_name(), cpp_sources=SOURCE, functions=["gated_ffn"],
+                           extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), verbose=False)
     except Exception as err:  # no compiler, no ninja, or a failed build: the PyTorch path still works
         log.warning("sparse FFN: the C++ kernel could not be built (%s: %s); using the slower PyTorch "
                     "dispatch path", type(err).__name__, str(err).strip().splitlines()[-1] if str(err).strip() else "")
         return None
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as the kernel reports them (x86 `flags`, Arm `Features`); empty where unknown.
+
+    All of them, not a chosen few: `-march=native` may use any instruction the CPU announces, and a flag that
+    changes nothing in the build only costs a second build."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    found = re.search(r"^(?:flags|Features)\s*:(.*)$", text, flags=re.MULTILINE)
+    return frozenset(found.group(1).split()) if found else frozenset()
+
+
+def build_key(cflags: tuple[str, ...], flags: frozenset[str], machine: str = "") -> str:
+    """A short hash of the compile flags and the CPU's instruction set: equal keys, interchangeable builds."""
+    text = "\n".join([" ".join(cflags), machine, " ".join(sorted(flags))])
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def extension_name() -> str:
+    """The compiled module's name, and so its build directory: `<EXTENSION_NAME>_<capability>_<key>`, e.g.
+    `detr_sparsity_gated_ffn_v1_avx512_3f9c2a1b7d`. Where the CPU's flags cannot be read (no /proc/cpuinfo),
+    the processor's name stands in for them."""
+    import torch
+
+    capability = re.sub(r"[^a-z0-9]+", "", torch.backends.cpu.get_cpu_capability().lower()) or "cpu"
+    flags = cpu_flags() or frozenset({platform.processor() or "unknown"})
+    return f"{EXTENSION_NAME}_{capability}_{build_key(CFLAGS + LDFLAGS, flags, platform.machine())}"

@@ -51,6 +51,35 @@ def _percent(ax, axis: str = "x") -> None:
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(formatter)
 
 
+def _plain_number(value: float) -> str:
+    """0.05, 6.83, 120: up to 4 significant digits, no exponent where a reader would not write one."""
+    if value != 0 and not 1e-4 <= abs(value) < 1e6:
+        return f"{value:.3g}"
+    return f"{float(f'{value:.4g}'):f}".rstrip("0").rstrip(".")
+
+
+class PlainLogFormatter(matplotlib.ticker.LogFormatter):
+    """Log-axis labels as plain numbers (6.83, 0.1, 20), not 6.83x10^0: matplotlib still decides which ticks get
+    a label (the decades, and the minor ticks of a short range)."""
+
+    def __call__(self, x, pos=None):
+        return _plain_number(x) if super().__call__(x, pos) else ""
+
+
+def _plain_log(axis) -> None:
+    axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+def _times(axis, low: float, high: float) -> None:
+    """A log2 speed-up axis labelled 1x, 2x, 4x, ... spanning at least 1x to 2x."""
+    axis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{_plain_number(v)}\u00d7"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    limits = (min(low, 1.0) / 1.15, max(high, 2.0) * 1.15)
+    (axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim)(*limits)
+
+
 def f1_natural_sparsity(record: StudyRecord, profile: dict):
     """Per-image natural sparsity of each block (box: quartiles, whiskers: 5th-95th percentile)."""
     blocks = record.blocks
@@ -133,6 +162,7 @@ def f4_gate_training(record: StudyRecord, trainings: dict[tuple[str, float], dic
     fig, axes = plt.subplots(2, len(objectives), figsize=(4.2 * len(objectives), 5.6), sharex=True, squeeze=False)
     for column, objective in enumerate(objectives):
         top, bottom = axes[0, column], axes[1, column]
+        panel_losses: list[float] = []
         for target in targets:
             training = trainings.get((objective, target))
             if training is None:
@@ -143,13 +173,23 @@ def f4_gate_training(record: StudyRecord, trainings: dict[tuple[str, float], dic
                      label=f"{target:g}")
             top.plot(steps, [1.0 - p["budget"] for p in curve], color=colors[target], linewidth=0.8,
                      linestyle="--")
-            bottom.plot(steps, [p["objective_loss"] for p in curve], color=colors[target], linewidth=0.8)
+            losses = [p["objective_loss"] for p in curve]
+            bottom.plot(steps, losses, color=colors[target], linewidth=0.8)
+            panel_losses += losses
         top.set_title(mgs_label(objective))
         top.set_ylabel("induced sparsity of the batch")
         _percent(top, "y")
         bottom.set_ylabel(f"{objective} loss")
-        bottom.set_yscale("log")
         bottom.set_xlabel("training step")
+        if panel_losses and min(panel_losses) > 0:
+            bottom.set_yscale("log")
+            _plain_log(bottom.yaxis)
+        else:  # a log scale would drop these curves without a word: linear, and the panel says why
+            why = ("no training curve" if not panel_losses else "loss 0 at every step" if not any(panel_losses)
+                   else "loss \u2264 0 at some steps")
+            bottom.text(0.5, 0.8, f"{why}:\nnot drawn on a log scale", transform=bottom.transAxes, ha="center",
+                        va="center", fontsize=9, color="dimgrey",
+                        bbox={"facecolor": "white", "edgecolor": "lightgrey", "boxstyle": "round"})
     axes[0, -1].legend(title="target\n(dashed: budget)", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
                        title_fontsize=8)
     fig.tight_layout()
@@ -186,32 +226,44 @@ def f6_speed(speed: dict):
     shapes = [s for s in ("study", "detr-r50") if s in present] + sorted(present - {"study", "detr-r50"})
     fig, axes = plt.subplots(1, len(shapes), figsize=(5.0 * len(shapes), 3.8), squeeze=False)
     scope_markers = {"encoder": "o", "decoder": "s", "model": "*"}
+    threads = speed.get("threads")
+    measured_with = (f"{threads} thread{'' if threads == 1 else 's'}" if isinstance(threads, int)
+                     else "threads not recorded")
     for ax, shape in zip(axes.flat, shapes):
-        top = 1.0
-        for r in (r for r in rows if r["shape"] == shape):
+        measured = [r for r in rows if r["shape"] == shape]
+        for r in measured:
             key = "sibs" if r["method"] == "sibs" else f"mgs {r.get('objective') or 'task'}"
             ax.plot(r["flops_speedup"], r["speedup"], scope_markers.get(r["scope"], "o"), color=COLORS[key],
                     markersize=7 if r["scope"] == "model" else 5, alpha=0.85)
-            top = max(top, r["flops_speedup"], r["speedup"])
-        ax.plot([1, top], [1, top], color="grey", linewidth=0.8, linestyle="--", label="measured = FLOPs")
-        ax.axhline(1.0, color="black", linewidth=0.8, label="no gain")
+        values = [v for r in measured for v in (r["flops_speedup"], r["speedup"])] or [1.0]
+        low, top = min(values), max(values)
         ceiling = speed.get("amdahl_ceiling", {}).get(shape)
+        ax.plot([1, top], [1, top], color="grey", linewidth=0.8, linestyle="--", label="measured = FLOPs")
+        ax.axhline(1.0, color="black", linewidth=0.8, label="no gain (below: slower than dense)")
         if ceiling:
-            ax.axhline(ceiling, color=PALETTE[3], linewidth=0.8, linestyle=":", label="Amdahl ceiling (model)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+            ax.axhline(ceiling, color=PALETTE[3], linewidth=0.8, linestyle=":", label="Amdahl ceiling (end to end)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        _times(ax.xaxis, low, top)
+        _times(ax.yaxis, low, max(top, ceiling or 1.0))
         ax.set_title(f"{shape} shapes")
         ax.set_xlabel("FLOPs speed-up (dense / sparse FLOPs)")
-        ax.set_ylabel(f"measured speed-up ({speed.get('threads', '?')} threads)")
-    handles = [matplotlib.lines.Line2D([], [], marker=m, linestyle="", color="grey", label=s)
+        ax.set_ylabel(f"measured speed-up ({measured_with})")
+    handles = [matplotlib.lines.Line2D([], [], marker=m, linestyle="", color="grey",
+                                       label="end to end" if s == "model" else f"{s} FFN blocks")
                for s, m in scope_markers.items()]
     methods = {"sibs" if r["method"] == "sibs" else f"mgs {r.get('objective') or 'task'}" for r in rows}
     handles += [matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=COLORS[k],
                                         label="SIBS" if k == "sibs" else mgs_label(k.split()[1]))
                 for k in sorted(methods)]
-    axes.flat[-1].legend(handles=handles + axes.flat[-1].get_legend_handles_labels()[0], fontsize=7,
-                         loc="upper left")
+    lines = {}  # the reference lines of every panel, each once (a panel may lack the Amdahl ceiling)
+    for ax in axes.flat:
+        lines.update({label: line for line, label in zip(*ax.get_legend_handles_labels())})
+    handles += list(lines.values())
+    # Below the panels, never over a point.
     fig.tight_layout()
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncols=min(4, len(handles)),
+               fontsize=8)
     return fig
 
 
