@@ -29,6 +29,7 @@ from detr_sparsity.data.coco import (
     prepare_coco,
     subset_annotations,
 )
+from detr_sparsity.data.dataset import DataError
 from detr_sparsity.data.download import DownloadError, DownloadSettings, HTTPStatusError
 
 # Short waits keep the fault tests fast; the real values are in params.yaml.
@@ -510,10 +511,9 @@ def _local_root(root: Path) -> Path:
 
 
 def _check_output(out: Path, splits: dict, val_count: int) -> dict[str, list[int]]:
-    """Check splits.json and the files it names; return the image ids of each split."""
+    """Check the manifest's entries and the files they name; return the image ids of each split."""
     from pycocotools.coco import COCO
 
-    assert json.loads((out / "splits.json").read_text()) == splits
     ids = {}
     for name, split in splits.items():
         assert split["annotations"] == f"instances_{name}.json"
@@ -554,7 +554,7 @@ def test_prepare_coco_downloads_from_mirror(server, tmp_path):
     again = prepare_coco(out_dir=tmp_path / "again", **kwargs)
     assert server.requests == []
     assert again == splits
-    for name in ("splits", "instances_val", "instances_train", "instances_calibration"):
+    for name in ("instances_val", "instances_train", "instances_calibration"):
         file = f"{name}.json"
         assert (tmp_path / "again" / file).read_bytes() == (tmp_path / "out" / file).read_bytes()
 
@@ -614,5 +614,30 @@ def test_data_stage_of_the_coco_study_uses_a_local_root(tmp_path, monkeypatch):
     counts = {name: len(json.loads((out / s["annotations"]).read_text())["images"]) for name, s in splits.items()}
     assert counts == {"val": 3, "train": 3, "calibration": 2}
     assert Path(splits["train"]["images"]) == (root / "train2017").resolve()
+    # Every image was decoded where it entered, and its digest recorded (the root is read in place).
+    for name, split in splits.items():
+        images = json.loads((out / split["annotations"]).read_text())["images"]
+        assert split["images_sha256"] == {im["file_name"]: hashlib.sha256(
+            (Path(split["images"]) / im["file_name"]).read_bytes()).hexdigest() for im in images}
     # Nothing but the finished output is left behind (the stage writes into a temporary directory first).
     assert sorted(p.name for p in out.parent.iterdir()) == ["data"]
+
+
+@pytest.mark.parametrize("fault", ["corrupt JSON", "unknown image_id"])
+def test_a_bad_annotation_file_in_a_root_is_named(tmp_path, fault):
+    root = _local_root(tmp_path / "coco")
+    path = root / "annotations/instances_val2017.json"
+    if fault == "corrupt JSON":
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        instances = json.loads(path.read_text())
+        instances["annotations"][2]["image_id"] = 999999
+        path.write_text(json.dumps(instances))
+    with pytest.raises(DataError) as error:
+        prepare_coco(out_dir=tmp_path / "out", root=root, base_url="http://127.0.0.1:9", download_dir=tmp_path / "c",
+                     val_images=0, train_images=3, calibration_images=2, seed=0, download=asdict(ONCE))
+    if fault == "corrupt JSON":
+        assert str(error.value).startswith(f"{path} is not valid JSON (a COCO instances file): ")
+    else:
+        assert str(error.value) == (f"{path}: annotation 3 has image_id 999999, which is not an image of the file "
+                                    "(6 images, ids 1, 2, 3, 4, 5, 6)")

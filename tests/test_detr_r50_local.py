@@ -23,7 +23,7 @@ from detr_sparsity import tracking
 from detr_sparsity.cli import run_stage
 from detr_sparsity.config import load_config
 from detr_sparsity.pipeline import stage_params
-from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
+from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split, verify_splits
 from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.profile import load_indicator
@@ -86,7 +86,8 @@ def data_dir(tmp_path_factory) -> Path:
                                 {"id": 18, "name": "dog", "supercategory": "animal"}]}
     (root / "instances_val.json").write_text(json.dumps(instances))
     entry = {"annotations": "instances_val.json", "images": "images"}
-    (root / "splits.json").write_text(json.dumps({"val": entry, "train": entry, "calibration": entry}))
+    manifest = verify_splits(root, {"val": entry, "train": entry, "calibration": entry})  # with the images' digests
+    (root / "splits.json").write_text(json.dumps(manifest))
     return root
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -19,6 +18,7 @@ from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from detr_sparsity.atomic import atomic_path, write_json
+from detr_sparsity.data.dataset import read_instances
 from detr_sparsity.data.download import DownloadSettings, download_part
 
 log = logging.getLogger(__name__)
@@ -202,10 +202,9 @@ def choose_images(
 
 
 def _load_json(path: Path) -> Any:
-    """Read a JSON file."""
+    """Read a COCO instances file, checked where it enters: errors name the file (and the annotation)."""
     log.info("reading %s", path)
-    with open(path) as f:
-        return json.load(f)
+    return read_instances(path)
 
 
 def _check_root(root: Path) -> None:
@@ -298,7 +297,7 @@ def prepare_coco(
     download: Mapping[str, Any],
     archives: dict[str, Archive] | None = None,
 ) -> dict:
-    """Write the val, train and calibration annotation files and splits.json into `out_dir`.
+    """Write the val, train and calibration annotation files into `out_dir`; return the manifest's entries.
 
     `download` is the study's `data.download` block: timeout_s, retries and backoff_s.
     """
@@ -345,13 +344,7 @@ def prepare_coco(
             _check_images_present(subset["images"], train_dir)
         write_json(out_dir / f"instances_{name}.json", subset)
 
-    splits = {
-        name: {
-            "annotations": _split_path(out_dir / f"instances_{name}.json", out_dir),
-            "images": _split_path(image_dir, out_dir),
-        }
+    return {
+        name: {"annotations": f"instances_{name}.json", "images": _split_path(image_dir, out_dir)}
         for name, image_dir in (("val", val_dir), ("train", train_dir), ("calibration", train_dir))
     }
-    write_json(out_dir / "splits.json", splits)
-    log.info("wrote %s", out_dir / "splits.json")
-    return splits
