@@ -1,7 +1,8 @@
 """Inputs are verified where they enter and checked where they are read: the data stage decodes every image,
 checks every annotation and records each image's sha256; every stage that reads an image checks it against that
-digest; ground truth that nothing can be scored against is refused before detection. Every failure names the file
-(and the annotation or the split) and leaves no output that looks complete.
+digest; the model's weights are checked against the digest the model stage recorded; ground truth that nothing can
+be scored against is refused before detection. Every failure names the file (and the annotation or the split) and
+leaves no output that looks complete.
 
 The stages run for real (`cli.run_stage`, with an MLflow store) on the end-to-end tests' tiny synthetic study.
 """
@@ -25,6 +26,7 @@ from detr_sparsity.data.dataset import (DIGESTS, MANIFEST, CocoDetection, DataEr
                                         verify_split)
 from detr_sparsity.evaluation.coco_eval import GroundTruthError, coco_ap
 from detr_sparsity.evaluation.evaluate import evaluation_split
+from detr_sparsity.models.load import MODEL_INFO, WeightsError, load_detr
 from detr_sparsity.reporting import tables
 from detr_sparsity.reporting.records import StudyRecord
 from detr_sparsity.stages import data as data_stage
@@ -263,6 +265,50 @@ def test_an_empty_area_range_stays_minus_one_and_reads_n_a_with_its_footnote():
     assert "| 0.300 | 0.500 | 0.300 | n/a | 0.200 | 0.400 |" in text
     assert "n/a: the split holds no object in that area range" in text
     assert "n/a" in t1.latex()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model weights
+
+
+def flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 4000, len(data) - 3936):  # inside the tensors, past the header
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fault", ["cut to 1,000 bytes", "bytes flipped"])
+def test_weights_that_changed_are_refused_naming_the_file(project, fault):
+    weights = RESULTS / "model/model.safetensors"
+    recorded = json.loads((RESULTS / "model" / MODEL_INFO).read_text())["weights_sha256"]
+    assert recorded == {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    if fault == "bytes flipped":
+        flip_bytes(weights)
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    message = (f"weights file {weights} is not the one the model stage saved (sha256 "
+               f"{hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}..., {RESULTS / 'model' / MODEL_INFO} records "
+               f"{recorded['model.safetensors'][:16]}...): it changed or was cut short; restore it, or rerun the model "
+               "stage")
+    with pytest.raises(WeightsError) as error:
+        load_detr(RESULTS / "model")
+    assert str(error.value) == message
+    if fault == "bytes flipped":  # today this gave exit 0 and AP 0.0
+        with pytest.raises(WeightsError, match="is not the one the model stage saved"):
+            evaluate(project)
+        assert not (RESULTS / "evaluate").exists()
+
+
+def test_unreadable_weights_without_a_record_name_the_file(project):
+    model = RESULTS / "model"
+    (model / MODEL_INFO).unlink()  # a local copy of a model that no stage recorded
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(WeightsError) as error:
+        load_detr(model)
+    assert str(error.value).startswith(f"cannot load the DETR saved in {model}: weights file "
+                                       f"{model / 'model.safetensors'} cannot be read (SafetensorError: ")
+    assert "invalid header length" in str(error.value)
 
 
 def test_instances_files_are_read_with_their_checks(project):
