@@ -256,7 +256,10 @@ def test_coco_ap_refuses_ground_truth_of_no_category(tmp_path):
 def test_an_empty_area_range_stays_minus_one_and_reads_n_a_with_its_footnote():
     dense = {"method": "dense", "setting": None, "AP": 0.3, "AP50": 0.5, "AP75": 0.3, "APs": -1.0, "APm": 0.2,
              "APl": 0.4, "images": 4500, "natural_sparsity": {"overall": 0.7, "per_block": {"encoder.0": 0.7}},
-             "ffn_flops": {"dense": 1e9}, "total_flops": {"dense": 4e9}}
+             "ffn_flops": {"dense": 1e9}, "total_flops": {"dense": 4e9},
+             "split_note": "4,500 of the 5,000 val2017 images (500 are held out for the train and calibration "
+                           "splits); published val2017 results, such as the 42.0 AP of DETR-R50, are measured on all "
+                           "5,000"}
     profile = {"split": "calibration", "images": 10, "natural_sparsity": {"overall": 0.7},
                "per_image_sparsity": {"encoder.0": [0.6, 0.8]},
                "per_block": {"encoder.0": {"natural_sparsity": 0.7, "never_firing_neurons": 3}}}
@@ -264,7 +267,17 @@ def test_an_empty_area_range_stays_minus_one_and_reads_n_a_with_its_footnote():
     text = t1.markdown()
     assert "| 0.300 | 0.500 | 0.300 | n/a | 0.200 | 0.400 |" in text
     assert "n/a: the split holds no object in that area range" in text
-    assert "n/a" in t1.latex()
+    assert "COCO AP on 4500 evaluation images (not the whole of val2017: see the note)" in text
+    assert f"Evaluation images: {dense['split_note']}." in text and dense["split_note"] in t1.latex()
+
+
+def test_rows_say_what_part_of_its_source_the_evaluation_covers(project):
+    manifest_path = RESULTS / "data" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["val"]["note"] = "6 of the 9 val images (3 are held out)"
+    manifest_path.write_text(json.dumps(manifest))
+    row = json.loads((evaluate(project) / "row.json").read_text())
+    assert row["split_note"] == "6 of the 9 val images (3 are held out)" and row["images"] == 6
 
 
 # ---------------------------------------------------------------------------------------------------------

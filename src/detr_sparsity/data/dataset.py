@@ -45,6 +45,7 @@ class Split:
     images: Path
     digests: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     manifest: Path | None = None  # where the digests are recorded
+    note: str | None = None  # what the split covers, where that is less than its source (a part of val2017)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -69,7 +70,8 @@ def load_split(data_dir: str | Path, split: str) -> Split:
         raise DataError(f"{manifest_path} records no image digests for split {split!r} (written by an older data "
                         "stage); rerun the data stage")
     # Relative entries are relative to the data directory; absolute ones point at a local COCO root.
-    return Split(split, data_dir / entry["annotations"], data_dir / entry["images"], entry[DIGESTS], manifest_path)
+    return Split(split, data_dir / entry["annotations"], data_dir / entry["images"], entry[DIGESTS], manifest_path,
+                 entry.get("note"))
 
 
 def _ids(records: list, kind: str, path: Path) -> set:

@@ -106,6 +106,8 @@ def evaluate_policies(model: DetrForObjectDetection, data: EvaluationSplit, poli
         "images": data.images,
         "detections": str(detections_path),
         "annotations": str(data.split.annotations),
+        # What the split covers, where it is less than its source (COCO: a part of val2017).
+        **({"split_note": data.split.note} if data.split.note else {}),
         **checked,
     }
 

@@ -31,6 +31,7 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, out: Path) -> None:
                 val_images=data["val_images"],
                 train_images=data["train_images"],
                 calibration_images=data["calibration_images"],
+                held_out_from_val=data["held_out_from_val"],
                 seed=cfg.seed,
                 download=data["download"],
             )
