@@ -8,6 +8,7 @@ import json
 import random
 import logging
 import re
+import shutil
 import threading
 import time
 import zipfile
@@ -29,6 +30,7 @@ from detr_sparsity.data.coco import (
     prepare_coco,
     subset_annotations,
 )
+from detr_sparsity.data.dataset import DataError
 from detr_sparsity.data.download import DownloadError, DownloadSettings, HTTPStatusError
 
 # Short waits keep the fault tests fast; the real values are in params.yaml.
@@ -510,10 +512,9 @@ def _local_root(root: Path) -> Path:
 
 
 def _check_output(out: Path, splits: dict, val_count: int) -> dict[str, list[int]]:
-    """Check splits.json and the files it names; return the image ids of each split."""
+    """Check the manifest's entries and the files they name; return the image ids of each split."""
     from pycocotools.coco import COCO
 
-    assert json.loads((out / "splits.json").read_text()) == splits
     ids = {}
     for name, split in splits.items():
         assert split["annotations"] == f"instances_{name}.json"
@@ -554,7 +555,7 @@ def test_prepare_coco_downloads_from_mirror(server, tmp_path):
     again = prepare_coco(out_dir=tmp_path / "again", **kwargs)
     assert server.requests == []
     assert again == splits
-    for name in ("splits", "instances_val", "instances_train", "instances_calibration"):
+    for name in ("instances_val", "instances_train", "instances_calibration"):
         file = f"{name}.json"
         assert (tmp_path / "again" / file).read_bytes() == (tmp_path / "out" / file).read_bytes()
 
@@ -585,13 +586,12 @@ def test_prepare_coco_from_local_root(tmp_path):
     for path in (root / "val2017").iterdir():
         path.unlink()
     (root / "val2017").rmdir()
-    with pytest.raises(FileNotFoundError, match=r"val2017.*a COCO root must contain"):
+    with pytest.raises(FileNotFoundError, match=r"lacks val2017/ .*a COCO root needs at least"):
         prepare_coco(out_dir=tmp_path / "missing", **kwargs)
 
 
 def test_data_stage_of_the_coco_study_uses_a_local_root(tmp_path, monkeypatch):
     """The `data` command with `study: coco` and a local root: the real stage, settings from params.yaml."""
-    import shutil
 
     import yaml
 
@@ -614,5 +614,82 @@ def test_data_stage_of_the_coco_study_uses_a_local_root(tmp_path, monkeypatch):
     counts = {name: len(json.loads((out / s["annotations"]).read_text())["images"]) for name, s in splits.items()}
     assert counts == {"val": 3, "train": 3, "calibration": 2}
     assert Path(splits["train"]["images"]) == (root / "train2017").resolve()
+    # Every image was decoded where it entered, and its digest recorded (the root is read in place).
+    for name, split in splits.items():
+        images = json.loads((out / split["annotations"]).read_text())["images"]
+        assert split["images_sha256"] == {im["file_name"]: hashlib.sha256(
+            (Path(split["images"]) / im["file_name"]).read_bytes()).hexdigest() for im in images}
     # Nothing but the finished output is left behind (the stage writes into a temporary directory first).
     assert sorted(p.name for p in out.parent.iterdir()) == ["data"]
+
+
+# --- a val-only root (annotations/instances_val2017.json and val2017/, no train2017) ------------------------
+
+
+def _val_only_root(root: Path, keep_train_annotations: bool = False) -> Path:
+    _local_root(root)
+    shutil.rmtree(root / "train2017")
+    if not keep_train_annotations:
+        (root / "annotations/instances_train2017.json").unlink()
+    return root
+
+
+def test_val_only_root_with_held_out_val_images_needs_nothing_else(tmp_path):
+    root = _val_only_root(tmp_path / "coco")
+    cache = tmp_path / "unused-cache"
+    splits = prepare_coco(out_dir=tmp_path / "out", root=root, base_url="http://127.0.0.1:9", download_dir=cache,
+                          val_images=0, train_images=2, calibration_images=1, held_out_from_val=4, seed=0,
+                          download=asdict(ONCE))
+    ids = {name: [im["id"] for im in json.loads((tmp_path / "out" / s["annotations"]).read_text())["images"]]
+           for name, s in splits.items()}
+    # The four annotated val2017 images are held out: train and calibration come from them, val is the rest.
+    assert sorted(ids["train"] + ids["calibration"]) != [] and len(ids["train"]) == 2 and len(ids["calibration"]) == 1
+    assert set(ids["train"] + ids["calibration"]) <= {1, 2, 3, 4} and not set(ids["train"]) & set(ids["calibration"])
+    assert ids["val"] == [5, 6]
+    assert {Path(s["images"]) for s in splits.values()} == {(root / "val2017").resolve()}
+    assert splits["val"]["note"] == ("2 of the 6 val2017 images (4 are held out for the train and calibration splits); "
+                                     "published val2017 results, such as the 42.0 AP of DETR-R50, are measured on "
+                                     "all 6")
+    assert "note" not in splits["train"] and not cache.exists()
+
+
+@pytest.mark.parametrize("train_annotations", ["downloaded", "in the root"])
+def test_val_only_root_fetches_train_images_and_evaluates_val_in_place(server, tmp_path, train_annotations):
+    archives = _serve_fake_coco(server.root)
+    root = _val_only_root(tmp_path / "coco", keep_train_annotations=train_annotations == "in the root")
+    cache = tmp_path / "cache"
+    splits = prepare_coco(out_dir=tmp_path / "out", root=root, base_url=server.url, download_dir=cache, val_images=0,
+                          train_images=3, calibration_images=2, seed=0, archives=archives, download=asdict(ONCE))
+    ids = _check_output(tmp_path / "out", splits, val_count=6)
+    assert Path(splits["val"]["images"]) == (root / "val2017").resolve() and "note" not in splits["val"]
+    assert Path(splits["train"]["images"]) == Path(splits["calibration"]["images"]) == (cache / "train2017").resolve()
+    fetched = sorted(p for p, _ in server.requests if p.startswith("/train2017/"))
+    assert fetched == sorted(f"/train2017/{i:012d}.jpg" for i in ids["train"] + ids["calibration"])
+    archive_requests = [p for p, _ in server.requests if not p.startswith("/train2017/")]
+    if train_annotations == "downloaded":  # only the annotations archive, and only the train file taken from it
+        assert archive_requests == ["/annotations/annotations_trainval2017.zip"]
+        assert sorted(str(p.relative_to(cache)) for p in (cache / "annotations").iterdir()) == [
+            "annotations/instances_train2017.json"]
+    else:
+        assert archive_requests == [] and not (cache / "annotations").exists()
+    assert not (cache / "val2017").exists()
+
+
+@pytest.mark.parametrize("fault", ["corrupt JSON", "unknown image_id"])
+def test_a_bad_annotation_file_in_a_root_is_named(tmp_path, fault):
+    root = _local_root(tmp_path / "coco")
+    path = root / "annotations/instances_val2017.json"
+    if fault == "corrupt JSON":
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        instances = json.loads(path.read_text())
+        instances["annotations"][2]["image_id"] = 999999
+        path.write_text(json.dumps(instances))
+    with pytest.raises(DataError) as error:
+        prepare_coco(out_dir=tmp_path / "out", root=root, base_url="http://127.0.0.1:9", download_dir=tmp_path / "c",
+                     val_images=0, train_images=3, calibration_images=2, seed=0, download=asdict(ONCE))
+    if fault == "corrupt JSON":
+        assert str(error.value).startswith(f"{path} is not valid JSON (a COCO instances file): ")
+    else:
+        assert str(error.value) == (f"{path}: annotation 3 has image_id 999999, which is not an image of the file "
+                                    "(6 images, ids 1, 2, 3, 4, 5, 6)")

@@ -253,7 +253,9 @@ def test_bad_value_raises_config_error_naming_key_value_and_rule(tmp_path, monke
 def test_existing_coco_root_and_local_model_dir_are_accepted(tmp_path, monkeypatch):
     # The counterpart of the two missing-path cases: the same keys pointing at real directories pass.
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco/annotations").mkdir(parents=True)  # the least a root holds: val2017 and its annotations
+    (tmp_path / "coco/annotations/instances_val2017.json").write_text("{}")
+    (tmp_path / "coco/val2017").mkdir()
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
@@ -267,6 +269,65 @@ def test_local_model_dir_without_config_json_is_rejected(tmp_path, monkeypatch):
     (tmp_path / "model").mkdir()
     with pytest.raises(ConfigError, match=r"studies\.coco\.model\.name_or_path = \"\./model\""):
         load_config(modified(tmp_path, {"study": "coco", "studies.coco.model.name_or_path": "./model"}))
+
+
+def coco_root(root: Path, *parts: str) -> Path:
+    """A directory holding the given parts of the COCO 2017 layout (empty files and folders)."""
+    for part in parts:
+        (root / part).parent.mkdir(parents=True, exist_ok=True)
+        (root / part).write_text("{}") if part.endswith(".json") else (root / part).mkdir()
+    return root
+
+
+VAL = ("annotations/instances_val2017.json", "val2017")
+TRAIN = ("annotations/instances_train2017.json", "train2017")
+FETCHED = "train2017 images fetched one by one from base_url (annotations: {annotations})"
+
+
+@pytest.mark.parametrize("parts, held_out, layout, train", [
+    (VAL + TRAIN, 0, "full", "{root}/train2017 as is"),
+    (VAL + TRAIN[:1], 0, "val + train annotations",
+     FETCHED.format(annotations="{root}/annotations/instances_train2017.json")),
+    (VAL, 0, "val-only", FETCHED.format(annotations="instances_train2017.json from annotations_trainval2017.zip, "
+                                                    "downloaded")),
+    (VAL + TRAIN[1:], 3000, "val-only", "3000 val2017 images held out of the evaluation"),
+], ids=["full", "val + train annotations", "val-only", "val-only, held out"])
+def test_validate_says_which_layout_a_coco_root_has(tmp_path, capsys, parts, held_out, layout, train):
+    from detr_sparsity.cli import main
+
+    root = coco_root(tmp_path / "coco", *parts)
+    path = modified(tmp_path, {"study": "coco", "studies.coco.data.root": str(root),
+                               "studies.coco.data.held_out_from_val": held_out})
+    assert main(["--params", str(path), "validate"]) == 0
+    assert capsys.readouterr().out == (
+        "params.yaml is valid; study 'coco'\n"
+        f"COCO root {root}: {layout} layout; evaluation on {root}/val2017 in place; train and calibration images: "
+        f"{train.format(root=root)}\n")
+
+
+@pytest.mark.parametrize("parts, missing, found", [
+    ((), "annotations/instances_val2017.json, val2017/", "none of the COCO layout"),
+    (VAL[1:] + TRAIN, "annotations/instances_val2017.json",
+     "val2017/, annotations/instances_train2017.json, train2017/"),
+])
+def test_a_coco_root_without_val2017_is_refused_saying_what_is_missing(tmp_path, parts, missing, found):
+    root = coco_root(tmp_path / "coco", *parts)
+    root.mkdir(exist_ok=True)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(modified(tmp_path, {"study": "coco", "studies.coco.data.root": str(root)}))
+    assert str(excinfo.value) == (
+        f"invalid params.yaml:\n  studies.coco.data.root = \"{root}\" is not allowed: {root} lacks {missing} (found: "
+        f"{found}); a COCO root needs at least annotations/instances_val2017.json and val2017/ (val-only), and "
+        "annotations/instances_train2017.json and train2017/ too for the full layout")
+
+
+def test_held_out_val_images_must_hold_the_train_and_calibration_splits(tmp_path):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(modified(tmp_path, {"study": "coco", "studies.coco.data.held_out_from_val": 1000}))
+    assert str(excinfo.value) == (
+        "invalid params.yaml:\n  studies.coco.data.held_out_from_val = 1000 is not allowed: the train and calibration "
+        "splits are drawn from the held-out val2017 images, so it must be >= train_images + calibration_images "
+        "(2000 + 500 = 2500)")
 
 
 def test_every_schema_violation_is_reported_at_once(tmp_path):

@@ -5,6 +5,7 @@ every query scored, COCOeval, natural sparsity, FLOP counting, MLflow run).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -23,7 +24,7 @@ from detr_sparsity import tracking
 from detr_sparsity.cli import run_stage
 from detr_sparsity.config import load_config
 from detr_sparsity.pipeline import stage_params
-from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
+from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split, verify_splits
 from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.profile import load_indicator
@@ -86,7 +87,8 @@ def data_dir(tmp_path_factory) -> Path:
                                 {"id": 18, "name": "dog", "supercategory": "animal"}]}
     (root / "instances_val.json").write_text(json.dumps(instances))
     entry = {"annotations": "instances_val.json", "images": "images"}
-    (root / "splits.json").write_text(json.dumps({"val": entry, "train": entry, "calibration": entry}))
+    manifest = verify_splits(root, {"val": entry, "train": entry, "calibration": entry})  # with the images' digests
+    (root / "splits.json").write_text(json.dumps(manifest))
     return root
 
 
@@ -156,7 +158,10 @@ def test_model_stage_copies_the_local_model(source_model, stage_model, stages, d
     assert all(torch.equal(source[k], copy_[k]) for k in source)
     info = json.loads((stages["model_dir"] / "model_info.json").read_text())
     assert info == stages["info"]
-    assert info["name_or_path"] == str(detr_dir) and info["revision"] == "no_timm"
+    # A local directory has no revision (that selects a commit of a hub repository): none is recorded.
+    assert info["name_or_path"] == str(detr_dir) and "revision" not in info
+    assert info["weights_sha256"] == {"model.safetensors": hashlib.sha256(
+        (stages["model_dir"] / "model.safetensors").read_bytes()).hexdigest()}
     assert info["parameters"] == sum(p.numel() for p in source_model.parameters())
     processor = json.loads((stages["model_dir"] / "preprocessor_config.json").read_text())
     assert processor["size"] == {"shortest_edge": 800, "longest_edge": 1333}

@@ -9,7 +9,7 @@ import torch
 from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
 
 from detr_sparsity.config import InputSize
-from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
+from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split, verify_splits
 from detr_sparsity.data.synthetic import SyntheticSpec, generate_synthetic
 from detr_sparsity.atomic import write_json
 from detr_sparsity.models.pretrain import pretrain
@@ -23,7 +23,7 @@ ARCH = TINY["model"]["architecture"]
 def train_split(tmp_path_factory) -> CocoDetection:
     root = tmp_path_factory.mktemp("data")
     manifest = generate_synthetic(root, {"train": 12}, SyntheticSpec(num_images=0, image_size=96, max_objects=4), 0)
-    write_json(root / "splits.json", manifest)
+    write_json(root / "splits.json", verify_splits(root, manifest))
     return CocoDetection(load_split(root, "train"))
 
 

@@ -41,7 +41,11 @@ def load_study(params: Path) -> StudyConfig:
 # ---------------------------------------------------------------- commands that are not stages
 
 def cmd_validate(cfg: StudyConfig, args) -> None:
+    from detr_sparsity.config import describe_data
+
     print(f"params.yaml is valid; study {cfg.name!r}")
+    if (data := describe_data(cfg)) is not None:  # e.g. which layout a local COCO root has
+        print(data)
 
 
 def cmd_init_tracking(cfg: StudyConfig, args) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -19,6 +18,9 @@ from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from detr_sparsity.atomic import atomic_path, write_json
+from detr_sparsity.data.coco_root import (TRAIN_ANNOTATIONS, TRAIN_IMAGES, VAL_ANNOTATIONS, VAL_IMAGES,
+                                          root_layout)
+from detr_sparsity.data.dataset import read_instances
 from detr_sparsity.data.download import DownloadSettings, download_part
 
 log = logging.getLogger(__name__)
@@ -48,14 +50,6 @@ ARCHIVES: dict[str, Archive] = {
 # Recorded for reference only: the study needs a few thousand train images, so they are
 # fetched one by one instead of downloading this 19 GB archive.
 TRAIN_ARCHIVE = Archive("zips/train2017.zip", 19_336_861_798, "cced6f7f71b7629ddf16f17bbcfab6b2")
-
-ROOT_LAYOUT = (
-    "annotations/instances_val2017.json",
-    "annotations/instances_train2017.json",
-    "val2017",
-    "train2017",
-)
-
 
 class ChecksumError(RuntimeError):
     """A downloaded file does not have the expected size or md5."""
@@ -202,20 +196,9 @@ def choose_images(
 
 
 def _load_json(path: Path) -> Any:
-    """Read a JSON file."""
+    """Read a COCO instances file, checked where it enters: errors name the file (and the annotation)."""
     log.info("reading %s", path)
-    with open(path) as f:
-        return json.load(f)
-
-
-def _check_root(root: Path) -> None:
-    """Raise FileNotFoundError if `root` lacks part of the COCO 2017 layout."""
-    for relative in ROOT_LAYOUT:
-        if not (root / relative).exists():
-            raise FileNotFoundError(
-                f"{root / relative} not found: a COCO root must contain "
-                + ", ".join(ROOT_LAYOUT)
-            )
+    return read_instances(path)
 
 
 def _check_images_present(images: list[dict], image_dir: Path) -> None:
@@ -227,11 +210,13 @@ def _check_images_present(images: list[dict], image_dir: Path) -> None:
         )
 
 
-def _extract(zip_path: Path, members: list[str] | None, target: Path, md5: str) -> None:
-    """Extract `members` (or all) of `zip_path` into `target` once per archive md5."""
-    # The marker is written last, so an interrupted extraction is redone in full.
+def _extract(zip_path: Path, members: list[str], target: Path, md5: str) -> None:
+    """Extract `members` of `zip_path` into `target` once per archive md5."""
+    # The marker is written last, so an interrupted extraction is redone in full; a later call may want members
+    # an earlier one left out (the train annotations alone, for a val-only root).
     marker = target / f".{zip_path.name}.extracted"
-    if marker.exists() and marker.read_text().strip() == md5:
+    if (marker.exists() and marker.read_text().strip() == md5
+            and all((target / member).exists() for member in members)):
         log.info("%s already extracted", zip_path)
         return
     log.info("extracting %s into %s", zip_path, target)
@@ -241,26 +226,23 @@ def _extract(zip_path: Path, members: list[str] | None, target: Path, md5: str) 
         tmp.write_text(md5 + "\n")
 
 
-def _download_archives(
-    base_url: str, download_dir: Path, archives: dict[str, Archive], settings: DownloadSettings
+def _download_archive(
+    name: str, members: list[str] | None, base_url: str, download_dir: Path, archives: dict[str, Archive],
+    settings: DownloadSettings,
 ) -> None:
-    """Download and extract the annotation and val2017 archives into `download_dir`."""
-    base = base_url.rstrip("/")
-    for name in (ANNOTATIONS_ARCHIVE, VAL_ARCHIVE):
-        archive = archives[name]
-        zip_path = download_file(
-            f"{base}/{archive.path}",
-            download_dir / name,
-            size=archive.size,
-            md5=archive.md5,
-            settings=settings,
-        )
-        if name == ANNOTATIONS_ARCHIVE:
-            members = ["annotations/instances_val2017.json", "annotations/instances_train2017.json"]
-        else:
-            with zipfile.ZipFile(zip_path) as z:
-                members = [m for m in z.namelist() if m.startswith("val2017/")]
-        _extract(zip_path, members, download_dir, archive.md5)
+    """Download one archive into `download_dir` and extract `members` of it (None: the val2017 images)."""
+    archive = archives[name]
+    zip_path = download_file(
+        f"{base_url.rstrip('/')}/{archive.path}",
+        download_dir / name,
+        size=archive.size,
+        md5=archive.md5,
+        settings=settings,
+    )
+    if members is None:
+        with zipfile.ZipFile(zip_path) as z:
+            members = [m for m in z.namelist() if m.startswith(VAL_IMAGES + "/")]
+    _extract(zip_path, members, download_dir, archive.md5)
 
 
 def _fetch_images(
@@ -285,6 +267,15 @@ def _split_path(path: Path, out_dir: Path) -> str:
     return str(path)
 
 
+def _evaluation_note(evaluated: int, total: int, held_out: int) -> str | None:
+    """What the val split covers when it is not the whole of val2017, for the rows and T1; None when it is."""
+    if evaluated == total:
+        return None
+    why = (f"{held_out:,} are held out for the train and calibration splits" if held_out else "a seeded subset")
+    return (f"{evaluated:,} of the {total:,} val2017 images ({why}); published val2017 results, such as the "
+            f"42.0 AP of DETR-R50, are measured on all {total:,}")
+
+
 def prepare_coco(
     *,
     out_dir: Path,
@@ -296,62 +287,83 @@ def prepare_coco(
     calibration_images: int,
     seed: int,
     download: Mapping[str, Any],
+    held_out_from_val: int = 0,
     archives: dict[str, Archive] | None = None,
 ) -> dict:
-    """Write the val, train and calibration annotation files and splits.json into `out_dir`.
+    """Write the val, train and calibration annotation files into `out_dir`; return the manifest's entries.
 
+    val2017 is evaluated (in place under a local root). The train and calibration images come from train2017: a
+    local root's, or fetched one by one from `base_url` (a val-only root: with the train annotations downloaded
+    too), or, with `held_out_from_val` = N > 0, from N val2017 images held out of the evaluation.
     `download` is the study's `data.download` block: timeout_s, retries and backoff_s.
     """
     settings = DownloadSettings(**download)
-    out_dir = Path(out_dir)
+    archives = archives or ARCHIVES
+    out_dir, download_dir = Path(out_dir), Path(download_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if root is not None:
-        root = Path(root)
-        _check_root(root)
-        log.info("using the local COCO root %s as is", root)
-        source = root
+        layout = root_layout(root)
+        if layout.problem():
+            raise FileNotFoundError(layout.problem())
+        log.info("%s", layout.describe(held_out_from_val))
+        source = layout.root
+        local_train = layout.train_annotations and layout.train_images
+        if not (held_out_from_val or local_train or layout.train_annotations):
+            _download_archive(ANNOTATIONS_ARCHIVE, [TRAIN_ANNOTATIONS], base_url, download_dir, archives, settings)
+        train_json = (source if layout.train_annotations else download_dir) / TRAIN_ANNOTATIONS
+        train_dir = (source if local_train else download_dir) / TRAIN_IMAGES
     else:
-        source = Path(download_dir)
-        _download_archives(base_url, source, archives or ARCHIVES, settings)
-    val_json = source / "annotations/instances_val2017.json"
-    train_json = source / "annotations/instances_train2017.json"
-    val_dir, train_dir = source / "val2017", source / "train2017"
+        source = download_dir
+        _download_archive(ANNOTATIONS_ARCHIVE, [VAL_ANNOTATIONS, TRAIN_ANNOTATIONS], base_url, download_dir,
+                          archives, settings)
+        _download_archive(VAL_ARCHIVE, None, base_url, download_dir, archives, settings)
+        local_train = False
+        train_json, train_dir = download_dir / TRAIN_ANNOTATIONS, download_dir / TRAIN_IMAGES
+    val_json, val_dir = source / VAL_ANNOTATIONS, source / VAL_IMAGES
 
+    val = _load_json(val_json)
+    # Held-out images are drawn with their own seed; the evaluation split is then chosen from the rest.
+    held_out = choose_images(val, held_out_from_val, seed + 2) if held_out_from_val else []
     val_out = out_dir / "instances_val.json"
-    if val_images == 0:
+    if not held_out and val_images == 0:
         log.info("val split: all val2017 images")
         with atomic_path(val_out) as tmp:
             shutil.copyfile(val_json, tmp)
-        if root is not None:
-            _check_images_present(_load_json(val_json)["images"], val_dir)
+        val_subset = val
     else:
-        val = _load_json(val_json)
-        val_subset = subset_annotations(val, choose_images(val, val_images, seed))
-        log.info("val split: %d of %d val2017 images", val_images, len(val["images"]))
-        if root is not None:
-            _check_images_present(val_subset["images"], val_dir)
+        excluded = set(held_out)
+        val_ids = ([im["id"] for im in val["images"] if im["id"] not in excluded] if val_images == 0
+                   else choose_images(val, val_images, seed, exclude=excluded))
+        val_subset = subset_annotations(val, val_ids)
         write_json(val_out, val_subset)
+    evaluated = len(val_subset["images"])
+    log.info("val split: %d of %d val2017 images%s", evaluated, len(val["images"]),
+             f" ({len(held_out)} held out for train and calibration)" if held_out else "")
+    if root is not None:
+        _check_images_present(val_subset["images"], val_dir)
 
-    train = _load_json(train_json)
-    train_ids = choose_images(train, train_images, seed)
+    if held_out:
+        pool, image_dir = subset_annotations(val, held_out), val_dir
+    else:
+        pool, image_dir = _load_json(train_json), train_dir
+    train_ids = choose_images(pool, train_images, seed)
     # A different seed and the exclusion keep calibration images out of the train split.
-    calibration_ids = choose_images(train, calibration_images, seed + 1, exclude=set(train_ids))
+    calibration_ids = choose_images(pool, calibration_images, seed + 1, exclude=set(train_ids))
     for name, ids in (("train", train_ids), ("calibration", calibration_ids)):
-        subset = subset_annotations(train, ids)
-        log.info("%s split: %d train2017 images", name, len(ids))
-        if root is None:
-            _fetch_images(subset["images"], base_url, train_dir, settings)
+        subset = subset_annotations(pool, ids)
+        log.info("%s split: %d %s images", name, len(ids), "held-out val2017" if held_out else "train2017")
+        if held_out or local_train:
+            _check_images_present(subset["images"], image_dir)
         else:
-            _check_images_present(subset["images"], train_dir)
+            _fetch_images(subset["images"], base_url, image_dir, settings)
         write_json(out_dir / f"instances_{name}.json", subset)
 
-    splits = {
+    note = _evaluation_note(evaluated, len(val["images"]), len(held_out))
+    return {
         name: {
-            "annotations": _split_path(out_dir / f"instances_{name}.json", out_dir),
-            "images": _split_path(image_dir, out_dir),
+            "annotations": f"instances_{name}.json",
+            "images": _split_path(images, out_dir),
+            **({"note": note} if name == "val" and note else {}),
         }
-        for name, image_dir in (("val", val_dir), ("train", train_dir), ("calibration", train_dir))
+        for name, images in (("val", val_dir), ("train", image_dir), ("calibration", image_dir))
     }
-    write_json(out_dir / "splits.json", splits)
-    log.info("wrote %s", out_dir / "splits.json")
-    return splits

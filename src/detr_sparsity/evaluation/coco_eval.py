@@ -14,13 +14,40 @@ from pycocotools.cocoeval import COCOeval
 AP_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+class GroundTruthError(ValueError):
+    """Ground truth that COCOeval can score nothing against: its AP would be -1, a non-result."""
+
+
+def ground_truth_problem(annotations: list[dict], categories: list[dict]) -> str | None:
+    """Why COCOeval would score nothing against this ground truth (every AP -1), or None.
+
+    COCOeval scores only non-crowd annotations of the file's own categories; with none, every AP is -1.
+    """
+    if not annotations:
+        return "its ground truth is empty (annotations: [])"
+    category_ids = {c["id"] for c in categories}
+    scored = [a for a in annotations if a.get("category_id") in category_ids]
+    if not scored:
+        found = sorted({a.get("category_id") for a in annotations}, key=str)
+        return (f"none of its {len(annotations)} annotations has a category of the file (their category_ids: "
+                f"{', '.join(map(str, found[:10]))}; categories: "
+                f"{', '.join(str(c) for c in sorted(category_ids, key=str)[:10]) or 'none'})")
+    if all(a.get("iscrowd", 0) for a in scored):
+        return f"all {len(scored)} of its annotations are crowd regions, which COCOeval does not score"
+    return None
+
+
 def coco_ap(annotations: str | Path, detections: str | Path) -> dict[str, float]:
     """The six AP metrics of `detections` (COCO results JSON) against `annotations` (COCO instances JSON).
 
-    COCOeval reports -1 for an area range without ground truth; that is kept, not hidden.
+    Ground truth that nothing can be scored against is an error (`ground_truth_problem`); COCOeval's -1 for an area
+    range without ground truth is kept, not hidden.
     """
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; the stage logs instead
         gt = COCO(str(annotations))
+        problem = ground_truth_problem(gt.dataset.get("annotations", []), gt.dataset.get("categories", []))
+        if problem is not None:
+            raise GroundTruthError(f"cannot score detections against {annotations}: {problem}")
         results = json.loads(Path(detections).read_text())
         if not results:
             raise ValueError(f"{detections} holds no detections; COCOeval needs at least one")

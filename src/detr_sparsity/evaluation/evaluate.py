@@ -20,7 +20,7 @@ from transformers import DetrForObjectDetection, DetrImageProcessorPil
 from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, Split, image_processor, load_split
-from detr_sparsity.evaluation.coco_eval import AP_METRICS, coco_ap
+from detr_sparsity.evaluation.coco_eval import AP_METRICS, GroundTruthError, coco_ap, ground_truth_problem
 from detr_sparsity.evaluation.detections import detect
 from detr_sparsity.evaluation.flops import FLOPS_CONVENTION, FlopCount, flops_per_image
 from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding, gather_partials, shard_batches, write_partial
@@ -42,10 +42,15 @@ class EvaluationSplit:
 
 
 def evaluation_split(cfg: StudyConfig, data_dir: Path, split_name: str | None = None,
-                     sharding: Sharding = WHOLE_SPLIT) -> EvaluationSplit:
+                     sharding: Sharding = WHOLE_SPLIT, scored: bool = True) -> EvaluationSplit:
+    """The split's loader; a split to be `scored` (COCO AP) must hold ground truth that COCOeval can score."""
     split = load_split(data_dir, split_name or cfg.evaluate["split"])
     processor = image_processor(cfg.input)
     dataset = CocoDetection(split)
+    # Before any detection: ground truth that nothing can be scored against gives AP -1, which is no result.
+    problem = ground_truth_problem([a for anns in dataset.annotations.values() for a in anns], dataset.categories)
+    if scored and problem is not None:
+        raise GroundTruthError(f"cannot evaluate on the {split.name} split ({split.annotations}): {problem}")
     batch_size = cfg.evaluate["batch_size"]
     part = dataset
     if sharding.detects_shard:  # whole batches only: each is exactly a batch of the unsharded job
@@ -101,6 +106,8 @@ def evaluate_policies(model: DetrForObjectDetection, data: EvaluationSplit, poli
         "images": data.images,
         "detections": str(detections_path),
         "annotations": str(data.split.annotations),
+        # What the split covers, where it is less than its source (COCO: a part of val2017).
+        **({"split_note": data.split.note} if data.split.note else {}),
         **checked,
     }
 

@@ -203,7 +203,7 @@ class StudyInputs:
 def study_inputs(cfg: StudyConfig, model_dir: Path, data_dir: Path, neurons: Path, gate_files: dict[str, Path],
                  thresholds: list[str]) -> StudyInputs:
     model = load_detr(model_dir).eval()
-    batch = next(iter(evaluation_split(cfg, data_dir).loader))
+    batch = next(iter(evaluation_split(cfg, data_dir, scored=False).loader))
     tokens: dict[str, torch.Tensor] = {}
     handles = [block.register_forward_hook(lambda _m, inputs, _out, name=name: tokens.__setitem__(
         name, inputs[0].detach().reshape(-1, inputs[0].shape[-1]).contiguous()))

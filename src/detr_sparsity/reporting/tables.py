@@ -119,11 +119,15 @@ def t1_dense(record: StudyRecord, profile: dict) -> PaperTable:
         blocks.rows.append([name, pct(dense["natural_sparsity"]["per_block"][name]),
                             pct(profile["per_block"][name]["natural_sparsity"]), f"{pct(low)}-{pct(high)}",
                             str(profile["per_block"][name]["never_firing_neurons"])])
+    # A part of its source (COCO: val2017 less held-out images) is not what published results are measured on.
+    split_note = dense.get("split_note")
     return PaperTable(
-        "t1_dense", f"T1. Dense baseline: COCO AP on {dense['images']} evaluation images and natural sparsity of "
+        "t1_dense", f"T1. Dense baseline: COCO AP on {dense['images']} evaluation images"
+                    f"{' (not the whole of val2017: see the note)' if split_note else ''} and natural sparsity of "
                     "each FFN block",
         [metrics, blocks],
-        AP_NOTE + "Natural sparsity: share of post-ReLU zeros in the FFN hidden layer, on the "
+        (f"Evaluation images: {split_note}. " if split_note else "")
+        + AP_NOTE + "Natural sparsity: share of post-ReLU zeros in the FFN hidden layer, on the "
         f"evaluation split and on the {profile['images']} images of the {profile['split']} split (mean and "
         "per-image spread). Never-firing neurons: zero on every token of that split. " + FLOPS_NOTE)
 

@@ -1,5 +1,6 @@
 """Stage `data`: the study's splits on disk (train, calibration, val), generated (synthetic) or fetched (COCO),
-with their manifest."""
+checked where they enter (every annotation, every image decoded fully) and listed in the manifest with each
+image's digest."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from detr_sparsity.atomic import atomic_dir, write_json
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.data.coco import prepare_coco
-from detr_sparsity.data.dataset import MANIFEST, CocoDetection, load_split
+from detr_sparsity.data.dataset import MANIFEST, CocoDetection, load_split, verify_splits
 from detr_sparsity.data.synthetic import SyntheticSpec, generate_synthetic
 from detr_sparsity.tracking import StageRun
 
@@ -21,7 +22,6 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, out: Path) -> None:
                                  min_objects=data["min_objects"], max_objects=data["max_objects"],
                                  count_decay=data["count_decay"])
             manifest = generate_synthetic(tmp, data["splits"], spec, cfg.seed)
-            write_json(tmp / MANIFEST, manifest)
         else:
             manifest = prepare_coco(
                 out_dir=tmp,
@@ -31,8 +31,12 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, out: Path) -> None:
                 val_images=data["val_images"],
                 train_images=data["train_images"],
                 calibration_images=data["calibration_images"],
+                held_out_from_val=data["held_out_from_val"],
                 seed=cfg.seed,
                 download=data["download"],
             )
+        # Before anything trains or evaluates on them: a bad image or annotation fails here, naming the file.
+        manifest = verify_splits(tmp, manifest)
+        write_json(tmp / MANIFEST, manifest)
     tracked.log_artifact(out / MANIFEST)
     tracked.log_metrics({f"images_{split}": len(CocoDetection(load_split(out, split))) for split in manifest})

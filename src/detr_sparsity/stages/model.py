@@ -12,13 +12,12 @@ from detr_sparsity.atomic import atomic_dir, write_json
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
 from detr_sparsity.device import job_device
-from detr_sparsity.models.load import load_detr
+from detr_sparsity.models.load import MODEL_INFO, WEIGHTS_DIGESTS, is_local, load_detr, record_weights
 from detr_sparsity.models.pretrain import pretrain
 from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
 from detr_sparsity.tracking import StageRun
 
 log = logging.getLogger(__name__)
-MODEL_INFO = "model_info.json"
 
 
 def run_stage(cfg: StudyConfig, tracked: StageRun, *, data: Path, out: Path) -> None:
@@ -36,13 +35,18 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, data: Path, out: Path) -> 
         info = pretrain(model, train, DetrCollate(processor, with_labels=True), model_cfg["pretrain"],
                         cfg.seed, checkpoint, lambda step, m: tracked.log_metrics(m, step=step))
     else:
-        log.info("loading %s (revision %s)", model_cfg["name_or_path"], model_cfg["revision"])
-        model = load_detr(model_cfg["name_or_path"], model_cfg["revision"])
-        info = {"name_or_path": model_cfg["name_or_path"], "revision": model_cfg["revision"]}
+        name = model_cfg["name_or_path"]
+        # A revision selects a commit of a hub repository; a local directory is whatever it holds.
+        revision = None if is_local(name) else model_cfg["revision"]
+        log.info("loading %s%s", name, f" (revision {revision})" if revision else " (a local directory)")
+        model = load_detr(name, revision)
+        info = {"name_or_path": name, **({"revision": revision} if revision else {})}
     info["parameters"] = sum(p.numel() for p in model.parameters())
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
+        # Checked by every later load of the model (models/load.py), so changed weights never load silently.
+        info[WEIGHTS_DIGESTS] = record_weights(tmp)
         write_json(tmp / MODEL_INFO, info)
     log.info("saved the dense DETR to %s", out)
     if model_cfg["source"] == "pretrain":

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def run_stage(cfg: StudyConfig, tracked: StageRun, *, model: Path, data: Path, profile: Path, neurons: Path) -> None:
     split_name = cfg.profile["split"]
-    split = evaluation_split(cfg, data, split_name)
+    split = evaluation_split(cfg, data, split_name, scored=False)  # activations only: no AP, no ground truth needed
     detr = load_detr(model, device=job_device())
     natural, activations = profile_activations(detr, split.loader, total=len(split.loader))
     summary, indicators = profile_summary(split_name, split.images, natural, activations)
