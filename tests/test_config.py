@@ -313,8 +313,8 @@ def test_validate_says_which_layout_a_coco_root_has(tmp_path, capsys, parts, hel
 def test_a_coco_root_without_val2017_is_refused_saying_what_is_missing(tmp_path, parts, missing, found):
     root = coco_root(tmp_path / "coco", *parts)
     root.mkdir(exist_ok=True)
-    with pytest.raises(ConfigError) as excinfo:
-        load_config(modified(tmp_path, {"study": "coco", "studies.coco.data.root": str(root)}))
+    with pytest.raises(ConfigError) as excinfo:  # what a root holds is checked on loading a study
+        load_study(modified(tmp_path, {"study": "coco", "studies.coco.data.root": str(root)}))
     assert str(excinfo.value) == (
         f"invalid params.yaml:\n  studies.coco.data.root = \"{root}\" is not allowed: {root} lacks {missing} (found: "
         f"{found}); a COCO root needs at least annotations/instances_val2017.json and val2017/ (val-only), and "

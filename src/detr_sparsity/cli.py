@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from detr_sparsity.config import ConfigError, StudyConfig, load_config
+from detr_sparsity.data.coco_root import describe_source, root_problem
 from detr_sparsity.machine import machine
 from detr_sparsity.pipeline import PIPELINE, Stage, check_resources, describe, dvc_yaml, option, stage_params
 
@@ -35,17 +36,18 @@ def load_study(params: Path) -> StudyConfig:
     """params.yaml, validated: the schema, the cross-field rules, and the stage names of its resources."""
     cfg = load_config(params)
     check_resources(cfg)
+    problem = root_problem(cfg.data, f"studies.{cfg.name}")
+    if problem:
+        raise ConfigError(f"invalid params.yaml:\n  {problem}")
     return cfg
 
 
 # ---------------------------------------------------------------- commands that are not stages
 
 def cmd_validate(cfg: StudyConfig, args) -> None:
-    from detr_sparsity.config import describe_data
-
     print(f"params.yaml is valid; study {cfg.name!r}")
-    if (data := describe_data(cfg)) is not None:  # e.g. which layout a local COCO root has
-        print(data)
+    if (source := describe_source(cfg.data)) is not None:  # e.g. which layout a local COCO root has
+        print(source)
 
 
 def cmd_init_tracking(cfg: StudyConfig, args) -> None:

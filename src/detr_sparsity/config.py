@@ -199,37 +199,18 @@ def _cross_field_problems(raw: dict[str, Any]) -> list[str]:
 
 
 def _coco_data_problems(data: dict[str, Any], prefix: str) -> list[str]:
-    """A COCO root holds what the study reads from it; the held-out val2017 images can hold train + calibration."""
-    from detr_sparsity.data.coco_root import root_layout
-
+    """A COCO root is a directory (what it holds is checked on loading a study: `data.coco_root`); the held-out
+    val2017 images can hold train + calibration."""
     problems = []
-    if data["root"] is not None:
-        if not Path(data["root"]).expanduser().is_dir():
-            problems.append(f"{prefix}.data.root = {json.dumps(data['root'])} is not allowed: "
-                            "no such directory (give an existing COCO root, or null to download)")
-        elif (problem := root_layout(data["root"]).problem()) is not None:
-            problems.append(f"{prefix}.data.root = {json.dumps(data['root'])} is not allowed: {problem}")
+    if data["root"] is not None and not Path(data["root"]).expanduser().is_dir():
+        problems.append(f"{prefix}.data.root = {json.dumps(data['root'])} is not allowed: "
+                        "no such directory (give an existing COCO root, or null to download)")
     held_out, wanted = data["held_out_from_val"], data["train_images"] + data["calibration_images"]
     if held_out and wanted > held_out:
         problems.append(f"{prefix}.data.held_out_from_val = {held_out} is not allowed: the train and calibration "
                         f"splits are drawn from the held-out val2017 images, so it must be >= train_images + "
                         f"calibration_images ({data['train_images']} + {data['calibration_images']} = {wanted})")
     return problems
-
-
-def describe_data(cfg: StudyConfig) -> str | None:
-    """Where the study's images come from, when that depends on what is on disk (a local COCO root's layout)."""
-    data = cfg.data
-    if data["source"] != "coco":
-        return None
-    if data["root"] is None:
-        source = ("val2017 and the annotations downloaded from base_url; train and calibration images: "
-                  + (f"{data['held_out_from_val']} val2017 images held out of the evaluation"
-                     if data["held_out_from_val"] else "train2017 images fetched one by one"))
-        return f"COCO: {source}"
-    from detr_sparsity.data.coco_root import root_layout
-
-    return root_layout(data["root"]).describe(data["held_out_from_val"])
 
 
 def load_config(params_path: str | Path = "params.yaml", study: str | None = None) -> StudyConfig:

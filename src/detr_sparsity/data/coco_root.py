@@ -1,6 +1,7 @@
 """What a local COCO 2017 root holds, and so where the COCO study takes each split's images from.
 
-Kept free of heavy imports: `validate` (the config's cross-field checks) reads it as well as the data stage.
+Kept free of heavy imports: loading a study (`cli.load_study`, which `validate` and the Snakefile use) checks a
+local root with it, as well as the data stage.
 """
 
 from __future__ import annotations
@@ -70,3 +71,24 @@ def root_layout(root: str | Path) -> RootLayout:
     root = Path(root).expanduser()
     return RootLayout(root, (root / VAL_ANNOTATIONS).is_file(), (root / VAL_IMAGES).is_dir(),
                       (root / TRAIN_ANNOTATIONS).is_file(), (root / TRAIN_IMAGES).is_dir())
+
+
+def root_problem(cfg_data: dict, prefix: str) -> str | None:
+    """Why a study's local COCO root cannot serve it, as a params.yaml error line; None when it can (or none is set)."""
+    if cfg_data["source"] != "coco" or cfg_data["root"] is None or not Path(cfg_data["root"]).expanduser().is_dir():
+        return None  # no root to look into (a missing directory is the config's own error)
+    problem = root_layout(cfg_data["root"]).problem()
+    return None if problem is None else f"{prefix}.data.root = \"{cfg_data['root']}\" is not allowed: {problem}"
+
+
+def describe_source(cfg_data: dict) -> str | None:
+    """Where the study's images come from, when that depends on what is on disk (a local COCO root's layout)."""
+    if cfg_data["source"] != "coco":
+        return None
+    held_out = cfg_data["held_out_from_val"]
+    if cfg_data["root"] is None:
+        source = ("val2017 and the annotations downloaded from base_url; train and calibration images: "
+                  + (f"{held_out} val2017 images held out of the evaluation" if held_out
+                     else "train2017 images fetched one by one"))
+        return f"COCO: {source}"
+    return root_layout(cfg_data["root"]).describe(held_out)
