@@ -53,7 +53,9 @@ def test_an_interrupted_atomic_write_leaves_neither_the_file_nor_its_temporary(t
 def test_an_empty_detections_file_is_refused_naming_it(tmp_path):
     annotations = tmp_path / "instances_val.json"
     annotations.write_text(json.dumps({"images": [{"id": 1, "width": 10, "height": 10, "file_name": "a.jpg"}],
-                                       "annotations": [], "categories": [{"id": 0, "name": "disc"}]}))
+                                       "annotations": [{"id": 1, "image_id": 1, "category_id": 0, "bbox": [1, 1, 4, 4],
+                                                        "area": 16, "iscrowd": 0}],
+                                       "categories": [{"id": 0, "name": "disc"}]}))
     detections = tmp_path / "detections.json"
     detections.write_text("[]")
     with pytest.raises(ValueError, match=f"{detections} holds no detections"):
