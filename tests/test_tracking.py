@@ -1,8 +1,10 @@
-"""MLflow tracking: stage runs carry their tags and params, and parallel stages lose no run."""
+"""MLflow tracking: stage runs carry their tags and params, and parallel stages lose no run, on a fresh store too."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import shutil
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -13,18 +15,43 @@ from detr_sparsity.pipeline import stage_params
 from tiny_project import REPO
 
 
+@pytest.fixture(scope="module")
+def initialised_store(tmp_path_factory):
+    """A store with its schema and the study's experiment, made once: migrating a fresh one takes seconds."""
+    database = tmp_path_factory.mktemp("initialised") / "mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+        tracking.init_store(load_config(REPO / "params.yaml"))
+    return database
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def fresh_store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 
 
-def _one_stage_run(uri: str, index: int) -> str:
-    import os
+@pytest.fixture
+def store(fresh_store, tmp_path, initialised_store):
+    """A store as `init_tracking` leaves it (a copy of one made once)."""
+    shutil.copy(initialised_store, tmp_path / "mlflow.db")
+    return fresh_store
 
+
+_start = None
+
+
+def _hold_start(barrier) -> None:
+    global _start
+    _start = barrier
+
+
+def _one_stage_run(uri: str, index: int, together: bool = False) -> str:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     cfg = load_config(REPO / "params.yaml")
+    if together:  # every process opens the store at the same moment
+        _start.wait(timeout=240)
     with tracking.stage_run(cfg, "evaluate", stage_params(cfg, "evaluate"), setting={"job": index}) as run:
         for step in range(20):
             run.log_metrics({"value": step * index}, step=step)
@@ -74,14 +101,19 @@ def test_failed_stage_is_marked_failed(store):
     assert MlflowClient(store).get_run(run.run_id).info.status == "FAILED"
 
 
-def test_parallel_stage_runs_after_init_all_land(store):
-    cfg = load_config(REPO / "params.yaml")
-    tracking.init_store(cfg)  # what Snakemake's onstart does before any job
-    with mp.get_context("spawn").Pool(8) as pool:
-        run_ids = pool.starmap(_one_stage_run, [(store, i) for i in range(8)])
-    client = MlflowClient(store)
-    runs = [client.get_run(r) for r in run_ids]
-    assert len(set(run_ids)) == 8
-    assert all(r.info.status == "FINISHED" for r in runs)
-    assert sorted(r.data.metrics["final"] for r in runs) == [float(i) for i in range(8)]
-    assert all(len(client.get_metric_history(r.info.run_id, "value")) == 20 for r in runs)
+def test_parallel_stage_runs_all_land_on_a_fresh_store_and_after(fresh_store):
+    """8 stages opening a fresh SQLite store at once (no `init_tracking` first, as when stages are started by hand
+    or by an orchestrator other than Snakemake), then 8 more on the store now initialised."""
+    context = mp.get_context("spawn")
+    barrier = context.Barrier(8)
+    with context.Pool(8, initializer=_hold_start, initargs=(barrier,)) as pool:
+        fresh = pool.starmap(_one_stage_run, [(fresh_store, i, True) for i in range(8)])
+        after = pool.starmap(_one_stage_run, [(fresh_store, i) for i in range(8)])
+    client = MlflowClient(fresh_store)
+    for run_ids in (fresh, after):
+        runs = [client.get_run(r) for r in run_ids]
+        assert len(set(run_ids)) == 8
+        assert all(r.info.status == "FINISHED" for r in runs)
+        assert sorted(r.data.metrics["final"] for r in runs) == [float(i) for i in range(8)]
+        assert all(len(client.get_metric_history(r.info.run_id, "value")) == 20 for r in runs)
+    assert len(client.search_experiments()) == 2  # MLflow's Default and the study's, created once

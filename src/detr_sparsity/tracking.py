@@ -1,13 +1,14 @@
 """The only module that talks to MLflow: one run per stage run, tagged so runs can be found and grouped.
 
 Default store: `sqlite:///mlflow.db` in the project root (MLflow 3's default; the file store is deprecated).
-A team sets MLFLOW_TRACKING_URI to a tracking server instead. A fresh SQLite store must be created by
-one process before parallel jobs open it (concurrent schema migrations lose runs), so `init_store` runs
-once up front (Snakemake `onstart`); DVC runs stages one at a time, so it needs no such step.
+A team sets MLFLOW_TRACKING_URI to a tracking server instead. Concurrent schema migrations of a fresh SQLite store
+lose runs, so every process opens a SQLite store and creates the study's experiment under a file lock beside it
+(`mlflow.db.lock`): stages started together on a fresh store, by any orchestrator or by hand, all land.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any, Iterator
 
 import mlflow
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from detr_sparsity.config import StudyConfig
@@ -35,12 +37,55 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative to the working directory, as MLflow reads it), else None."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    name = uri[len(prefix):].partition("?")[0]
+    return Path(name) if name and name != ":memory:" else None
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Held while a process opens a SQLite store (which may migrate its schema) and creates an experiment;
+    a server serialises these itself."""
+    database = sqlite_file(uri)
+    if database is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_store(cfg: StudyConfig) -> tuple[MlflowClient, str]:
+    """A client on the store and the id of the study's experiment, creating the store's schema and the
+    experiment where missing, one process at a time."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with _store_lock(uri):
+        client = MlflowClient(uri)  # opening a SQLite store creates or migrates its schema
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        try:
+            return client, client.create_experiment(cfg.experiment)
+        except MlflowException as err:  # a server: another job created it first
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return client, client.get_experiment_by_name(cfg.experiment).experiment_id
+
+
 def init_store(cfg: StudyConfig) -> str:
     """Create the store's schema and the study's experiment; returns the experiment id."""
-    mlflow.set_tracking_uri(tracking_uri())
-    experiment = mlflow.set_experiment(cfg.experiment)
-    log.info("MLflow store %s ready, experiment %r (id %s)", tracking_uri(), cfg.experiment, experiment.experiment_id)
-    return experiment.experiment_id
+    _client, experiment_id = open_store(cfg)
+    log.info("MLflow store %s ready, experiment %r (id %s)", tracking_uri(), cfg.experiment, experiment_id)
+    return experiment_id
 
 
 def git_commit() -> str:
@@ -115,10 +160,7 @@ def stage_run(cfg: StudyConfig, stage: str, params: dict[str, Any],
     `setting` names the point of a sweep that this run computes (`{"method": "topk", "keep_ratio": 0.1}`);
     it goes into the run's name, the `setting` tag and one `setting.<key>` tag per value, for filtering.
     """
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    experiment_id = experiment.experiment_id if experiment else init_store(cfg)
+    client, experiment_id = open_store(cfg)
     pipeline_run = os.environ.get(PIPELINE_RUN_ENV) or hashlib.sha1(f"{os.getpid()}{time.time()}".encode()).hexdigest()[:12]
     tags = {
         "study": cfg.name,
