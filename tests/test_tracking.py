@@ -1,17 +1,25 @@
-"""MLflow tracking: stage runs carry their tags and params, and parallel stages lose no run, on a fresh store too."""
+"""MLflow tracking: stage runs carry their tags and params, parallel stages lose no run (on a fresh store too),
+and a killed stage's run is marked FAILED once its process is gone and loses only its last seconds of metrics."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from detr_sparsity import tracking
+from detr_sparsity import cli, tracking
 from detr_sparsity.config import load_config
 from detr_sparsity.pipeline import stage_params
+from detr_sparsity.processes import HOST, this_process
 from tiny_project import REPO
 
 
@@ -117,3 +125,91 @@ def test_parallel_stage_runs_all_land_on_a_fresh_store_and_after(fresh_store):
         assert sorted(r.data.metrics["final"] for r in runs) == [float(i) for i in range(8)]
         assert all(len(client.get_metric_history(r.info.run_id, "value")) == 20 for r in runs)
     assert len(client.search_experiments()) == 2  # MLflow's Default and the study's, created once
+
+
+# A stage that logs a loss every 50 ms until it is killed.
+KILLED_STAGE = textwrap.dedent("""
+    import sys, time
+    from detr_sparsity import tracking
+    from detr_sparsity.config import load_config
+    from detr_sparsity.pipeline import stage_params
+    cfg = load_config(sys.argv[1])
+    setting = {"objective": "task", "target": 0.9}
+    with tracking.stage_run(cfg, "mgs_train", stage_params(cfg, "mgs_train"), setting) as run:
+        print(run.run_id, flush=True)
+        for step in range(100000):
+            run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+            time.sleep(0.05)
+""")
+
+
+def test_a_killed_stage_loses_only_its_last_seconds_and_its_next_run_marks_it_failed(store):
+    cfg = load_config(REPO / "params.yaml")
+    stage = subprocess.Popen([sys.executable, "-c", KILLED_STAGE, str(REPO / "params.yaml")], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    try:
+        run_id = stage.stdout.readline().strip()
+        time.sleep(1.5 * tracking.FLUSH_SECONDS + 0.5)
+    finally:
+        killed_at = time.time() * 1000
+        stage.send_signal(signal.SIGKILL)
+        stage.wait(timeout=30)
+    client = MlflowClient(store)
+    killed = client.get_run(run_id)
+    assert killed.info.status == "RUNNING"
+    tags = killed.data.tags
+    assert (tags["host"], tags["pid"]) == (HOST, str(stage.pid)) and tags["started"].endswith("Z")
+    history = client.get_metric_history(run_id, "loss")
+    assert history, "no step metric reached the store"
+    last = max(m.timestamp for m in history)
+    assert killed_at - last <= (tracking.FLUSH_SECONDS + 1) * 1000  # at most the last seconds are lost
+
+    # The next run of another setting leaves it alone; the next run of the same setting marks it FAILED.
+    with tracking.stage_run(cfg, "mgs_train", stage_params(cfg, "mgs_train"), {"objective": "task", "target": 0.5}):
+        pass
+    assert client.get_run(run_id).info.status == "RUNNING"
+    with tracking.stage_run(cfg, "mgs_train", stage_params(cfg, "mgs_train"), {"objective": "task", "target": 0.9}):
+        pass
+    failed = client.get_run(run_id)
+    assert failed.info.status == "FAILED" and failed.info.end_time == last  # it ended at its last sign of life
+    assert failed.data.tags["failure"].startswith(f"abandoned: process {stage.pid} on host {HOST} had ended")
+
+
+def test_tidy_tracking_fails_only_runs_whose_process_is_gone(store, capsys):
+    """A dead process's run is marked FAILED; a running one's (a sibling job: here this test) and another host's
+    are left RUNNING, the latter until told that host's jobs are over."""
+    cfg = load_config(REPO / "params.yaml")
+    client, experiment = tracking.open_store(cfg)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    me = this_process()
+    holders = {"dead": {"host": HOST, "pid": str(ended.pid)},
+               "live": {"host": HOST, "pid": str(me.pid), "process_start": str(me.start)},
+               "remote": {"host": "elsewhere.example.org", "pid": "4242"},
+               "untagged": {}}
+    runs = {name: client.create_run(experiment, tags={"stage": "evaluate", **tags}, run_name=name).info.run_id
+            for name, tags in holders.items()}
+
+    def statuses() -> dict[str, str]:
+        return {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+
+    try:
+        assert cli.main(["--params", str(REPO / "params.yaml"), "tidy_tracking"]) == 0
+        said = capsys.readouterr().out
+        assert statuses() == {"dead": "FAILED", "live": "RUNNING", "remote": "RUNNING", "untagged": "RUNNING"}
+        assert f"marked FAILED: run {runs['dead']}" in said
+        assert (f"left RUNNING: run {runs['remote']} (remote): process 4242 on host elsewhere.example.org cannot be "
+                f"checked from host {HOST}; once that host's jobs are over, `tidy_tracking --host "
+                "elsewhere.example.org` marks it FAILED") in said
+        assert cli.main(["--params", str(REPO / "params.yaml"), "tidy_tracking", "--host", "elsewhere.example.org"]) == 0
+        assert statuses() == {"dead": "FAILED", "live": "RUNNING", "remote": "FAILED", "untagged": "RUNNING"}
+        assert "1 abandoned run(s) marked FAILED, 2 left RUNNING" in capsys.readouterr().out
+    finally:
+        _close_log_handlers()
+
+
+def _close_log_handlers() -> None:
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        handler.close()
+        root.removeHandler(handler)

@@ -49,6 +49,17 @@ def cmd_init_tracking(cfg: StudyConfig, args) -> None:
     tracking.init_store(cfg)
 
 
+def cmd_tidy_tracking(cfg: StudyConfig, args) -> None:
+    """Mark FAILED the runs left RUNNING by killed processes; say what is left RUNNING, and why."""
+    from detr_sparsity import tracking
+
+    checks = tracking.tidy_store(gone_hosts=args.host)
+    for check in checks:
+        print(check)
+    failed = sum(check.failed for check in checks)
+    print(f"{tracking.tracking_uri()}: {failed} abandoned run(s) marked FAILED, {len(checks) - failed} left RUNNING")
+
+
 def cmd_stages(cfg: StudyConfig, args) -> None:
     print(describe())
 
@@ -150,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("validate", help="check params.yaml and exit").set_defaults(func=cmd_validate)
     sub.add_parser("init_tracking", help="create the MLflow store and experiment (once, before parallel jobs)"
                    ).set_defaults(func=cmd_init_tracking)
+    p = sub.add_parser("tidy_tracking", help="mark FAILED the MLflow runs whose process was killed",
+                       description="Mark FAILED every run still RUNNING whose process is gone from its host (this "
+                                   "host only: a process on another host cannot be checked from here, so its run is "
+                                   "left RUNNING unless --host names that host).")
+    p.add_argument("--host", action="append", default=[], metavar="HOST",
+                   help="also mark FAILED the RUNNING runs of HOST: say so only once its jobs are over (repeatable)")
+    p.set_defaults(func=cmd_tidy_tracking)
     sub.add_parser("stages", help="list the pipeline's stages, sweeps and outputs").set_defaults(func=cmd_stages)
     p = sub.add_parser("dvc_yaml", help="write dvc.yaml from the pipeline's declaration")
     p.add_argument("--out", type=Path, default=Path("dvc.yaml"))
