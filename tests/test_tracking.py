@@ -1,5 +1,6 @@
 """MLflow tracking: stage runs carry their tags and params, parallel stages lose no run (on a fresh store too),
-and a killed stage's run is marked FAILED once its process is gone and loses only its last seconds of metrics."""
+a killed stage's run is marked FAILED once its process is gone and loses only its last seconds of metrics, and a
+stage that fails or is interrupted is recorded FAILED."""
 
 from __future__ import annotations
 
@@ -213,3 +214,39 @@ def _close_log_handlers() -> None:
     for handler in root.handlers[:]:
         handler.close()
         root.removeHandler(handler)
+
+
+def _interrupted(**_):
+    raise KeyboardInterrupt
+
+
+def _failing(**_):
+    raise RuntimeError("boom")
+
+
+def _terminated(**_):
+    os.kill(os.getpid(), signal.SIGTERM)  # what a cancelled cluster job receives
+    time.sleep(30)
+
+
+@pytest.mark.parametrize("fault, code, error", [(_failing, 1, "RuntimeError: boom"),
+                                                (_interrupted, 130, "KeyboardInterrupt"),
+                                                (_terminated, 143, "Terminated: terminated by SIGTERM")],
+                         ids=["error", "ctrl-c", "sigterm"])
+def test_a_failed_or_interrupted_stage_is_recorded_failed(store, tmp_path, monkeypatch, fault, code, error):
+    """The command exits 1 (130 after Ctrl-C, 143 after SIGTERM), its log holds the traceback, its run is FAILED."""
+    from detr_sparsity.stages import summary
+
+    monkeypatch.setattr(summary, "run_stage", lambda cfg, tracked, **paths: fault(**paths))
+    log = tmp_path / "summary.log"
+    try:
+        assert cli.main(["--params", str(REPO / "params.yaml"), "--log", str(log), "summary",
+                         "--out", str(tmp_path / "summary.json"), "--metrics", str(tmp_path / "metrics.json")]) == code
+    finally:
+        _close_log_handlers()
+    text = log.read_text()
+    assert "summary failed" in text and "Traceback (most recent call last)" in text and error in text
+    client = MlflowClient(store)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'summary'")
+    assert run.info.status == "FAILED" and run.info.end_time is not None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command left SIGTERM as it found it

@@ -2,7 +2,8 @@
 
 Snakemake and DVC call exactly these commands. Each validates params.yaml and its own arguments before any work,
 then logs to its log file, records one MLflow run and writes only its declared outputs. A failure's traceback
-goes to the log file too, and the command exits non-zero.
+goes to the log file too, and the command exits non-zero: 1, or 130 after Ctrl-C and 143 after SIGTERM (a cancelled
+cluster job), both of which record the stage's run FAILED as a failure does.
 """
 
 from __future__ import annotations
@@ -10,13 +11,44 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from detr_sparsity.config import ConfigError, StudyConfig
 from detr_sparsity.pipeline import PIPELINE, Stage, check_resources, describe, dvc_yaml, option, stage_params
 
 log = logging.getLogger("detr_sparsity")
+
+
+class Terminated(BaseException):
+    """SIGTERM (a cancelled or timed-out cluster job, `kill`), raised like Ctrl-C's KeyboardInterrupt: the stage's
+    run is recorded FAILED, its temporaries are removed and the traceback goes to its log."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    main = os.getpid()
+
+    def terminate(signum, frame):
+        if os.getpid() != main:  # a forked worker (a DataLoader's) ends as it would by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated("terminated by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _setup_logging(log_file: Path | None) -> None:
@@ -197,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     _setup_logging(args.log)  # only now: a refused command leaves no log file
     try:
-        args.func(cfg, args)
+        with _sigterm_raises():
+            args.func(cfg, args)
     except SystemExit as err:
         if isinstance(err.code, str):
             print(err.code, file=sys.stderr)
@@ -205,5 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except BaseException as err:
         log.exception("%s failed", args.stage)  # the traceback goes to the log file too
-        return 130 if isinstance(err, KeyboardInterrupt) else 1
+        if isinstance(err, KeyboardInterrupt):
+            return 130
+        return 128 + signal.SIGTERM if isinstance(err, Terminated) else 1
     return 0
