@@ -18,7 +18,7 @@ import safetensors.numpy
 
 from detr_sparsity import atomic
 from detr_sparsity.atomic import atomic_dir, atomic_path, write_json
-from detr_sparsity.processes import HOST, Writer, proc_stat
+from detr_sparsity.processes import HOST, PID_NAMESPACE, Writer, proc_stat, this_process
 from tiny_project import REPO
 
 # Writes a directory output and a file output beside it, says so, and waits to be killed.
@@ -56,14 +56,14 @@ def temporaries(directory: Path) -> set[str]:
 def test_the_next_write_removes_what_a_killed_writer_left(tmp_path):
     pid = killed_writer(tmp_path)
     left = temporaries(tmp_path)
-    assert len(left) == 2 and all(f".{pid}-" in name and f"@{HOST}." in name for name in left), left
+    assert len(left) == 2 and all(f".{pid}-" in name and f"@{HOST}" in name for name in left), left
     assert not (tmp_path / "data").exists() and not (tmp_path / "row.json").exists()  # nothing looks complete
 
     # Beside them, temporaries that must stay: a running sibling's (a live process on this host), one from
     # another host (not checkable from here), another output's, and one whose name names no writer.
     sibling = subprocess.Popen(["sleep", "60"])
     try:
-        live = Writer(HOST, sibling.pid, proc_stat(sibling.pid)[1])
+        live = Writer(HOST, sibling.pid, proc_stat(sibling.pid)[1], PID_NAMESPACE)
         keep = {f".data.{live.token}.0000aaaa.tmp", f".data.{Writer('elsewhere.example.org', pid).token}.0000bbbb.tmp",
                 f".data.json.{pid}@{HOST}.0000cccc.tmp", ".data.k3j9x1_q.tmp"}
         for name in keep:
@@ -78,11 +78,13 @@ def test_the_next_write_removes_what_a_killed_writer_left(tmp_path):
     assert (tmp_path / "data" / "splits.json").read_text() == "{}"
 
 
-def test_a_reused_pid_or_an_unreaped_process_is_gone():
-    me = Writer(HOST, os.getpid(), proc_stat(os.getpid())[1])
+def test_a_reused_pid_or_an_unreaped_process_is_gone_and_another_hosts_cannot_be_told():
+    me = this_process()
     assert me.gone() is False
-    assert Writer(HOST, os.getpid(), me.start + 1).gone() is True  # the same pid, started at another time
-    assert Writer("elsewhere.example.org", os.getpid()).gone() is None
+    assert Writer(HOST, os.getpid(), me.start + 1, me.namespace).gone() is True  # the same pid, started another time
+    assert Writer("elsewhere.example.org", os.getpid(), me.start).gone() is None
+    if PID_NAMESPACE is not None:  # a container on this host with its own process ids
+        assert Writer(HOST, os.getpid(), me.start, PID_NAMESPACE + 1).gone() is None
     zombie = subprocess.Popen(["true"])
     deadline = time.monotonic() + 30
     while proc_stat(zombie.pid)[0] != "Z" and time.monotonic() < deadline:  # exited, not yet reaped
@@ -90,7 +92,8 @@ def test_a_reused_pid_or_an_unreaped_process_is_gone():
     assert Writer(HOST, zombie.pid).gone() is True
     zombie.wait()
     assert Writer(HOST, zombie.pid).gone() is True
-    assert Writer.parse(me.token) == me and Writer.parse("k3j9x1_q") is None
+    assert Writer.parse(me.token) == me and Writer.parse(Writer(HOST, 7).token) == Writer(HOST, 7)
+    assert Writer.parse("k3j9x1_q") is None
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])

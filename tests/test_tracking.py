@@ -202,7 +202,8 @@ def test_tidy_tracking_fails_only_runs_whose_process_is_gone(store, capsys):
         assert (f"left RUNNING: run {runs['remote']} (remote): process 4242 on host elsewhere.example.org cannot be "
                 f"checked from host {HOST}; once that host's jobs are over, `tidy_tracking --host "
                 "elsewhere.example.org` marks it FAILED") in said
-        assert cli.main(["--params", str(REPO / "params.yaml"), "tidy_tracking", "--host", "elsewhere.example.org"]) == 0
+        told = ["--params", str(REPO / "params.yaml"), "tidy_tracking", "--host", "elsewhere.example.org"]
+        assert cli.main(told) == 0
         assert statuses() == {"dead": "FAILED", "live": "RUNNING", "remote": "FAILED", "untagged": "RUNNING"}
         assert "1 abandoned run(s) marked FAILED, 2 left RUNNING" in capsys.readouterr().out
     finally:

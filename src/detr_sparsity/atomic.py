@@ -1,10 +1,11 @@
 """Atomic writes: an interrupted stage never leaves a half-written file that looks complete.
 
 An output is written to a temporary beside it, `.<name>.<writer>.<random>.tmp`, and renamed onto it only when
-complete; `<writer>` names the writing process (`<pid>-<start>@<host>`, processes.py). A process killed part way
-(SIGKILL, a node lost) leaves its temporary behind: the next atomic write to the same output removes the
-temporaries of that output's name whose writer is gone. A writer that still runs (a sibling job on this host) keeps
-its own, and so does one on another host sharing the file system, whose processes cannot be checked from here.
+complete; `<writer>` names the writing process (`<pid>-<start>@<host>%<PID namespace>`, processes.py). A process
+killed part way (SIGKILL, a node lost) leaves its temporary behind: the next atomic write to the same output removes
+the temporaries of that output's name whose writer is gone. A writer that still runs (a sibling job on this host) keeps
+its own, and so does one on another host (or in another container's PID namespace) sharing the file system, whose
+processes cannot be checked from here.
 
 Outputs get the usual modes from the umask (0644 files, 0755 directories with umask 022), recursively for a
 directory, whatever the library that wrote them chose (temporary files are created 0600, for one).
@@ -99,8 +100,8 @@ def remove_leftovers(path: str | os.PathLike) -> list[Path]:
         leftover = path.parent / name
         gone = writer.gone()
         if gone is None:
-            log.info("left %s in place: written by process %d on host %s, which cannot be checked from here "
-                     "(remove it once that job has ended)", leftover, writer.pid, writer.host)
+            log.info("left %s in place: written by %s, which cannot be checked from here "
+                     "(remove it once that job has ended)", leftover, writer)
         elif gone:
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)

@@ -5,10 +5,10 @@ A team sets MLFLOW_TRACKING_URI to a tracking server instead. Concurrent schema 
 lose runs, so every process opens a SQLite store and creates the study's experiment under a file lock beside it
 (`mlflow.db.lock`): stages started together on a fresh store, by any orchestrator or by hand, all land.
 
-Every run records the host, process id and start of the process holding it. A process killed outright (SIGKILL,
-a lost node) leaves its run RUNNING: the next run of the same stage and setting, or `tidy_tracking`, marks it
-FAILED once its process is gone from its host. A run from another host is left alone, since its process cannot be
-checked from here, unless the caller says that host's jobs are over.
+Every run records the host, process id, start and PID namespace of the process holding it. A process killed
+outright (SIGKILL, a lost node) leaves its run RUNNING: the next run of the same stage and setting, or
+`tidy_tracking`, marks it FAILED once its process is gone from its host. A run from another host is left alone,
+since its process cannot be checked from here, unless the caller says that host's jobs are over.
 """
 
 from __future__ import annotations
@@ -175,14 +175,16 @@ def process_tags(start_ms: int) -> dict[str, str]:
     tags = {"host": me.host, "pid": str(me.pid), "started": _iso(start_ms)}
     if me.start is not None:  # tells a reused pid from the run's own process
         tags["process_start"] = str(me.start)
+    if me.namespace is not None:  # tells a container's processes from the host's
+        tags["pid_namespace"] = str(me.namespace)
     return tags
 
 
 def _holder(run: Run) -> Writer | None:
     tags = run.data.tags
     try:
-        start = tags.get("process_start")
-        return Writer(tags["host"], int(tags["pid"]), None if start is None else int(start))
+        start, namespace = (int(tags[key]) if key in tags else None for key in ("process_start", "pid_namespace"))
+        return Writer(tags["host"], int(tags["pid"]), start, namespace)
     except (KeyError, ValueError):
         return None
 
@@ -224,7 +226,7 @@ def fail_abandoned_runs(client: MlflowClient, runs: Iterable[Run], gone_hosts: I
             checks.append(RunCheck(run, False, "it does not record its host and process id (a run recorded before "
                                                "they were), so nothing tells whether it still runs"))
             continue
-        process = f"process {holder.pid} on host {holder.host}"
+        process = str(holder)
         gone = holder.gone()
         if gone:
             reason = f"{process} had ended when checked at {_iso(int(time.time() * 1000))}"
@@ -257,7 +259,7 @@ def tidy_store(gone_hosts: Iterable[str] = ()) -> list[RunCheck]:
 def stage_run(cfg: StudyConfig, stage: str, params: dict[str, Any],
               setting: dict[str, Any] | None = None) -> Iterator[StageRun]:
     """An MLflow run for one stage run, tagged with study, stage, git commit, the hash of the stage's params and
-    the process holding it (host, pid, start).
+    the process holding it (host, pid, start, PID namespace).
 
     `setting` names the point of a sweep that this run computes (`{"method": "topk", "keep_ratio": 0.1}`);
     it goes into the run's name, the `setting` tag and one `setting.<key>` tag per value, for filtering.
