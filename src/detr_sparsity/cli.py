@@ -2,7 +2,8 @@
 
 Snakemake and DVC call exactly these commands. Each validates params.yaml and its own arguments before any work,
 then logs to its log file, records one MLflow run and writes only its declared outputs. A failure's traceback
-goes to the log file too, and the command exits non-zero.
+goes to the log file too, and the command exits non-zero: 1, or 130 after Ctrl-C and 143 after SIGTERM (a cancelled
+cluster job), both of which record the stage's run FAILED as a failure does.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import resource
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from detr_sparsity.config import ConfigError, StudyConfig, load_config
 from detr_sparsity.data.coco_root import describe_source, root_problem
@@ -21,6 +27,32 @@ from detr_sparsity.machine import machine
 from detr_sparsity.pipeline import PIPELINE, Stage, check_resources, describe, dvc_yaml, option, stage_params
 
 log = logging.getLogger("detr_sparsity")
+
+
+class Terminated(BaseException):
+    """SIGTERM (a cancelled or timed-out cluster job, `kill`), raised like Ctrl-C's KeyboardInterrupt: the stage's
+    run is recorded FAILED, its temporaries are removed and the traceback goes to its log."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    main = os.getpid()
+
+    def terminate(signum, frame):
+        if os.getpid() != main:  # a forked worker (a DataLoader's) ends as it would by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated("terminated by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _setup_logging(log_file: Path | None) -> None:
@@ -54,6 +86,17 @@ def cmd_init_tracking(cfg: StudyConfig, args) -> None:
     from detr_sparsity import tracking
 
     tracking.init_store(cfg)
+
+
+def cmd_tidy_tracking(cfg: StudyConfig, args) -> None:
+    """Mark FAILED the runs left RUNNING by killed processes; say what is left RUNNING, and why."""
+    from detr_sparsity import tracking
+
+    checks = tracking.tidy_store(gone_hosts=args.host)
+    for check in checks:
+        print(check)
+    failed = sum(check.failed for check in checks)
+    print(f"{tracking.tracking_uri()}: {failed} abandoned run(s) marked FAILED, {len(checks) - failed} left RUNNING")
 
 
 def cmd_stages(cfg: StudyConfig, args) -> None:
@@ -178,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("validate", help="check params.yaml and exit").set_defaults(func=cmd_validate)
     sub.add_parser("init_tracking", help="create the MLflow store and experiment (once, before parallel jobs)"
                    ).set_defaults(func=cmd_init_tracking)
+    p = sub.add_parser("tidy_tracking", help="mark FAILED the MLflow runs whose process was killed",
+                       description="Mark FAILED every run still RUNNING whose process is gone from its host (this "
+                                   "host only: a process on another host cannot be checked from here, so its run is "
+                                   "left RUNNING unless --host names that host).")
+    p.add_argument("--host", action="append", default=[], metavar="HOST",
+                   help="also mark FAILED the RUNNING runs of HOST: say so only once its jobs are over (repeatable)")
+    p.set_defaults(func=cmd_tidy_tracking)
     sub.add_parser("stages", help="list the pipeline's stages, sweeps and outputs").set_defaults(func=cmd_stages)
     p = sub.add_parser("dvc_yaml", help="write dvc.yaml from the pipeline's declaration")
     p.add_argument("--out", type=Path, default=Path("dvc.yaml"))
@@ -207,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     _setup_logging(args.log)  # only now: a refused command leaves no log file
     try:
-        args.func(cfg, args)
+        with _sigterm_raises():
+            args.func(cfg, args)
     except SystemExit as err:
         if isinstance(err.code, str):
             print(err.code, file=sys.stderr)
@@ -215,5 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except BaseException as err:
         log.exception("%s failed", args.stage)  # the traceback goes to the log file too
-        return 130 if isinstance(err, KeyboardInterrupt) else 1
+        if isinstance(err, KeyboardInterrupt):
+            return 130
+        return 128 + signal.SIGTERM if isinstance(err, Terminated) else 1
     return 0
