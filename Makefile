@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CORES ?= 8
 
-.PHONY: study test install lint benchmark pull ui clean
+.PHONY: study test test-slurm install lint benchmark pull ui clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ study: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The tiny study through a single-node SLURM cluster on this machine (root; Debian's SLURM, installed by
+# `bash workflow/profiles/slurm/local-cluster.sh install`): about half an hour on 2 cores, skipped without SLURM.
+test-slurm: install
+	$(PYTHON) -m pytest -q -m slurm tests/test_slurm_cluster.py
 
 lint: install
 	snakemake --lint

@@ -57,3 +57,9 @@ onsuccess:
     except Exception:
         print("NOTE: dvc.lock is not updated (`dvc commit` failed). A run of only some targets ends so while the "
               "rest of the study has no outputs yet; otherwise run `dvc commit` to see why.", file=sys.stderr)
+
+
+onerror:
+    # A cluster job killed for its memory: Snakemake names the rule and the job's log; this names the setting.
+    for hint in memory_hints(log):
+        print(hint, file=sys.stderr)

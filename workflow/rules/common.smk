@@ -1,6 +1,7 @@
 # Shared by the rules: the declaration's stages as rule parts, how jobs share the machine's cores, and sharded
 # evaluation.
 import os
+import re
 from pathlib import Path
 
 from detr_sparsity.pipeline import code_deps, command, gathered, render
@@ -99,3 +100,48 @@ COMMANDS = {}
 
 def command_for(scope, name):
     return COMMANDS[scope["rule"] if "rule" in scope else name]
+
+
+# ---------------------------------------------------------------- a cluster job killed for its memory
+
+# What a scheduler says of a job it killed for using more memory than it asked for: Slurm's OverMemoryKill writes
+# "exceeded memory limit" into the job's log, its cgroup plugin "oom_kill event" or "oom-kill", and sacct's state is
+# then OUT_OF_MEMORY. Snakemake's error names the job's rule and log, not the memory; onerror (Snakefile) names the
+# setting to raise. (`rule\s` below, not a space: `snakemake --lint` takes "rule", text, colon for a rule.)
+MEMORY_KILLED = re.compile(r"exceeded memory limit|oom[-_ ]kill|OUT_OF_MEMORY", re.IGNORECASE)
+FAILED_JOB = re.compile(r"^Error in rule\s(\w+)\W", re.M)
+
+
+def memory_killed_jobs(snakemake_logs):
+    """(rule, job log) of each failed job that its scheduler killed for its memory, read off Snakemake's log of
+    the run (onerror's `log`: a list of paths), whose error block of a failed job names its rule, the scheduler's
+    message and the job's logs."""
+    text = ""
+    for path in [snakemake_logs] if isinstance(snakemake_logs, (str, Path)) else snakemake_logs or []:
+        try:
+            text += Path(path).read_text(errors="replace")
+        except OSError:
+            pass
+    killed = []
+    starts = list(FAILED_JOB.finditer(text))
+    for found, after in zip(starts, starts[1:] + [None]):
+        block = text[found.start():after.start() if after else len(text)]
+        body = re.split(r"\n(?=\S)", block, maxsplit=1)[0]  # the indented lines under the block's first
+        logs = re.search(r"^\s+log\W (.*?)(?: \(check log file|$)", body, re.M)
+        paths = [Path(p) for p in logs[1].split(", ")] if logs else []
+        evidence = [p for p in paths if p.is_file() and MEMORY_KILLED.search(p.read_text(errors="replace"))]
+        if evidence or MEMORY_KILLED.search(body):
+            killed.append((found[1], ", ".join(map(str, evidence or paths)) or "its log"))
+    return killed
+
+
+def memory_hints(snakemake_logs):
+    """One line per job killed for its memory, naming its rule, its mem_mb and the setting to raise."""
+    hints = []
+    for failed_rule, job_log in memory_killed_jobs(snakemake_logs):
+        stage = failed_rule.removesuffix("_shard")
+        hints.append(f"NOTE: the job of rule {failed_rule} was killed for using more memory than it requested "
+                     f"(mem_mb={CFG.job_resources(stage).get('mem_mb')}; read {job_log}). Raise "
+                     f"studies.{STUDY}.resources.{stage}.mem_mb in params.yaml (or for one run "
+                     f"--set-resources {failed_rule}:mem_mb=<MB>) and run again; finished jobs do not rerun.")
+    return hints
