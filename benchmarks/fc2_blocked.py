@@ -37,15 +37,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from detr_sparsity.atomic import write_json
+from detr_sparsity.execution.benchmark import medians_ms
 from detr_sparsity.execution.cpu_kernel import CFLAGS, LDFLAGS, build_key, cpu_flags, cpu_kernel
 from detr_sparsity.execution.gated_ffn import KERNEL_TILE, PackedFFN
 from detr_sparsity.machine import environment
@@ -244,21 +243,6 @@ def masks(kind: str, activations: torch.Tensor, sparsity: float, generator: torc
     keep = ((1 - sparsity) * groups * (0.5 + torch.rand(tokens, generator=generator))).round().clamp(1, groups)
     rank = mass.argsort(dim=1, descending=True).argsort(dim=1)
     return rank < keep.unsqueeze(1)
-
-
-def medians_ms(variants: dict, repeats: int, warmup: int) -> dict[str, float]:
-    names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            variants[name]()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(values) for name, values in seconds.items()}
 
 
 @torch.no_grad()
