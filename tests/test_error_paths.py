@@ -15,7 +15,7 @@ import torch
 
 from detr_sparsity.atomic import atomic_dir, atomic_path, write_json
 from detr_sparsity.evaluation.coco_eval import coco_ap
-from detr_sparsity.evaluation.shards import Sharding, gather_partials, parse_shard, read_partial
+from detr_sparsity.evaluation.shards import gather_partials, parse_shard, read_partial
 from detr_sparsity.reporting.paper import build_paper
 from detr_sparsity.reporting.summary import read_rows
 from detr_sparsity.sparsity.sibs import reproduced
