@@ -308,9 +308,9 @@ def _module_file(module: str) -> Path | None:
     """The source file of a module of the package, or None (not ours, or not a module)."""
     if module != PACKAGE and not module.startswith(PACKAGE + "."):
         return None
-    relative = Path(*module.split(".")[1:])
     if module == PACKAGE:
         return PACKAGE_DIR / "__init__.py"
+    relative = Path(*module.split(".")[1:])
     for candidate in (PACKAGE_DIR / relative.with_suffix(".py"), PACKAGE_DIR / relative / "__init__.py"):
         if candidate.is_file():
             return candidate
