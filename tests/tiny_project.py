@@ -35,17 +35,17 @@ TINY = {
                      "one_to_many_fraction": 0.5, "checkpoint_every": 2},
     },
     "evaluate": {"split": "val", "batch_size": 3, "shards": 1},
-    "mgs": {"cache": {"split": "train", "images": 8, "batch_size": 4},
+    "mgs": {"cache": {"split": "train", "images": 8, "batch_size": 4, "tokens_per_image": 0},
+            "local": {"steps": 5, "batch_tokens": 32, "learning_rate": 0.05, "pos_weight": 1.0, "held_out": 0.25},
             "training": {"steps": 4, "batch_size": 4, "learning_rate": 0.05, "multiplier_rate": 0.5,
-                         "target_warmup": 0.5, "checkpoint_every": 2,
-                         "calibration_images": 4}},
+                         "target_warmup": 0.5, "checkpoint_every": 2, "warm_start": True}},
 }
 # Small sweeps: keep-ratio 1.0 and threshold 0.0 must reproduce the dense row exactly.
 TINY_SWEEPS = {
     "masking": {"methods": ["topk", "random"], "keep_ratios": [1.0, 0.25]},
     "sibs": {"indicator": "firing_frequency", "thresholds": [0.0, 0.2]},
-    "mgs": {"targets": [0.5], "objectives": ["task", "distillation"], "group_size": 16, "blocks": "all",
-            "gate_threshold": 0.5},
+    "mgs": {"targets": [0.5], "objectives": ["group_activity", "distillation"], "group_size": 16, "blocks": "all",
+            "gate_threshold": 0.5, "single_block_targets": [0.5]},
     # The study's own shapes only, timed once: the stage runs in seconds (timings are not checked).
     "benchmark": {"shapes": ["study"], "objective": "distillation", "threads": 1, "repeats": 1, "model_repeats": 1,
                   "warmup": 0, "detr_r50_input": {"height": 64, "width": 64}},

@@ -42,7 +42,7 @@ class StudyConfig:
     input: InputSize
     model: dict[str, Any]
     evaluate: dict[str, Any]
-    gate_training: dict[str, Any]  # the study's MGS budget: `cache` and `training`
+    gate_training: dict[str, Any]  # the study's MGS budget: `cache`, `local` and `training`
     raw: dict[str, Any] = field(repr=False)
     # What each stage's job asks a scheduler for, per stage name plus `default`. Not among any stage's params:
     # resources never change a result.
@@ -181,6 +181,9 @@ def _cross_field_problems(raw: dict[str, Any]) -> list[str]:
         if arch["ffn_dim"] % raw["mgs"]["group_size"]:
             problems.append(f"mgs.group_size = {raw['mgs']['group_size']} is not allowed: "
                             f"must divide {prefix}.model.architecture.ffn_dim ({arch['ffn_dim']})")
+    if raw["mgs"]["single_block_targets"] and "group_activity" not in raw["mgs"]["objectives"]:
+        problems.append(f"mgs.single_block_targets = {raw['mgs']['single_block_targets']} is not allowed without "
+                        "group_activity in mgs.objectives (the single-block protocol evaluates its gates); use []")
     if raw["benchmark"]["objective"] not in raw["mgs"]["objectives"]:
         problems.append(f"benchmark.objective = {json.dumps(raw['benchmark']['objective'])} is not allowed: must be "
                         f"one of mgs.objectives ({', '.join(raw['mgs']['objectives'])}), whose gate sets it measures")
@@ -191,10 +194,9 @@ def _cross_field_problems(raw: dict[str, Any]) -> list[str]:
         if images > split_size:
             problems.append(f"{prefix}.mgs.cache.images = {images} is not allowed: must be <= "
                             f"data.splits.{gate_budget['cache']['split']} ({split_size})")
-        elif gate_budget["training"]["batch_size"] > images - gate_budget["training"]["calibration_images"]:
+        elif gate_budget["training"]["batch_size"] > images:
             problems.append(f"{prefix}.mgs.training.batch_size = {gate_budget['training']['batch_size']} is not "
-                            f"allowed: must be <= the cached images ({images}) less the calibration_images "
-                            f"({gate_budget['training']['calibration_images']})")
+                            f"allowed: must be <= the cached images ({images})")
     return problems
 
 

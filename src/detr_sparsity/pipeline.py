@@ -131,9 +131,11 @@ METHOD = Axis("method", ("dense",), one_of("dense"), "dense", "dense")
 MASKING_METHOD = Axis("method", "masking.methods", one_of("topk", "random"), "topk or random", "topk|random")
 KEEP_RATIO = Axis("keep_ratio", "masking.keep_ratios", unit_fraction, "a keep-ratio k / H in (0, 1]", r"[0-9.]+")
 THRESHOLD = Axis("threshold", "sibs.thresholds", non_negative, "a threshold >= 0", r"[0-9.]+")
-OBJECTIVE = Axis("objective", "mgs.objectives", one_of("task", "distillation", "oracle"), "task, distillation or oracle",
-                 "task|distillation|oracle")
+OBJECTIVE = Axis("objective", "mgs.objectives", one_of("group_activity", "task", "distillation", "oracle"),
+                 "group_activity, task, distillation or oracle", "group_activity|task|distillation|oracle")
 TARGET = Axis("target", "mgs.targets", open_fraction, "an induced-sparsity target in (0, 1)", r"0\.[0-9]+")
+SINGLE_BLOCK_TARGET = Axis("target", "mgs.single_block_targets", open_fraction, "an induced-sparsity target in (0, 1)",
+                           r"0\.[0-9]+")
 
 # How an evaluation runs: its split and batch size. Not `evaluate.shards`: sharding never changes a result.
 EVALUATION = ("input", "evaluate.split", "evaluate.batch_size")
@@ -142,6 +144,8 @@ MODEL = f"{RESULTS}/model"
 PROFILE = f"{RESULTS}/profile/profile.json"
 NEURONS = f"{RESULTS}/profile/neurons.safetensors"
 MGS = f"{RESULTS}/mgs/{{objective}}/{{target}}"
+MGS_CACHE = f"{RESULTS}/mgs/cache"
+LOCAL_GATES = f"{RESULTS}/mgs/local/gates.safetensors"
 SUMMARY = f"{RESULTS}/summary.json"
 SPEED = f"{RESULTS}/benchmark/speed.json"
 PAPER = "paper/{study}"
@@ -177,31 +181,47 @@ STAGES: tuple[Stage, ...] = (
           outputs={"detections": f"{RESULTS}/sibs/{{threshold}}/detections.json",
                    "row": f"{RESULTS}/sibs/{{threshold}}/row.json"},
           sweep=(THRESHOLD,), sections=EVALUATION, keys=("sibs.indicator",), detections="detections", rows="row", device=True),
-    Stage("mgs_cache", "frozen front end and dense outputs of the gate-training images",
-          "mgs_cache: backbone features and dense outputs of the gate-training images, computed once",
-          inputs={"model": MODEL, "data": DATA}, outputs={"out": f"{RESULTS}/mgs/cache/front_end.safetensors"},
+    Stage("mgs_cache", "frozen front end, FFN block inputs and dense outputs of the gate-training images",
+          "mgs_cache: backbone features, FFN block inputs and dense outputs of the gate-training images, computed once",
+          inputs={"model": MODEL, "data": DATA},
+          outputs={"out": f"{MGS_CACHE}/front_end.safetensors", "block_inputs": f"{MGS_CACHE}/block_inputs.safetensors"},
           sections=("input", "mgs.cache"), threads=None, device=True),
-    # Targets train as parallel jobs of one thread each: the gates are small, and one thread per target uses
-    # the cores better than several threads on one target.
-    Stage("mgs_train", "train MGS gates toward one induced-sparsity target, model frozen",
-          "mgs_train: {objective} gates toward {target} induced sparsity",
-          inputs={"model": MODEL, "cache": f"{RESULTS}/mgs/cache/front_end.safetensors"},
+    Stage("mgs_local", "train the group_activity gates of every block once, layer-locally, from cached block inputs",
+          "mgs_local: group_activity gates of every block, trained once from the cached block inputs",
+          inputs={"model": MODEL, "block_inputs": f"{MGS_CACHE}/block_inputs.safetensors"},
+          outputs={"gates": LOCAL_GATES, "training": f"{RESULTS}/mgs/local/training.json"},
+          sections=("mgs.local",), keys=("mgs.group_size", "mgs.blocks", "mgs.gate_threshold"), device=True),
+    # One producer of every evaluated gate set: for group_activity a job calibrates the layer-local gates to its
+    # target; for an end-to-end objective it trains (from the layer-local gates with warm_start) and calibrates.
+    # Calibration reads the calibration split through the gated model. Targets train as parallel jobs of one
+    # thread each: the gates are small, and one thread per target uses the cores better than several on one.
+    Stage("mgs_train", "one objective's gate set at one induced-sparsity target: trained (model frozen), calibrated",
+          "mgs_train: {objective} gates at {target} induced sparsity",
+          inputs={"model": MODEL, "data": DATA, "cache": f"{MGS_CACHE}/front_end.safetensors", "local": LOCAL_GATES},
           outputs={"gates": f"{MGS}/gates.safetensors", "training": f"{MGS}/training.json"},
-          sweep=(OBJECTIVE, TARGET), sections=("mgs.training",),
-          keys=("mgs.group_size", "mgs.blocks", "mgs.gate_threshold"), device=True),
+          sweep=(OBJECTIVE, TARGET), sections=("input", "mgs.training"),
+          keys=("profile.split", "mgs.group_size", "mgs.blocks", "mgs.gate_threshold"), device=True),
     Stage("mgs_evaluate", "detections, COCO AP, sparsity and FLOPs of one trained gate set",
           "mgs_evaluate: the {objective} gates of target {target} on the evaluation split",
           inputs={"model": MODEL, "data": DATA, "gates": f"{MGS}/gates.safetensors",
                   "training": f"{MGS}/training.json"},
           outputs={"detections": f"{MGS}/detections.json", "row": f"{MGS}/row.json"},
           sweep=(OBJECTIVE, TARGET), sections=EVALUATION, detections="detections", rows="row", device=True),
+    Stage("mgs_single", "each block's group_activity gate alone (the others dense), calibrated to one target",
+          "mgs_single: every block's group_activity gate alone at {target} induced sparsity",
+          inputs={"model": MODEL, "data": DATA, "local": LOCAL_GATES},
+          outputs={"detections": f"{RESULTS}/mgs/single/{{target}}/detections",
+                   "rows": f"{RESULTS}/mgs/single/{{target}}/rows.json"},
+          sweep=(SINGLE_BLOCK_TARGET,), sections=EVALUATION, keys=("profile.split",),
+          directories=frozenset({"detections"}), detections="detections", rows="rows", device=True),
     Stage("summary", "gather the rows of every configured evaluation into summary.json",
           "summary: gathering the rows of every evaluation",
           inputs={"rows": Gathered((("evaluate", "row"), ("masking", "rows"), ("sibs", "row"),
-                                    ("mgs_evaluate", "row")))},
+                                    ("mgs_evaluate", "row"), ("mgs_single", "rows")))},
           outputs={"out": SUMMARY, "metrics": f"{RESULTS}/metrics.json"},
           # which rows are gathered
-          keys=("masking.methods", "masking.keep_ratios", "sibs.thresholds", "mgs.objectives", "mgs.targets"),
+          keys=("masking.methods", "masking.keep_ratios", "sibs.thresholds", "mgs.objectives", "mgs.targets",
+                "mgs.single_block_targets"),
           metrics=frozenset({"out", "metrics"})),
     Stage("benchmark", "measured speed of sparse FFN execution (SIBS, MGS) against dense",
           "benchmark: dense vs SIBS vs MGS sparse execution, median ms",

@@ -15,9 +15,10 @@ group is inactive only when all G of its neurons are, so on the small stand-in D
 and unweighted the gate would learn to keep every group open; on DETR-R50 the share is lower. One weight
 balances the two classes (negatives / positives), or favours recall (a weight above that).
 
-The labels are recomputed from fc1 for every batch and evaluation, never stored, so they always come from
-the fc1 at hand; the price is one fc1 product per batch, the largest cost of a step (the gate has G times
-fewer outputs). There is no checkpoint: training takes seconds to minutes on the cached tensors, and a rerun
+The labels are recomputed from fc1 when training starts, never stored in the cache, so they always come from
+the fc1 at hand. They are computed once per cached token (chunked, one bit per group) rather than once per
+draw: an fc1 product has G times the gate's outputs, and recomputing it for every batch made it the largest
+cost of a step by far (measured: about 5x the gate's forward and backward together). There is no checkpoint: training takes seconds to minutes on the cached tensors, and a rerun
 with the same seed repeats it exactly.
 """
 
@@ -125,7 +126,8 @@ def train_group_activity(gates: Mapping[str, MicroGate], fc1: Mapping[str, nn.Li
                                  f"out, held_out = {settings.held_out}): every gated block needs tokens of both")
     frozen = {name: [p.detach().clone() for p in fc1[name].parameters()] for name in names}
 
-    positive = {name: _positive_count(fc1[name], inputs[name], gates[name].group_size) for name in names}
+    labelled = {name: _all_labels(fc1[name], inputs[name], gates[name].group_size) for name in names}
+    positive = {name: int(labelled[name].sum()) for name in names}
     blocks = {name: {"train_tokens": len(train_index[name]), "held_out_tokens": len(held_index[name]),
                      "positive_rate": positive[name] / (len(inputs[name]) * gates[name].groups)} for name in names}
     log.info("layer-local group_activity training of %d gates: %d steps of %d tokens per block; %d images held "
@@ -148,8 +150,8 @@ def train_group_activity(gates: Mapping[str, MicroGate], fc1: Mapping[str, nn.Li
         losses = {}
         for name in names:
             draw = torch.randint(len(train_index[name]), (settings.batch_tokens,), generator=generator)
-            batch = inputs[name][train_index[name][draw].to(inputs[name].device)]
-            labels = group_labels(fc1[name], batch, gates[name].group_size)
+            chosen = train_index[name][draw].to(inputs[name].device)
+            batch, labels = inputs[name][chosen], labelled[name][chosen]
             losses[name] = F.binary_cross_entropy_with_logits(gates[name](batch), labels.to(batch.dtype),
                                                               pos_weight=pos_weight[name])
         per_block = torch.stack([losses[name] for name in names])
@@ -211,9 +213,11 @@ def _check_blocks(gates: Mapping[str, MicroGate], fc1: Mapping[str, nn.Linear], 
 
 
 @torch.no_grad()
-def _positive_count(fc1: nn.Linear, inputs: torch.Tensor, group_size: int) -> int:
-    return sum(int(group_labels(fc1, inputs[i:i + EVAL_TOKENS], group_size).sum())
-               for i in range(0, len(inputs), EVAL_TOKENS))
+def _all_labels(fc1: nn.Linear, inputs: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The labels of every token of a block, chunked to bound the (tokens, H) product."""
+    return torch.cat([group_labels(fc1, inputs[i:i + EVAL_TOKENS], group_size)
+                      for i in range(0, len(inputs), EVAL_TOKENS)])
+
 
 
 @torch.no_grad()

@@ -1,5 +1,10 @@
-"""What the gates learn from, besides the sparsity term (see `training`). Listed in `mgs.objectives`.
+"""What the gates learn from. Listed in `mgs.objectives`.
 
+- `group_activity` (the paper's, `LAYER_LOCAL`): weighted BCE on each group's natural activity, trained once
+  per study from the cached dense block inputs (`group_activity`, stage `mgs_local`) and calibrated per target.
+
+The end-to-end objectives (`OBJECTIVES`) train one gate set per target through the frozen DETR, beside the
+sparsity term (see `training`):
 - `task`: DETR's set-prediction loss on the ground truth (Hungarian matching, DETR's loss weights): the
   gates close what the detections can do without.
 - `distillation`: match the dense model's own outputs on the same images: KL divergence of each query's
@@ -22,6 +27,7 @@ from detr_sparsity.mgs.gates import MicroGate
 from detr_sparsity.sparsity.ffn import FFNSparsity
 
 OBJECTIVES = ("task", "distillation", "oracle")
+LAYER_LOCAL = "group_activity"
 
 
 def check_objective(name: str) -> str:

@@ -51,7 +51,6 @@ class GateTraining:
     multiplier_rate: float = 0.05  # dual-ascent step of lambda, per unit of constraint violation
     target_warmup: float = 0.3  # fraction of the steps over which the budget falls from 1 to 1 - target
     checkpoint_every: int = 250
-    calibration_images: int = 0  # the cache's last images, held out of training for `calibration`
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -97,10 +96,9 @@ def train_gates(model: DetrForObjectDetection, gates: dict[str, MicroGate], cach
                 log_step: StepLogger | None = None) -> dict[str, float]:
     """Train `gates` in place on the cached front end (or any source with the same `len()` and `batch(index)`);
     returns the last step's metrics, the training time and the training curve (`curve`: step metrics)."""
-    images = len(cache) - settings.calibration_images
+    images = len(cache)
     if images < settings.batch_size:
-        raise ValueError(f"batch_size {settings.batch_size} is larger than the {images} cached images left for "
-                         f"training ({len(cache)} cached, {settings.calibration_images} held out for calibration)")
+        raise ValueError(f"batch_size {settings.batch_size} is larger than the {images} cached images")
     model.eval()  # frozen: no dropout, batch norm statistics fixed
     for p in model.parameters():
         p.requires_grad_(False)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from detr_sparsity.sparsity.blocks import ALL_BLOCKS, block_order
 
-METHOD_LABELS = {"dense": "dense", "topk": "top-k (oracle)", "random": "random", "sibs": "SIBS",
-                 "mgs": "MGS"}
+METHOD_LABELS = {"dense": "dense", "topk": "top-k (oracle)", "threshold": "threshold (oracle)", "random": "random",
+                 "sibs": "SIBS", "mgs": "MGS"}
 
 
 def mgs_label(objective: str) -> str:
@@ -57,7 +57,15 @@ class StudyRecord:
         return seen
 
     def mgs(self, objective: str) -> list[dict]:
-        rows = [r for r in self.rows if r["method"] == "mgs" and r["setting"]["objective"] == objective]
+        """The objective's gate sets with every gated block at once, by target."""
+        rows = [r for r in self.rows if r["method"] == "mgs" and r["setting"]["objective"] == objective
+                and r["setting"].get("protocol", "all") == "all"]
+        return sorted(rows, key=lambda r: r["setting"]["target"])
+
+    def mgs_single(self, block: str) -> list[dict]:
+        """The group_activity gate of one block alone (the others dense), by target."""
+        rows = [r for r in self.rows if r["method"] == "mgs" and r["setting"].get("protocol") == "single"
+                and r["setting"]["scope"] == block]
         return sorted(rows, key=lambda r: r["setting"]["target"])
 
     def retention(self, row: dict) -> float:

@@ -19,12 +19,14 @@ def headline_metrics(rows: list[dict]) -> dict:
     found: dict = {}
     for row in rows:
         setting = row["setting"] or {}
-        if row["method"] in ("topk", "random"):
+        if "keep_ratio" in setting:  # a masking row (top-k, random, threshold)
             if setting["scope"] != ALL_BLOCKS:
                 continue
             keys = [row["method"], f"keep={setting['keep_ratio']:g}"]
         elif row["method"] == "sibs":
             keys = ["sibs", f"tau={setting['threshold']:g}"]
+        elif row["method"] == "mgs" and setting.get("protocol") == "single":
+            keys = ["mgs", f"{setting['objective']}-single", f"target={setting['target']:g}", setting["scope"]]
         elif row["method"] == "mgs":
             keys = ["mgs", setting["objective"], f"target={setting['target']:g}"]
         else:

@@ -30,10 +30,21 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, objective: str, target: fl
     measured = evaluate_policies(detr, split, gate_set, detections)
     if measured is None:
         return
-    setting = {k: record[k] for k in ("target", "objective", "group_size", "gate_threshold", "blocks")}
+    setting = {**{k: record[k] for k in ("target", "objective", "group_size", "gate_threshold", "blocks")},
+               "protocol": "all", "scope": "all"}
     found = {"method": "mgs", "setting": setting, **measured, "gates": str(gates),
-             "training": {"steps": record["final"]["steps"], "train_seconds": record["final"]["train_seconds"],
-                          "induced_sparsity": record["final"]["induced_sparsity"],
-                          "calibration": record["calibration"], "mlflow_run_id": record["mlflow_run_id"]},
-             "mlflow_run_id": tracked.run_id}
+             "training": training_cost(record), "mlflow_run_id": tracked.run_id}
     record_row(tracked, row, found, per_block_metrics(found))
+
+
+def training_cost(record: dict) -> dict:
+    """What a gate set cost and where it came from: its end-to-end training (steps, seconds, the last batch's
+    sparsity), the layer-local training it started from (group_activity, or a warm start; shared by every target),
+    and its calibration."""
+    final, local = record["final"], record["local"]
+    return {"steps": final["steps"] if final else 0,
+            "train_seconds": final["train_seconds"] if final else 0.0,
+            "induced_sparsity": final["induced_sparsity"] if final else None,
+            "local_train_seconds": local["train_seconds"] if local else 0.0,
+            "calibration_seconds": record["calibration"]["seconds"],
+            "calibration": record["calibration"], "mlflow_run_id": record["mlflow_run_id"]}
