@@ -37,11 +37,11 @@ def ground_truth_problem(annotations: list[dict], categories: list[dict]) -> str
     return None
 
 
-def coco_ap(annotations: str | Path, detections: str | Path) -> dict[str, float]:
-    """The six AP metrics of `detections` (COCO results JSON) against `annotations` (COCO instances JSON).
+def evaluated_images(annotations: str | Path, detections: str | Path) -> COCOeval:
+    """COCOeval (bbox) of `detections` against `annotations` after its per-image matching, evaluate(), only.
 
-    Ground truth that nothing can be scored against is an error (`ground_truth_problem`); COCOeval's -1 for an area
-    range without ground truth is kept, not hidden.
+    Ground truth that nothing can be scored against is an error (`ground_truth_problem`), and so is an empty
+    detections file.
     """
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress; the stage logs instead
         gt = COCO(str(annotations))
@@ -54,6 +54,17 @@ def coco_ap(annotations: str | Path, detections: str | Path) -> dict[str, float]
         dt = gt.loadRes(results)
         evaluator = COCOeval(gt, dt, iouType="bbox")
         evaluator.evaluate()
+    return evaluator
+
+
+def coco_ap(annotations: str | Path, detections: str | Path) -> dict[str, float]:
+    """The six AP metrics of `detections` (COCO results JSON) against `annotations` (COCO instances JSON).
+
+    Ground truth that nothing can be scored against is an error (`ground_truth_problem`); COCOeval's -1 for an area
+    range without ground truth is kept, not hidden.
+    """
+    evaluator = evaluated_images(annotations, detections)
+    with contextlib.redirect_stdout(io.StringIO()):
         evaluator.accumulate()
         evaluator.summarize()
     return {name: float(evaluator.stats[i]) for i, name in enumerate(AP_METRICS)}
