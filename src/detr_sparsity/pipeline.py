@@ -128,7 +128,8 @@ def option(name: str) -> str:
 # ---------------------------------------------------------------- the stages
 
 METHOD = Axis("method", ("dense",), one_of("dense"), "dense", "dense")
-MASKING_METHOD = Axis("method", "masking.methods", one_of("topk", "random"), "topk or random", "topk|random")
+MASKING_METHOD = Axis("method", "masking.methods", one_of("topk", "random", "threshold"), "topk, random or threshold",
+                      "topk|random|threshold")
 KEEP_RATIO = Axis("keep_ratio", "masking.keep_ratios", unit_fraction, "a keep-ratio k / H in (0, 1]", r"[0-9.]+")
 THRESHOLD = Axis("threshold", "sibs.thresholds", non_negative, "a threshold >= 0", r"[0-9.]+")
 OBJECTIVE = Axis("objective", "mgs.objectives", one_of("group_activity", "task", "distillation", "oracle"),
@@ -168,12 +169,14 @@ STAGES: tuple[Stage, ...] = (
           "profile: natural sparsity and per-neuron statistics of the dense model",
           inputs={"model": MODEL, "data": DATA}, outputs={"profile": PROFILE, "neurons": NEURONS},
           sections=EVALUATION, keys=("profile.split",), device=True),
-    Stage("masking", "top-k or random keep of k of H activations, every block alone and all at once",
+    Stage("masking", "top-k, random or threshold keep of hidden activations, every block alone and all at once",
           "masking: {method} keep-ratio {keep_ratio}, every FFN block alone and all at once",
           inputs={"model": MODEL, "data": DATA},
           outputs={"detections": f"{RESULTS}/masking/{{method}}-{{keep_ratio}}/detections",
                    "rows": f"{RESULTS}/masking/{{method}}-{{keep_ratio}}/rows.json"},
-          sweep=(MASKING_METHOD, KEEP_RATIO), sections=EVALUATION, directories=frozenset({"detections"}),
+          # profile.split: the threshold method calibrates its thresholds on that split
+          sweep=(MASKING_METHOD, KEEP_RATIO), sections=EVALUATION, keys=("profile.split",),
+          directories=frozenset({"detections"}),
           detections="detections", rows="rows", device=True),
     Stage("sibs", "static indicator-based sparsification at one threshold",
           "sibs: static masks at threshold {threshold}, and the shrunk FFN checked against them",

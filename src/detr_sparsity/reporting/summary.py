@@ -19,7 +19,7 @@ def headline_metrics(rows: list[dict]) -> dict:
     found: dict = {}
     for row in rows:
         setting = row["setting"] or {}
-        if "keep_ratio" in setting:  # a masking row (top-k, random, threshold)
+        if "keep_ratio" in setting:  # a masking row (top-k, random, threshold): one per scope
             if setting["scope"] != ALL_BLOCKS:
                 continue
             keys = [row["method"], f"keep={setting['keep_ratio']:g}"]

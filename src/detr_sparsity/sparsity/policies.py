@@ -2,14 +2,16 @@
 
 A policy only decides the mask; the wrapper in `sparsity.ffn` applies it and does all the counting. A
 policy declares what deciding costs, so FLOPs stay honest:
-- `reads_activations`: the mask is chosen from relu(fc1 x) itself (the top-k oracle), so fc1 must run in
+- `reads_activations`: the mask is chosen from relu(fc1 x) itself (the top-k and threshold oracles), so fc1 must run in
   full and a skipped neuron saves only its fc2 column; otherwise it saves its fc1 row too.
 - `overhead_macs_per_token`: work the policy adds per token (a gate's matmul), counted back into FLOPs.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
+from typing import Mapping
 
 import torch
 
@@ -103,13 +105,37 @@ class StaticMask(Policy):
         return self.keep.to(activations.device)
 
 
-MASKING_METHODS = ("topk", "random")
+class Threshold(Policy):
+    """Dynamic oracle (as CATS and TEAL): keep a token's hidden neuron when its activation exceeds the block's
+    threshold t, so the number kept varies per token; t is calibrated to a target (`sparsity.thresholds`)."""
+
+    name = "threshold"
+    reads_activations = True
+
+    def __init__(self, threshold: float) -> None:
+        if not (math.isfinite(threshold) and threshold >= 0):
+            raise ValueError(f"threshold = {threshold} is not allowed: must be a finite activation value >= 0")
+        self.threshold = float(threshold)
+
+    def mask(self, inputs, activations):
+        return activations > self.threshold
 
 
-def masking_policy(method: str, keep_ratio: float, seed: int, block: str) -> Policy:
-    """The oracle analysis's policy (stage `masking`): keep the k largest, or k random, activations per token."""
+MASKING_METHODS = ("topk", "random", "threshold")
+
+
+def masking_policy(method: str, keep_ratio: float, seed: int, block: str,
+                   thresholds: Mapping[str, float] | None = None) -> Policy:
+    """The oracle analysis's policy (stage `masking`): keep the k largest, or k random, activations per token, or
+    those above the block's threshold (`thresholds`, calibrated to induced sparsity 1 - keep_ratio)."""
     if method == "topk":
         return TopK(keep_ratio)
     if method == "random":
         return RandomKeep(keep_ratio, seed, block)
+    if method == "threshold":
+        check_keep_ratio(keep_ratio)
+        if thresholds is None or block not in thresholds:
+            raise ValueError(f"the threshold policy of block {block} needs its calibrated threshold "
+                             "(sparsity.thresholds.calibrate_thresholds)")
+        return Threshold(thresholds[block])
     raise ValueError(f"masking method {method!r} is not known; allowed: {', '.join(MASKING_METHODS)}")

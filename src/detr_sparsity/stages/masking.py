@@ -1,4 +1,6 @@
-"""Stage `masking` (paper Fig. 2): keep k of H hidden activations per token, top-k by value vs k random.
+"""Stage `masking` (paper Fig. 2): keep k of H hidden activations per token, top-k by value vs k random; and the
+dynamic `threshold` oracle, which keeps the activations above a per-block threshold calibrated on the calibration
+split to induced sparsity 1 - keep_ratio (the number kept varies per token).
 
 One job per (method, keep-ratio) point of the sweep. It evaluates every scope at that point: each FFN block
 masked alone, and all blocks at once, so a figure can show the curve of every block.
@@ -11,16 +13,55 @@ from pathlib import Path
 
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.device import job_device
+from detr_sparsity.evaluation import shards
 from detr_sparsity.evaluation.evaluate import evaluate_policies, evaluation_split, row_metrics
 from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.blocks import ALL_BLOCKS
 from detr_sparsity.sparsity.ffn import ffn_blocks
-from detr_sparsity.sparsity.policies import keep_count, masking_policy
+from detr_sparsity.sparsity.policies import check_keep_ratio, keep_count, masking_policy
+from detr_sparsity.sparsity.thresholds import calibrate_thresholds
 from detr_sparsity.stages.rows import record_rows
 from detr_sparsity.tracking import StageRun
 
 log = logging.getLogger(__name__)
+
+CALIBRATION = "threshold_calibration"  # a shard job's calibration, attached to its partial evaluations
+
+
+def threshold_target(keep_ratio: float) -> float:
+    """The induced-sparsity target of the threshold policy at a keep-ratio (rounded: 1 - 0.85 is 0.1500...02)."""
+    return round(1.0 - check_keep_ratio(keep_ratio), 12)
+
+
+def calibration_record(cfg: StudyConfig, detr, data: Path, keep_ratio: float) -> dict:
+    """The threshold policy's calibration at this keep-ratio: one dense pass over the calibration split."""
+    split_name = cfg.profile["split"]
+    target = threshold_target(keep_ratio)
+    split = evaluation_split(cfg, data, split_name, scored=False)  # activations only: no ground truth needed
+    found = calibrate_thresholds(detr, split.loader, [target], total=len(split.loader))
+    blocks = {name: per_target[target].as_setting() for name, per_target in found.items()}
+    log.info("threshold calibration on %d %s images, target %.3g: %s", split.images, split_name, target,
+             ", ".join(f"{n} t={b['threshold']:.4g} ({b['calibration_sparsity']:.4f})" for n, b in blocks.items()))
+    return {"split": split_name, "images": split.images, "target": target, "blocks": blocks}
+
+
+def gathered_calibration(sharding: Sharding, detections: Path) -> dict:
+    """The shard jobs' calibration (each shard calibrates on the same images, so they agree)."""
+    found = shards.attached(sharding.partials_for(detections), CALIBRATION)
+    if any(c != found[0] for c in found[1:]):
+        raise ValueError(f"the shard jobs of {detections} calibrated different thresholds; rerun them on one machine")
+    return found[0]
+
+
+def calibration_setting(calibration: dict, masked: list[str]) -> dict:
+    """What a threshold row records of its calibration, for the blocks it masks."""
+    blocks = calibration["blocks"]
+    return {"target": calibration["target"], "calibration_split": calibration["split"],
+            "calibration_images": calibration["images"],
+            **{key: {name: blocks[name][field] for name in masked}
+               for key, field in (("thresholds", "threshold"), ("calibration_sparsity", "calibration_sparsity"),
+                                  ("calibration_natural_sparsity", "natural_sparsity"))}}
 
 
 def run_stage(cfg: StudyConfig, tracked: StageRun, *, method: str, keep_ratio: float, model: Path, data: Path,
@@ -34,19 +75,30 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, method: str, keep_ratio: f
     hidden = detr.config.encoder_ffn_dim
     if detr.config.decoder_ffn_dim != hidden:
         raise ValueError("masking assumes one FFN width for encoder and decoder blocks")
+    calibration, attach = None, None
+    if method == "threshold":
+        # A gather job runs no model: it takes the calibration the shard jobs attached to their partials.
+        calibration = (gathered_calibration(sharding, detections / f"{ALL_BLOCKS}.json") if sharding.gathers
+                       else calibration_record(cfg, detr, data, keep_ratio))
+        if sharding.detects_shard:
+            attach = lambda _detections: {CALIBRATION: calibration}  # noqa: E731
+    thresholds = {n: b["threshold"] for n, b in calibration["blocks"].items()} if calibration else None
     found, metrics = {}, {}
     for scope in [ALL_BLOCKS, *blocks]:
         masked = blocks if scope == ALL_BLOCKS else [scope]
-        policies = {name: masking_policy(method, keep_ratio, cfg.seed, name) for name in masked}
-        measured = evaluate_policies(detr, split, policies, detections / f"{scope}.json")
+        policies = {name: masking_policy(method, keep_ratio, cfg.seed, name, thresholds) for name in masked}
+        measured = evaluate_policies(detr, split, policies, detections / f"{scope}.json", check=attach)
         if measured is None:  # a shard job: the scope's partial evaluation is written
             continue
-        row = {"method": method,
-               "setting": {"keep_ratio": keep_ratio, "k": keep_count(keep_ratio, hidden), "scope": scope},
-               **measured, "mlflow_run_id": tracked.run_id}
+        if calibration is None:
+            setting = {"keep_ratio": keep_ratio, "k": keep_count(keep_ratio, hidden), "scope": scope}
+        else:  # no k: the number kept varies per token
+            setting = {"keep_ratio": keep_ratio, "scope": scope, **calibration_setting(calibration, masked)}
+        row = {"method": method, "setting": setting, **measured, "mlflow_run_id": tracked.run_id}
         found[scope] = row
         metrics.update({f"{key}.{scope}": value for key, value in row_metrics(row).items()})
-        log.info("%s keep %s (k=%d) on %s: AP %.4f AP50 %.4f, induced sparsity %.3f", method, keep_ratio,
-                 row["setting"]["k"], scope, row["AP"], row["AP50"], row["induced_sparsity"]["overall"])
+        log.info("%s keep %s%s on %s: AP %.4f AP50 %.4f, induced sparsity %.3f", method, keep_ratio,
+                 f" (k={setting['k']})" if "k" in setting else "", scope, row["AP"], row["AP50"],
+                 row["induced_sparsity"]["overall"])
     if not sharding.detects_shard:
         record_rows(tracked, rows, found, metrics)
