@@ -148,6 +148,7 @@ MGS = f"{RESULTS}/mgs/{{objective}}/{{target}}"
 MGS_CACHE = f"{RESULTS}/mgs/cache"
 LOCAL_GATES = f"{RESULTS}/mgs/local/gates.safetensors"
 SUMMARY = f"{RESULTS}/summary.json"
+COMPARISONS = f"{RESULTS}/comparisons.json"
 SPEED = f"{RESULTS}/benchmark/speed.json"
 PAPER = "paper/{study}"
 
@@ -221,10 +222,10 @@ STAGES: tuple[Stage, ...] = (
           "summary: gathering the rows of every evaluation",
           inputs={"rows": Gathered((("evaluate", "row"), ("masking", "rows"), ("sibs", "row"),
                                     ("mgs_evaluate", "row"), ("mgs_single", "rows")))},
-          outputs={"out": SUMMARY, "metrics": f"{RESULTS}/metrics.json"},
-          # which rows are gathered
+          outputs={"out": SUMMARY, "metrics": f"{RESULTS}/metrics.json", "comparisons": COMPARISONS},
+          # which rows are gathered; the intervals of the comparisons
           keys=("masking.methods", "masking.keep_ratios", "sibs.thresholds", "mgs.objectives", "mgs.targets",
-                "mgs.single_block_targets"),
+                "mgs.single_block_targets", "bootstrap"),
           metrics=frozenset({"out", "metrics"})),
     Stage("benchmark", "measured speed of sparse FFN execution (SIBS, MGS) against dense",
           "benchmark: dense vs SIBS vs MGS sparse execution, median ms",

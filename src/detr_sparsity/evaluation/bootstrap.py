@@ -241,34 +241,52 @@ def bootstrap_interval(annotations: str | Path, detections: str | Path, resample
                      "undefined_resamples": int(np.count_nonzero(spread["AP"] < 0))}
 
 
+@dataclass(frozen=True)
+class Resampled:
+    """AP and AP50 of one detections file on the original image set (`point`) and on each resample (`spread`,
+    COCOeval's -1 as NaN). Files resampled with the same weights can be paired."""
+
+    point: dict[str, float]
+    spread: dict[str, np.ndarray]
+
+
+def resampled(matched: MatchedDetections, weights: np.ndarray) -> Resampled:
+    point = resampled_ap(matched, np.ones(len(matched.image_ids)))
+    spread = resampled_ap(matched, weights)
+    return Resampled(point, {metric: _undefined_as_nan(spread[metric]) for metric in ("AP", "AP50")})
+
+
+def paired(a: Resampled, b: Resampled, level: float) -> dict:
+    """For each metric M in (AP, AP50): M_a, M_b, M_difference (a - b) and M_ratio (a / b), each with M_..._low and
+    M_..._high, and M_ratio_undefined_resamples (M_b 0 there: left out of the ratio's interval). A ratio with
+    M_b 0 is NaN."""
+    result: dict = {}
+    for metric in ("AP", "AP50"):
+        point_a, point_b = a.point[metric], b.point[metric]
+        spread_a, spread_b = a.spread[metric], b.spread[metric]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(spread_b > 0, spread_a / spread_b, np.nan)
+        named = {"a": (point_a, spread_a), "b": (point_b, spread_b),
+                 "difference": (point_a - point_b, spread_a - spread_b),
+                 "ratio": (point_a / point_b if point_b > 0 else float("nan"), ratio)}
+        for name, (point, values) in named.items():
+            low, high = _percentile_interval(values, level)
+            result |= {f"{metric}_{name}": float(point), f"{metric}_{name}_low": low, f"{metric}_{name}_high": high}
+        result[f"{metric}_ratio_undefined_resamples"] = int(np.count_nonzero(np.isfinite(spread_b) & ~(spread_b > 0)))
+    return result
+
+
 def paired_bootstrap_interval(annotations: str | Path, detections_a: str | Path, detections_b: str | Path,
                               resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """AP and AP50 of two detection files on the same images, with intervals from the same resampled image sets.
-
-    For each metric M in (AP, AP50): M_a, M_b, M_difference (a - b), M_ratio (a / b, e.g. AP retention against the
-    dense model), each with M_..._low and M_..._high; and level, resamples, seed, images, undefined_resamples
-    (no scored ground truth, left out), M_ratio_undefined_resamples (M_b 0 there, left out of the ratio's
-    interval). A ratio with M_b 0 is NaN.
-    """
+    """AP and AP50 of two detection files on the same images, with intervals from the same resampled image sets:
+    `paired`'s fields, and level, resamples, seed, images, undefined_resamples (no scored ground truth, left
+    out)."""
     _check_bootstrap(resamples, level)
     matched_a = match_detections(annotations, detections_a)
     matched_b = match_detections(annotations, detections_b)
     assert matched_a.image_ids == matched_b.image_ids  # the same annotations give COCOeval the same images
-    ones = np.ones(len(matched_a.image_ids))
     weights = resample_weights(len(matched_a.image_ids), resamples, seed)
-    point_a, point_b = resampled_ap(matched_a, ones), resampled_ap(matched_b, ones)
-    spread_a, spread_b = resampled_ap(matched_a, weights), resampled_ap(matched_b, weights)
-    result: dict = {}
-    for metric in ("AP", "AP50"):
-        a, b = _undefined_as_nan(spread_a[metric]), _undefined_as_nan(spread_b[metric])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.where(b > 0, a / b, np.nan)
-        named = {"a": (point_a[metric], a), "b": (point_b[metric], b),
-                 "difference": (point_a[metric] - point_b[metric], a - b),
-                 "ratio": (point_a[metric] / point_b[metric] if point_b[metric] > 0 else float("nan"), ratio)}
-        for name, (point, values) in named.items():
-            low, high = _percentile_interval(values, level)
-            result |= {f"{metric}_{name}": float(point), f"{metric}_{name}_low": low, f"{metric}_{name}_high": high}
-        result[f"{metric}_ratio_undefined_resamples"] = int(np.count_nonzero(np.isfinite(b) & ~(b > 0)))
-    return result | {"level": level, "resamples": resamples, "seed": seed, "images": len(matched_a.image_ids),
-                     "undefined_resamples": int(np.count_nonzero(spread_a["AP"] < 0))}
+    a, b = resampled(matched_a, weights), resampled(matched_b, weights)
+    return paired(a, b, level) | {"level": level, "resamples": resamples, "seed": seed,
+                                  "images": len(matched_a.image_ids),
+                                  "undefined_resamples": int(np.count_nonzero(np.isnan(a.spread["AP"])))}
