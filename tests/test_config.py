@@ -120,7 +120,7 @@ BAD_VALUES = {
     ),
     "unknown gate objective": (
         {"mgs.objectives": ["task", "l1"]},
-        ["mgs.objectives.1", '"l1"', "allowed values: task, distillation, oracle"],
+        ["mgs.objectives.1", '"l1"', "allowed values: group_activity, task, distillation, oracle"],
     ),
     "group size not dividing the FFN width": (
         {"mgs.group_size": 48},
@@ -130,9 +130,13 @@ BAD_VALUES = {
         {"mgs.gate_threshold": 1.0},
         ["mgs.gate_threshold", "1.0", "must be < 1"],
     ),
-    "no cached image left for training": (
-        {"studies.synthetic.mgs.training.calibration_images": 8000},
-        ["studies.synthetic.mgs.training.batch_size = 16 is not allowed", "less the calibration_images (8000)"],
+    "fewer cached images than a training batch": (
+        {"studies.synthetic.mgs.cache.images": 8},
+        ["studies.synthetic.mgs.training.batch_size = 16 is not allowed", "must be <= the cached images (8)"],
+    ),
+    "single-block protocol without the layer-local gates": (
+        {"mgs.objectives": ["distillation"], "benchmark.objective": "distillation"},
+        ["mgs.single_block_targets = [0.85, 0.9, 0.95] is not allowed without group_activity in mgs.objectives"],
     ),
     "gated block that is not an FFN block name": (
         {"mgs.blocks": ["ffn.3"]},
@@ -173,7 +177,7 @@ BAD_VALUES = {
     "unknown top-level key": (
         {"sed": 1},
         ["<top level>", "unknown key(s) sed",
-         "allowed keys: benchmark, masking, mgs, profile, seed, sibs, studies, study, tracking"],
+         "allowed keys: benchmark, bootstrap, masking, mgs, profile, seed, sibs, studies, study, tracking"],
     ),
     "unknown benchmark shape": (
         {"benchmark.shapes": ["study", "detr-r101"]},
@@ -181,7 +185,7 @@ BAD_VALUES = {
     ),
     "benchmark objective without gate sets": (
         {"benchmark.objective": "oracle"},
-        ["benchmark.objective", '"oracle"', "must be one of mgs.objectives (task, distillation)"],
+        ["benchmark.objective", '"oracle"', "must be one of mgs.objectives (group_activity, distillation)"],
     ),
     "zero benchmark repeats": (
         {"benchmark.repeats": 0},

@@ -149,9 +149,10 @@ def test_gate_training_that_changed_the_dense_weights_is_refused(tmp_path, monke
 
     monkeypatch.setattr(mgs_train, "train_gates", tampering_training)
     monkeypatch.setattr(mgs_train.FrontEndCache, "load", classmethod(lambda cls, path: [None] * 4))
+    monkeypatch.setattr(mgs_train, "load_split", lambda data, name: None)  # calibration is never reached
     monkeypatch.chdir(tmp_path)
     cfg = load_config(REPO / "params.yaml")
-    cfg.gate_training["training"] = {**cfg.gate_training["training"], "calibration_images": 0}
+    cfg.gate_training["training"] = {**cfg.gate_training["training"], "warm_start": False}
 
     class Tracked:
         run_id, params_hash = "run", "hash"
@@ -161,8 +162,8 @@ def test_gate_training_that_changed_the_dense_weights_is_refused(tmp_path, monke
 
     gates, training = tmp_path / "gates.safetensors", tmp_path / "training.json"
     with pytest.raises(RuntimeError, match="gate training changed the dense model's weights"):
-        mgs_train.run_stage(cfg, Tracked(), objective="task", target=0.5, model=model_dir, cache=tmp_path / "c",
-                            gates=gates, training=training)
+        mgs_train.run_stage(cfg, Tracked(), objective="task", target=0.5, model=model_dir, data=tmp_path / "d",
+                            cache=tmp_path / "c", local=tmp_path / "l", gates=gates, training=training)
     assert not gates.exists() and not training.exists()
 
 

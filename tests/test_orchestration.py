@@ -177,9 +177,13 @@ def test_every_stage_module_has_its_entry_point():
 # ---------------------------------------------------------------- end to end on the tiny study
 
 def row_key(row: dict) -> tuple:
+    """(method, point, which): an MGS row by objective (every block gated) or `single:<block>` (one block alone)."""
     setting = row["setting"] or {}
     point = setting.get("target", setting.get("keep_ratio", setting.get("threshold")))
-    return (row["method"], point, setting.get("scope", setting.get("objective")))
+    if row["method"] == "mgs":
+        alone = setting["protocol"] == "single"
+        return ("mgs", point, f"single:{setting['scope']}" if alone else setting["objective"])
+    return (row["method"], point, setting.get("scope"))
 
 
 def check_summary(root: Path) -> dict[tuple, dict]:
@@ -192,7 +196,9 @@ def check_summary(root: Path) -> dict[tuple, dict]:
                 *((method, keep, scope) for method in ("topk", "random") for keep in keeps for scope in scopes),
                 *(("sibs", threshold, None) for threshold in thresholds),
                 *(("mgs", target, objective) for objective in TINY_SWEEPS["mgs"]["objectives"]
-                  for target in TINY_SWEEPS["mgs"]["targets"])]
+                  for target in TINY_SWEEPS["mgs"]["targets"]),
+                *(("mgs", target, f"single:{block}") for target in TINY_SWEEPS["mgs"]["single_block_targets"]
+                  for block in scopes[1:])]
     assert [row_key(r) for r in rows] == expected
     by_key = {row_key(r): r for r in rows}
     for row in rows:
@@ -253,7 +259,7 @@ def check_counts_independently(root: Path, by_key: dict[tuple, dict]) -> None:
         assert alone["induced_sparsity"]["per_block"] == {"encoder.0": pytest.approx(1 - k / hidden), "decoder.0": 0.0}
 
     # MGS: both matrices of a skipped neuron are saved, and each token pays its gate, d x H / G MACs.
-    row = by_key[("mgs", TINY_SWEEPS["mgs"]["targets"][0], "task")]
+    row = by_key[("mgs", TINY_SWEEPS["mgs"]["targets"][0], "group_activity")]
     groups = hidden // TINY_SWEEPS["mgs"]["group_size"]
     kept = {b: (1 - row["induced_sparsity"]["per_block"][b]) * hidden for b in tokens}
     gate_flops = sum(2 * t * d * groups for t in tokens.values())
@@ -297,7 +303,9 @@ def check_paper_outputs(root: Path, by_key: dict[tuple, dict]) -> None:
     assert "\\toprule" in (root / "paper/synthetic/tables/t3_mgs.tex").read_text()
 
     metrics = json.loads((root / "results/synthetic/metrics.json").read_text())
-    assert metrics["mgs"]["task"]["target=0.5"]["AP"] == by_key[("mgs", 0.5, "task")]["AP"]
+    assert metrics["mgs"]["group_activity"]["target=0.5"]["AP"] == by_key[("mgs", 0.5, "group_activity")]["AP"]
+    assert metrics["mgs"]["group_activity-single"]["target=0.5"]["decoder.0"]["AP"] == \
+        by_key[("mgs", 0.5, "single:decoder.0")]["AP"]
     assert metrics["dense"]["AP"] == dense["AP"]
     if LATEX:
         assert (root / "paper/synthetic/main.pdf").read_bytes().startswith(b"%PDF")
@@ -351,8 +359,9 @@ def metric_steps(url: str, run_id: str, metric: str) -> list[int]:
 # What each stage logs as artifacts (a stage not listed here must log at least one).
 ARTIFACTS = {"data": {"splits.json"}, "model": {"config.json", "model_info.json"}, "evaluate": {"row.json"},
              "profile": {"profile.json"}, "masking": {"rows.json"}, "sibs": {"row.json"},
-             "mgs_cache": set(),  # its output is the cached front end (hundreds of MB on a real study)
-             "mgs_train": {"training.json"}, "mgs_evaluate": {"row.json"}, "summary": {"summary.json", "metrics.json"},
+             "mgs_cache": set(),  # its outputs are the cached front end and block inputs (hundreds of MB on a study)
+             "mgs_local": {"training.json"}, "mgs_train": {"training.json"}, "mgs_evaluate": {"row.json"},
+             "mgs_single": {"rows.json"}, "summary": {"summary.json", "metrics.json", "comparisons.json"},
              "figures": {"figures", "plots"}, "tables": {"tables", "paper_tables"}, "paper": {"paper"}}
 
 
@@ -365,6 +374,7 @@ def expected_run_names(stage: str) -> list[str]:
         "sibs": [f"threshold={t}" for t in sibs["thresholds"]],
         "mgs_train": [f"objective={o} target={t}" for o in mgs["objectives"] for t in mgs["targets"]],
         "mgs_evaluate": [f"objective={o} target={t}" for o in mgs["objectives"] for t in mgs["targets"]],
+        "mgs_single": [f"target={t}" for t in mgs["single_block_targets"]],
     }
     return sorted(f"{stage} {setting}" for setting in sweeps[stage]) if stage in sweeps else [stage]
 
@@ -390,12 +400,15 @@ def check_mlflow_server(url: str, root: Path, jobs: dict[str, int], by_key: dict
     by_stage = {r["tags"]["stage"]: r for r in runs}
     stage_of_run = {r["id"]: r["tags"]["stage"] for r in runs}
     for key, row in by_key.items():
+        alone = key[2].startswith("single:")
         assert stage_of_run[row["mlflow_run_id"]] == {"dense": "evaluate", "topk": "masking", "random": "masking",
-                                                      "sibs": "sibs", "mgs": "mgs_evaluate"}[key[0]]
+                                                      "sibs": "sibs", "mgs": "mgs_single" if alone else
+                                                      "mgs_evaluate"}[key[0]]
     # Every evaluation has its AP metrics (per scope for masking), equal to its row's.
     metrics_of_run = {r["id"]: r["metrics"] for r in runs}
     for key, row in by_key.items():
-        suffix = f".{key[2]}" if key[0] in ("topk", "random") else ""
+        suffix = (f".{key[2]}" if key[0] in ("topk", "random") else
+                  f".{key[2].removeprefix('single:')}" if key[0] == "mgs" and key[2].startswith("single:") else "")
         assert {k: metrics_of_run[row["mlflow_run_id"]][k + suffix] for k in AP_METRICS} == \
             {k: row[k] for k in AP_METRICS}, key
     assert by_stage["profile"]["metrics"]["natural_sparsity"] == pytest.approx(
@@ -404,10 +417,10 @@ def check_mlflow_server(url: str, root: Path, jobs: dict[str, int], by_key: dict
     # Gate training logs every step: overall and per-block sparsity, losses, the multiplier.
     steps = list(range(1, TINY["mgs"]["training"]["steps"] + 1))
     for r in runs:
-        if r["tags"]["stage"] == "mgs_train":
+        if r["tags"]["stage"] == "mgs_train" and "group_activity" not in r["name"]:  # calibrated, not trained
             for metric in ("induced_sparsity", "induced_sparsity.encoder.0", "objective_loss", "multiplier"):
                 assert metric_steps(url, r["id"], metric) == steps, (r["name"], metric)
-    mgs_row = by_key[("mgs", 0.5, "task")]
+    mgs_row = by_key[("mgs", 0.5, "distillation")]
     assert stage_of_run[mgs_row["training"]["mlflow_run_id"]] == "mgs_train"
 
     for r in runs:
@@ -455,7 +468,8 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(study):
     check_counts_independently(root, by_key)
     check_paper_outputs(root, by_key)
     for log in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "mgs_cache",
-                "mgs_train-task-0.5", "mgs_evaluate-distillation-0.5", "summary", "benchmark"):
+                "mgs_local", "mgs_train-group_activity-0.5", "mgs_train-distillation-0.5",
+                "mgs_evaluate-distillation-0.5", "mgs_single-0.5", "summary", "benchmark"):
         assert (root / f"results/synthetic/logs/{log}.log").stat().st_size > 0
     # The Snakemake report: one self-contained page with the figures (and their captions) and tables.
     run(["snakemake", "--report", "report.html"], root)
@@ -480,13 +494,14 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(study):
     params["studies"]["synthetic"]["evaluate"]["batch_size"] = 2
     write_params(root, params)
     assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_evaluate": "2",
-                                  "summary": "1", **REPORTING, "all": "1", "total": str(15 + len(REPORTING))}
+                                  "mgs_single": "1", "summary": "1", **REPORTING, "all": "1",
+                                  "total": str(16 + len(REPORTING))}
     # A new MGS target trains and evaluates only that target, per objective; the cached front end is reused.
     params["mgs"]["targets"].append(0.75)
     write_params(root, params)
     assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_train": "2",
-                                  "mgs_evaluate": "4", "summary": "1", **REPORTING, "all": "1",
-                                  "total": str(19 + len(REPORTING))}
+                                  "mgs_evaluate": "4", "mgs_single": "1", "summary": "1", **REPORTING, "all": "1",
+                                  "total": str(20 + len(REPORTING))}
     run(["git", "checkout", "params.yaml"], root)
 
 

@@ -40,8 +40,8 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, objective: str, target: fl
         target=target, objective=objective, **{k: v for k, v in budget.items() if k != "warm_start"})
     calibration_split = load_split(data, cfg.profile["split"])
     before = weights_digest(detr)
-    local_record = gate_metadata(local)["info"]
-    if objective == LAYER_LOCAL or budget["warm_start"]:
+    from_local = objective == LAYER_LOCAL or budget["warm_start"]
+    if from_local:
         trained = load_gates(local)
         if sorted(trained) != sorted(fresh):
             raise ValueError(f"{local} gates blocks {', '.join(sorted(trained))}, mgs.blocks asks for "
@@ -65,6 +65,8 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, objective: str, target: fl
                             log_step=lambda step, metrics: tracked.log_metrics(metrics, step=step))
         curve = final.pop("curve")
         checkpoint.unlink(missing_ok=True)
+        if weights_digest(detr) != before:
+            raise RuntimeError("gate training changed the dense model's weights; only the gates may train")
         tracked.log_metrics({"train_seconds": final["train_seconds"],
                              "final_induced_sparsity": final["induced_sparsity"]})
 
@@ -72,14 +74,12 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, objective: str, target: fl
     calibration = calibrate_gates(detr, trained, held_out, list(range(len(held_out))), target, budget["batch_size"])
     calibration["split"] = calibration_split.name
     tracked.log_metrics({f"calibration_{k}": v for k, v in calibration.items() if isinstance(v, (int, float))})
-    if weights_digest(detr) != before:
-        raise RuntimeError("gate training changed the dense model's weights; only the gates may train")
     record = {"target": target, "objective": objective, "group_size": mgs["group_size"],
               "gate_threshold": mgs["gate_threshold"], "blocks": sorted(trained),
               "settings": budget if settings is not None else None,
               "final": final, "calibration": calibration, "curve": curve,
               # The layer-local training this gate set starts from (group_activity, or a warm start).
-              "local": local_record if objective == LAYER_LOCAL or budget["warm_start"] else None,
+              "local": gate_metadata(local)["info"] if from_local else None,
               "dense_weights_sha256": before, "mlflow_run_id": tracked.run_id}
     save_gates(gates, trained, {"target": target, "objective": objective, "model": str(model),
                                 "mlflow_run_id": tracked.run_id})
