@@ -344,6 +344,7 @@ def test_mgs_stages_and_the_gated_model_on_detr_r50(stages, data_dir):
     from detr_sparsity.evaluation.detections import detect
     from detr_sparsity.evaluation.evaluate import evaluation_split
     from detr_sparsity.execution.gated_detr import load_gated_detr
+    from detr_sparsity.mgs.block_inputs import BlockInputs
     from detr_sparsity.mgs.front_end import FrontEndCache, cached_front_end
 
     budget = {"cache": {"split": "train", "images": 0, "batch_size": 2},
@@ -351,11 +352,17 @@ def test_mgs_stages_and_the_gated_model_on_detr_r50(stages, data_dir):
                            "target_warmup": 0.0, "checkpoint_every": 1, "calibration_images": 0}}
     cfg, model_dir = replace(stages["cfg"], gate_training=budget), stages["model_dir"]
     out = stages["work"] / "results" / "coco" / "mgs"
-    run_stage(cfg, "mgs_cache", model=model_dir, data=data_dir, out=out / "cache.safetensors")
+    run_stage(cfg, "mgs_cache", model=model_dir, data=data_dir, out=out / "cache.safetensors",
+              block_inputs=out / "block_inputs.safetensors")
     cache = FrontEndCache.load(out / "cache.safetensors")
     # Each image's real feature region, as DETR's mask marks it: the landscape 800 x 1066 and portrait 1066 x 800
     # images share a batch padded to 1066 x 1066 (34 x 34 at stride 32), where 800 px become 26 rows.
     assert cache.shapes.tolist() == [[26, 34], [34, 26]]
+    # The FFN blocks' inputs from the same pass: each image's real tokens only, every decoder query.
+    inputs = BlockInputs.load(out / "block_inputs.safetensors")
+    assert len(inputs) == 2 and len(inputs.blocks) == 2 * LAYERS
+    assert inputs.image_token_counts("encoder.5").tolist() == [26 * 34, 34 * 26]
+    assert inputs.image_token_counts("decoder.5").tolist() == [QUERIES, QUERIES]
     data = evaluation_split(cfg, data_dir)
     model = load_detr(model_dir)
     pixels = next(iter(data.loader))

@@ -174,7 +174,8 @@ def test_a_truncated_image_fails_every_stage_that_reads_it_naming_the_file(proje
             run_stage(project, "model", data=RESULTS / "data", out=RESULTS / "model")
         else:
             run_stage(project, "mgs_cache", model=RESULTS / "model", data=RESULTS / "data",
-                      out=RESULTS / "mgs/cache/front_end.safetensors")
+                      out=RESULTS / "mgs/cache/front_end.safetensors",
+                      block_inputs=RESULTS / "mgs/cache/block_inputs.safetensors")
     named = str(error.value).split(" ")[1]
     assert Path(named).match(str(RESULTS / "data/images" / image)) and Path(named).is_file()
     assert str(error.value).startswith(f"image {named} {CHANGED} (sha256 ")
