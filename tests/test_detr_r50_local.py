@@ -347,9 +347,10 @@ def test_mgs_stages_and_the_gated_model_on_detr_r50(stages, data_dir):
     from detr_sparsity.mgs.block_inputs import BlockInputs
     from detr_sparsity.mgs.front_end import FrontEndCache, cached_front_end
 
-    budget = {"cache": {"split": "train", "images": 0, "batch_size": 2},
+    budget = {"cache": {"split": "train", "images": 0, "batch_size": 2, "tokens_per_image": 0},
+              "local": {"steps": 2, "batch_tokens": 64, "learning_rate": 0.01, "pos_weight": 1.0, "held_out": 0.5},
               "training": {"steps": 2, "batch_size": 2, "learning_rate": 0.01, "multiplier_rate": 0.05,
-                           "target_warmup": 0.0, "checkpoint_every": 1, "calibration_images": 0}}
+                           "target_warmup": 0.0, "checkpoint_every": 1, "warm_start": True}}
     cfg, model_dir = replace(stages["cfg"], gate_training=budget), stages["model_dir"]
     out = stages["work"] / "results" / "coco" / "mgs"
     run_stage(cfg, "mgs_cache", model=model_dir, data=data_dir, out=out / "cache.safetensors",
@@ -373,11 +374,19 @@ def test_mgs_stages_and_the_gated_model_on_detr_r50(stages, data_dir):
             cached = model(**front.inputs(batch["features"], batch["mask"]))
     torch.testing.assert_close(cached.logits, full.logits, rtol=0, atol=1e-4)
 
+    # The layer-local group_activity gates, then distillation gates started from them and calibrated.
+    local = out / "local" / "gates.safetensors"
+    run_stage(cfg, "mgs_local", model=model_dir, block_inputs=out / "block_inputs.safetensors", gates=local,
+              training=out / "local" / "training.json")
+    local_record = json.loads((out / "local" / "training.json").read_text())
+    assert local_record["steps"] == 2 and len(local_record["blocks"]) == 2 * LAYERS
     gates, training = out / "distillation" / "gates.safetensors", out / "distillation" / "training.json"
-    run_stage(cfg, "mgs_train", objective="distillation", target=0.5, model=model_dir, cache=out / "cache.safetensors",
-              gates=gates, training=training)
+    run_stage(cfg, "mgs_train", objective="distillation", target=0.5, model=model_dir, data=data_dir,
+              cache=out / "cache.safetensors", local=local, gates=gates, training=training)
     record = json.loads(training.read_text())
     assert record["final"]["steps"] == 2 and len(record["blocks"]) == 2 * LAYERS
+    assert record["local"]["mlflow_run_id"] == local_record["mlflow_run_id"]
+    assert record["calibration"]["split"] == "calibration"
     detections, row_path = out / "distillation" / "detections.json", out / "distillation" / "row.json"
     run_stage(cfg, "mgs_evaluate", objective="distillation", target=0.5, model=model_dir, data=data_dir, gates=gates,
               training=training, detections=detections, row=row_path)

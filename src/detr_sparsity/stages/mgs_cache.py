@@ -27,8 +27,7 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, model: Path, data: Path, o
     if images > len(dataset):
         raise ValueError(f"mgs.cache.images = {images} is not allowed: the {settings['split']} split has "
                          f"{len(dataset)} images")
-    # Until params.yaml and its schema declare it, a study without the key records every real token.
-    tokens_per_image = settings.get("tokens_per_image", 0)
+    tokens_per_image = settings["tokens_per_image"]
     loader = DataLoader(Subset(dataset, range(images)), batch_size=settings["batch_size"],
                         collate_fn=DetrCollate(image_processor(cfg.input), with_labels=True))
     detr = load_detr(model, device=job_device())
