@@ -1,6 +1,6 @@
 """Gate-training throughput with the cached front end against recomputing it at every step.
 
-Both arms run the pipeline's `train_gates` with the study's first objective and its batch size, on the same training
+Both arms run the pipeline's `train_gates` with the study's first end-to-end objective and its batch size, on the same training
 images, from fresh gates, interleaved, several times; medians reported:
 - cached:    what stage `mgs_train` does: the backbone's projected features and the dense model's outputs
              are read from the `mgs_cache` file;
@@ -29,6 +29,7 @@ from detr_sparsity.pipeline import path
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
 from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache
 from detr_sparsity.mgs.gates import make_gates
+from detr_sparsity.mgs.objectives import OBJECTIVES
 from detr_sparsity.mgs.training import GateTraining, train_gates
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.ffn import ffn_blocks
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     recomputed = RecomputedFrontEnd(dataset, collate, copy.deepcopy(model).eval(), len(cached))
     sources = {"cached": cached, "recomputed": recomputed}
     budget = cfg.gate_training["training"]
-    settings = GateTraining(target=args.target, objective=cfg.mgs["objectives"][0], steps=args.steps,
+    # The first end-to-end objective (group_activity trains layer-locally: no front end at all).
+    objective = next((o for o in cfg.mgs["objectives"] if o in OBJECTIVES), "distillation")
+    settings = GateTraining(target=args.target, objective=objective, steps=args.steps,
                             batch_size=budget["batch_size"], learning_rate=budget["learning_rate"],
                             multiplier_rate=budget["multiplier_rate"], target_warmup=budget["target_warmup"],
                             checkpoint_every=args.steps)

@@ -181,8 +181,8 @@ def row_key(row: dict) -> tuple:
     setting = row["setting"] or {}
     point = setting.get("target", setting.get("keep_ratio", setting.get("threshold")))
     if row["method"] == "mgs":
-        alone = setting["protocol"] == "single"
-        return ("mgs", point, f"single:{setting['scope']}" if alone else setting["objective"])
+        which = {"all": setting["objective"], "single": f"single:{setting['scope']}", "paper": "paper"}
+        return ("mgs", point, which[setting["protocol"]])
     return (row["method"], point, setting.get("scope"))
 
 
@@ -198,7 +198,8 @@ def check_summary(root: Path) -> dict[tuple, dict]:
                 *(("mgs", target, objective) for objective in TINY_SWEEPS["mgs"]["objectives"]
                   for target in TINY_SWEEPS["mgs"]["targets"]),
                 *(("mgs", target, f"single:{block}") for target in TINY_SWEEPS["mgs"]["single_block_targets"]
-                  for block in scopes[1:])]
+                  for block in scopes[1:]),
+                ("mgs", None, "paper")]
     assert [row_key(r) for r in rows] == expected
     by_key = {row_key(r): r for r in rows}
     for row in rows:
@@ -361,7 +362,7 @@ ARTIFACTS = {"data": {"splits.json"}, "model": {"config.json", "model_info.json"
              "profile": {"profile.json"}, "masking": {"rows.json"}, "sibs": {"row.json"},
              "mgs_cache": set(),  # its outputs are the cached front end and block inputs (hundreds of MB on a study)
              "mgs_local": {"training.json"}, "mgs_train": {"training.json"}, "mgs_evaluate": {"row.json"},
-             "mgs_single": {"rows.json"}, "summary": {"summary.json", "metrics.json", "comparisons.json"},
+             "mgs_single": {"rows.json"}, "mgs_paper_setting": {"row.json"}, "summary": {"summary.json", "metrics.json", "comparisons.json"},
              "figures": {"figures", "plots"}, "tables": {"tables", "paper_tables"}, "paper": {"paper"}}
 
 
@@ -400,10 +401,10 @@ def check_mlflow_server(url: str, root: Path, jobs: dict[str, int], by_key: dict
     by_stage = {r["tags"]["stage"]: r for r in runs}
     stage_of_run = {r["id"]: r["tags"]["stage"] for r in runs}
     for key, row in by_key.items():
-        alone = key[2].startswith("single:")
+        mgs_stage = ("mgs_single" if key[2].startswith("single:") else
+                     "mgs_paper_setting" if key[2] == "paper" else "mgs_evaluate")
         assert stage_of_run[row["mlflow_run_id"]] == {"dense": "evaluate", "topk": "masking", "random": "masking",
-                                                      "sibs": "sibs", "mgs": "mgs_single" if alone else
-                                                      "mgs_evaluate"}[key[0]]
+                                                      "sibs": "sibs", "mgs": mgs_stage}[key[0]]
     # Every evaluation has its AP metrics (per scope for masking), equal to its row's.
     metrics_of_run = {r["id"]: r["metrics"] for r in runs}
     for key, row in by_key.items():
@@ -494,14 +495,14 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(study):
     params["studies"]["synthetic"]["evaluate"]["batch_size"] = 2
     write_params(root, params)
     assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_evaluate": "2",
-                                  "mgs_single": "1", "summary": "1", **REPORTING, "all": "1",
-                                  "total": str(16 + len(REPORTING))}
+                                  "mgs_single": "1", "mgs_paper_setting": "1", "summary": "1", **REPORTING, "all": "1",
+                                  "total": str(17 + len(REPORTING))}
     # A new MGS target trains and evaluates only that target, per objective; the cached front end is reused.
     params["mgs"]["targets"].append(0.75)
     write_params(root, params)
     assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_train": "2",
-                                  "mgs_evaluate": "4", "mgs_single": "1", "summary": "1", **REPORTING, "all": "1",
-                                  "total": str(20 + len(REPORTING))}
+                                  "mgs_evaluate": "4", "mgs_single": "1", "mgs_paper_setting": "1", "summary": "1",
+                                  **REPORTING, "all": "1", "total": str(21 + len(REPORTING))}
     run(["git", "checkout", "params.yaml"], root)
 
 
