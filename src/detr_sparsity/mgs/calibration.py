@@ -80,7 +80,7 @@ def calibrate_gates(model: DetrForObjectDetection, gates: Mapping[str, MicroGate
         achieved = sparsity_at(offset)
         low, high = (offset, high) if achieved < target else (low, offset)
     shift(offset)  # the last bisection step may have measured another offset
-    log.info("calibrated on %d held-out images: sparsity %.4f -> %.4f (target %.2f), logit offset %+.3f",
+    log.info("calibrated on %d images: sparsity %.4f -> %.4f (target %.2f), logit offset %+.3f",
              len(index), before, achieved, target, offset)
     return {"images": len(index), "offset": offset, "sparsity_before": before, "sparsity_after": achieved,
             "seconds": time.perf_counter() - start}
