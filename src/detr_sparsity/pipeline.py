@@ -244,15 +244,15 @@ STAGES: tuple[Stage, ...] = (
           # the study shapes are timed on the first evaluation batch; which rows are measured, and how
           sections=EVALUATION, keys=("benchmark", "sibs.indicator", "sibs.thresholds", "mgs.targets"),
           threads=None, exclusive=True),
-    Stage("figures", "the study's figures (PDF + PNG) and captions, from summary.json",
+    Stage("figures", "the study's figures (PDF + PNG) and captions, from summary.json and comparisons.json",
           "figures: F1-F6 from summary.json, the profile, the gate-training curves and the benchmark",
-          inputs={"summary": SUMMARY, "profile": PROFILE, "speed": SPEED,
+          inputs={"summary": SUMMARY, "profile": PROFILE, "speed": SPEED, "comparisons": COMPARISONS,
                   "trainings": Gathered((("mgs_train", "training"),))},
           outputs={"out": f"{PAPER}/figures", "plots": f"{RESULTS}/plots"},
           sections=("evaluate.split",), directories=frozenset({"out", "plots"})),
-    Stage("tables", "tables T1-T5 as Markdown and LaTeX, from summary.json and speed.json",
-          "tables: T1-T5 from summary.json and the benchmark, as Markdown and LaTeX",
-          inputs={"summary": SUMMARY, "profile": PROFILE, "model": MODEL, "speed": SPEED},
+    Stage("tables", "tables T1-T5 as Markdown and LaTeX, from summary.json, comparisons.json and speed.json",
+          "tables: T1-T5 from summary.json, the bootstrap comparisons and the benchmark, as Markdown and LaTeX",
+          inputs={"summary": SUMMARY, "profile": PROFILE, "model": MODEL, "speed": SPEED, "comparisons": COMPARISONS},
           outputs={"markdown": f"{RESULTS}/tables", "latex": f"{PAPER}/tables"},
           directories=frozenset({"markdown", "latex"})),
     Stage("paper", "build the study's paper PDF from paper/main.tex with latexmk",
@@ -266,9 +266,17 @@ PIPELINE: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 
 # `dvc plots show`: the sparsity-AP and FLOPs-AP curves, one series per method (the figures stage writes them).
 PLOTS = {
-    "AP against induced sparsity": ("induced_sparsity", ("topk", "random", "sibs", "mgs-task", "mgs-distillation")),
-    "AP against FFN FLOPs reduction": ("ffn_flops_reduction", ("sibs", "mgs-task", "mgs-distillation", "topk")),
+    "AP against induced sparsity": ("induced_sparsity", ("topk", "threshold", "random", "sibs", "mgs-group_activity",
+                                                          "mgs-task", "mgs-distillation")),
+    "AP against FFN FLOPs reduction": ("ffn_flops_reduction", ("sibs", "mgs-group_activity", "mgs-task",
+                                                               "mgs-distillation", "topk", "threshold")),
 }
+
+
+def plot_series() -> list[str]:
+    """Every series `dvc plots` overlays (PLOTS), once each: the figures stage writes a file for each, empty where
+    the study has no such rows."""
+    return list(dict.fromkeys(name for _x, names in PLOTS.values() for name in names))
 
 
 # ---------------------------------------------------------------- paths

@@ -1,10 +1,13 @@
 """The study's figures, drawn only from summary.json and the stage outputs beside it (stage `figures`).
 
 - F1 natural sparsity of each FFN block and its spread across images (profile.json);
-- F2 top-k against random keep: AP against induced sparsity, one panel per block and one for all (paper Fig. 2);
-- F3 AP against FFN FLOPs reduction for dense, SIBS and every MGS target (paper Fig. 3);
-- F4 gate training: induced sparsity against its budget, and the objective, per step (training.json curves);
-- F5 induced sparsity of each block under MGS, per target (the gates spread the budget unevenly);
+- F2 top-k against random keep, with the threshold oracle: AP against induced sparsity, one panel per block and one
+  for all (paper Fig. 2);
+- F3 AP against FFN FLOPs reduction for dense, SIBS, every MGS target and the two oracles (paper Fig. 3);
+- F4 end-to-end gate training: induced sparsity against its budget, and the objective, per step (training.json
+  curves); gate sets without one (group_activity: trained layer-locally, only calibrated per target) are left out;
+- F5 MGS per block: each block's induced sparsity with every gated block at once, per objective and target (the
+  gates spread the budget unevenly), beside the AP retained with each block gated alone (single-block protocol);
 - F6 measured speed-up against the FLOPs speed-up (benchmark/speed.json), when the benchmark ran.
 
 Each figure is written as vector PDF (for paper/) and PNG (for the Snakemake report and for reading), in one
@@ -26,8 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from detr_sparsity.reporting.latex import latex_text  # noqa: E402
-from detr_sparsity.reporting.records import (METHOD_LABELS, StudyRecord, flops_reduction,  # noqa: E402
-                                             mgs_label, sparsity)
+from detr_sparsity.reporting.records import (METHOD_LABELS, Comparisons, StudyRecord,  # noqa: E402
+                                             flops_reduction, mgs_label, sparsity)
 from detr_sparsity.sparsity.blocks import ALL_BLOCKS  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -35,9 +38,18 @@ log = logging.getLogger(__name__)
 PNG_DPI = 200
 # One colour per method in every figure (seaborn's colour-blind palette); MGS objectives take their own.
 PALETTE = sns.color_palette("colorblind")
-COLORS = {"dense": "black", "topk": PALETTE[0], "random": PALETTE[7], "sibs": PALETTE[2],
-          "mgs task": PALETTE[3], "mgs distillation": PALETTE[1], "mgs oracle": PALETTE[4]}
-MARKERS = {"topk": "o", "random": "s", "sibs": "^", "mgs task": "D", "mgs distillation": "v", "mgs oracle": "P"}
+COLORS = {"dense": "black", "topk": PALETTE[0], "threshold": PALETTE[9], "random": PALETTE[7], "sibs": PALETTE[2],
+          "mgs group_activity": PALETTE[5], "mgs task": PALETTE[3], "mgs distillation": PALETTE[1],
+          "mgs oracle": PALETTE[4]}
+MARKERS = {"topk": "o", "threshold": "X", "random": "s", "sibs": "^", "mgs group_activity": "p", "mgs task": "D",
+           "mgs distillation": "v", "mgs oracle": "P"}
+LINESTYLES = {"topk": ":", "threshold": "-."}  # the oracles: not methods to run
+ORACLE_SERIES = ("topk", "threshold", "random")
+
+
+def color(key: str):
+    """A method's colour (`mgs <objective>` for MGS); an objective without one of its own takes grey."""
+    return COLORS.get(key, PALETTE[7])
 
 
 def _style() -> None:
@@ -102,7 +114,8 @@ def f1_natural_sparsity(record: StudyRecord, profile: dict):
 
 
 def f2_topk_vs_random(record: StudyRecord):
-    """AP against induced sparsity for top-k and random keep, one panel per scope (all blocks, each block)."""
+    """AP against induced sparsity for top-k, the threshold oracle and random keep, one panel per scope (all blocks,
+    each block)."""
     scopes = [ALL_BLOCKS, *record.blocks]
     columns = 4
     rows = -(-len(scopes) // columns)
@@ -110,12 +123,15 @@ def f2_topk_vs_random(record: StudyRecord):
                              squeeze=False)
     dense_ap = record.dense["AP"]
     for ax, scope in zip(axes.flat, scopes):
-        for method in ("topk", "random"):
+        for method in ORACLE_SERIES:
             sweep = record.masking(method, scope)
-            # The x axis is the sparsity of the masked block(s): 1 - keep-ratio (the study-wide share is
-            # smaller when one block alone is masked).
+            if not sweep:  # a method the study did not run
+                continue
+            # The x axis is the sparsity of the masked block(s): 1 - keep-ratio for top-k and random, as
+            # calibrated for threshold (the study-wide share is smaller when one block alone is masked).
             ax.plot([sparsity(r, scope) for r in sweep], [r["AP"] for r in sweep], marker=MARKERS[method],
-                    markersize=4, color=COLORS[method], label=METHOD_LABELS[method])
+                    markersize=4, color=COLORS[method], label=METHOD_LABELS[method],
+                    linestyle="-." if method == "threshold" else "-")
         ax.axhline(dense_ap, color=COLORS["dense"], linestyle="--", linewidth=1, label="dense")
         ax.set_title("all blocks" if scope == ALL_BLOCKS else scope)
         _percent(ax)
@@ -125,27 +141,32 @@ def f2_topk_vs_random(record: StudyRecord):
         ax.set_ylabel("AP")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower right", bbox_to_anchor=(0.98, 0.12))
-    fig.supxlabel("induced sparsity of the masked block(s) (1 - keep-ratio)")
+    fig.supxlabel("induced sparsity of the masked block(s)")
     fig.tight_layout()
     return fig
 
 
 def f3_flops_vs_ap(record: StudyRecord):
-    """AP against the FFN FLOPs saved (gate cost included), for dense, SIBS and every MGS gate set."""
+    """AP against the FFN FLOPs saved (gate cost included), for dense, SIBS, every MGS gate set (every gated block at
+    once) and the top-k and threshold oracles."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     dense = record.dense
     ax.plot([flops_reduction(dense)], [dense["AP"]], "*", color=COLORS["dense"], markersize=12, label="dense")
     series = [("sibs", METHOD_LABELS["sibs"], record.sibs())]
     series += [(f"mgs {o}", mgs_label(o), record.mgs(o)) for o in record.mgs_objectives()]
-    series.append(("topk", METHOD_LABELS["topk"], record.masking("topk")[1:]))
+    # keep-ratio 1 (the dense check) left out
+    series += [(m, METHOD_LABELS[m], [r for r in record.masking(m) if r["setting"]["keep_ratio"] < 1])
+               for m in ("topk", "threshold")]
     for key, label, rows in series:
-        ax.plot([flops_reduction(r) for r in rows], [r["AP"] for r in rows], marker=MARKERS[key], markersize=5,
-                color=COLORS[key], label=label, linestyle=":" if key == "topk" else "-")
+        if not rows and key == "threshold":  # a method the study did not run
+            continue
+        ax.plot([flops_reduction(r) for r in rows], [r["AP"] for r in rows], marker=MARKERS.get(key, "o"),
+                markersize=5, color=color(key), label=label, linestyle=LINESTYLES.get(key, "-"))
     # Targets labelled beside the points: the first objective's to the lower left, the others' upper right.
     for i, objective in enumerate(record.mgs_objectives()):
         for r in record.mgs(objective):
             ax.annotate(f"{r['setting']['target']:g}", (flops_reduction(r), r["AP"]), textcoords="offset points",
-                        xytext=(-16, -9) if i == 0 else (5, 3), fontsize=7, color=COLORS[f"mgs {objective}"])
+                        xytext=(-16, -9) if i == 0 else (5, 3), fontsize=7, color=color(f"mgs {objective}"))
     ax.set_xlabel("FFN FLOPs reduction (1 - FLOPs as run / dense, gate cost included)")
     ax.set_ylabel("AP")
     _percent(ax)
@@ -154,9 +175,25 @@ def f3_flops_vs_ap(record: StudyRecord):
     return fig
 
 
+def trained_end_to_end(record: StudyRecord, trainings: dict[tuple[str, float], dict]) -> list[str]:
+    """The objectives with a training curve: group_activity's gate sets are only calibrated (its layer-local
+    training is once per study), so they have none."""
+    return [o for o in record.mgs_objectives() if any(t.get("curve") for (objective, _), t in trainings.items()
+                                                      if objective == o)]
+
+
 def f4_gate_training(record: StudyRecord, trainings: dict[tuple[str, float], dict]):
-    """Per objective: the hard induced sparsity against the budget (top) and the objective loss (bottom)."""
-    objectives = record.mgs_objectives()
+    """Per objective trained end to end: the hard induced sparsity against the budget (top) and the objective loss
+    (bottom). Objectives without a curve are left out; a study without any gets one panel saying so."""
+    objectives = trained_end_to_end(record, trainings)
+    if not objectives:
+        fig, ax = plt.subplots(figsize=(5.0, 2.0))
+        ax.set_axis_off()
+        without = ", ".join(record.mgs_objectives()) or "none"
+        ax.text(0.5, 0.5, f"No gate set of this study was trained end to end\n(objectives: {without}; their gates "
+                "are only calibrated per target)", transform=ax.transAxes, ha="center", va="center", fontsize=9,
+                color="dimgrey")
+        return fig
     targets = sorted({t for _, t in trainings})
     colors = dict(zip(targets, sns.color_palette("viridis", len(targets))))
     fig, axes = plt.subplots(2, len(objectives), figsize=(4.2 * len(objectives), 5.6), sharex=True, squeeze=False)
@@ -165,7 +202,7 @@ def f4_gate_training(record: StudyRecord, trainings: dict[tuple[str, float], dic
         panel_losses: list[float] = []
         for target in targets:
             training = trainings.get((objective, target))
-            if training is None:
+            if training is None or not training.get("curve"):
                 continue
             curve = training["curve"]
             steps = [p["step"] for p in curve]
@@ -196,27 +233,75 @@ def f4_gate_training(record: StudyRecord, trainings: dict[tuple[str, float], dic
     return fig
 
 
-def f5_mgs_per_block(record: StudyRecord):
-    """Induced sparsity of each block on the evaluation split, per MGS target; one panel per objective."""
+def f5_mgs_per_block(record: StudyRecord, comparisons: Comparisons | None = None):
+    """Left: the induced sparsity of each block on the evaluation split with every gated block at once, per target,
+    one panel per objective. Right: the AP retained with each block's gate alone (single-block protocol), per
+    target, with its bootstrap interval where comparisons.json has one."""
+    comparisons = comparisons or Comparisons.of(None)
     objectives = record.mgs_objectives()
     blocks = record.blocks
-    fig, axes = plt.subplots(1, len(objectives), figsize=(5.2 * len(objectives), 3.4), sharey=True, squeeze=False)
-    for ax, objective in zip(axes.flat, objectives):
-        rows = record.mgs(objective)
-        colors = sns.color_palette("viridis", len(rows))
-        width = 0.8 / len(rows)
-        for i, (row, color) in enumerate(zip(rows, colors)):
-            xs = [b + (i - (len(rows) - 1) / 2) * width for b in range(len(blocks))]
-            ax.bar(xs, [sparsity(row, block) for block in blocks], width=width, color=color,
-                   label=f"{row['setting']['target']:g}")
-        ax.set_xticks(range(len(blocks)), blocks, rotation=30)
-        ax.set_title(mgs_label(objective))
+    single_blocks = record.single_blocks()
+    panels = len(objectives) + bool(single_blocks)
+    if not panels:
+        fig, ax = plt.subplots(figsize=(5.0, 2.0))
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "No MGS gate set in this study", transform=ax.transAxes, ha="center", va="center",
+                color="dimgrey")
+        return fig
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.6), squeeze=False)
+
+    def bars(ax, names, per_target, show_interval=False):
+        """One bar per name and target: per_target is [(target, {name: value}, {name: (low, high)})]."""
+        colors = sns.color_palette("viridis", len(per_target))
+        width = 0.8 / max(len(per_target), 1)
+        for i, ((target, values, intervals), bar_color) in enumerate(zip(per_target, colors)):
+            xs = [b + (i - (len(per_target) - 1) / 2) * width for b, name in enumerate(names) if name in values]
+            present = [name for name in names if name in values]
+            heights = [values[name] for name in present]
+            ax.bar(xs, heights, width=width, color=bar_color, label=f"{target:g}")
+            spanned = [(x, h, intervals[n]) for x, h, n in zip(xs, heights, present) if n in intervals]
+            if show_interval and spanned:  # the bars with an interval in comparisons.json
+                ax.errorbar([x for x, _, _ in spanned], [h for _, h, _ in spanned],
+                            yerr=[[h - low for _, h, (low, _) in spanned], [high - h for _, h, (_, high) in spanned]],
+                            fmt="none", elinewidth=0.8, capsize=2, ecolor="dimgrey")
+        ax.set_xticks(range(len(names)), names, rotation=30)
         ax.set_xlabel("FFN block")
         _percent(ax, "y")
-    axes[0, 0].set_ylabel("induced sparsity (evaluation split)")
-    axes[0, -1].legend(title="target", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title_fontsize=8)
+        ax.legend(title="target", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title_fontsize=8)
+
+    for ax, objective in zip(axes.flat, objectives):
+        per_target = [(row["setting"]["target"], {b: sparsity(row, b) for b in blocks}, {})
+                      for row in record.mgs(objective)]
+        bars(ax, blocks, per_target)
+        ax.set_title(f"{mgs_label(objective)}, every block at once", fontsize=9)
+        ax.set_ylabel("induced sparsity (evaluation split)")
+        ax.set_ylim(0, 1)
+    if single_blocks:
+        ax = axes.flat[-1]
+        per_target = []
+        for target in record.single_targets():
+            values, intervals = {}, {}
+            for block in single_blocks:
+                for row in record.mgs_single(block):
+                    if row["setting"]["target"] != target:
+                        continue
+                    entry = comparisons.retention(row)
+                    values[block] = entry["AP_ratio"] if entry else record.retention(row)
+                    if entry and all(_finite(entry[k]) for k in ("AP_ratio", "AP_ratio_low", "AP_ratio_high")):
+                        intervals[block] = (entry["AP_ratio_low"], entry["AP_ratio_high"])
+            per_target.append((target, values, intervals))
+        bars(ax, single_blocks, per_target, show_interval=True)
+        ax.axhline(1.0, color=COLORS["dense"], linestyle="--", linewidth=1)
+        ax.axhline(0.97, color="dimgrey", linestyle=":", linewidth=1)
+        objective = record.mgs_single(single_blocks[0])[0]["setting"]["objective"]
+        ax.set_title(f"{mgs_label(objective)}, each block alone", fontsize=9)
+        ax.set_ylabel("AP retained (% of dense)")
     fig.tight_layout()
     return fig
+
+
+def _finite(value) -> bool:
+    return value is not None and value == value and abs(value) != float("inf")
 
 
 def f6_speed(speed: dict):
@@ -233,7 +318,7 @@ def f6_speed(speed: dict):
         measured = [r for r in rows if r["shape"] == shape]
         for r in measured:
             key = "sibs" if r["method"] == "sibs" else f"mgs {r.get('objective') or 'task'}"
-            ax.plot(r["flops_speedup"], r["speedup"], scope_markers.get(r["scope"], "o"), color=COLORS[key],
+            ax.plot(r["flops_speedup"], r["speedup"], scope_markers.get(r["scope"], "o"), color=color(key),
                     markersize=7 if r["scope"] == "model" else 5, alpha=0.85)
         values = [v for r in measured for v in (r["flops_speedup"], r["speedup"])] or [1.0]
         low, top = min(values), max(values)
@@ -253,7 +338,7 @@ def f6_speed(speed: dict):
                                        label="end to end" if s == "model" else f"{s} FFN blocks")
                for s, m in scope_markers.items()]
     methods = {"sibs" if r["method"] == "sibs" else f"mgs {r.get('objective') or 'task'}" for r in rows}
-    handles += [matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=COLORS[k],
+    handles += [matplotlib.lines.Line2D([], [], marker="o", linestyle="", color=color(k),
                                         label="SIBS" if k == "sibs" else mgs_label(k.split()[1]))
                 for k in sorted(methods)]
     lines = {}  # the reference lines of every panel, each once (a panel may lack the Amdahl ceiling)
@@ -277,22 +362,30 @@ def captions(study: str, profile_split: str, evaluate_split: str) -> dict[str, s
             f"{profile_split} split (boxes: quartiles; whiskers: 5th to 95th percentile), with the token-weighted "
             f"mean there (dots) and on the {evaluate_split} split (crosses)."),
         "f2_topk_vs_random": (
-            f"Top-k against random keep ({study}, paper Fig. 2): COCO AP on the {evaluate_split} split against "
-            f"the induced sparsity of the masked block(s), masking all blocks at once or one block alone. "
-            f"Top-k keeps the k largest activations of each token (an oracle: it computes all of them to "
-            f"choose); random keeps k at random. Dashed: dense AP."),
+            f"Top-k against random keep ({study}, paper Fig. 2), with the threshold oracle: COCO AP on the "
+            f"{evaluate_split} split against the induced sparsity of the masked block(s), masking all blocks at once "
+            f"or one block alone. Top-k keeps the k largest activations of each token, random k at random; "
+            f"threshold (dash-dotted) keeps the activations above a per-block threshold calibrated on the "
+            f"{profile_split} split to the target sparsity, so the number kept varies per token. Top-k and "
+            f"threshold are oracles: they compute every activation to choose. Dashed: dense AP."),
         "f3_flops_vs_ap": (
             f"AP against FFN FLOPs reduction ({study}, paper Fig. 3): dense, the SIBS threshold sweep, every "
-            f"MGS gate set (labels: sparsity target) and the top-k oracle, on the {evaluate_split} split. "
-            f"FLOPs = 2 x multiply-accumulates per image, counted on the run; MGS includes its gates' cost."),
+            f"MGS gate set with every gated block at once (labels: sparsity target), and the top-k (dotted) and "
+            f"threshold (dash-dotted) oracles, on the {evaluate_split} split. FLOPs = 2 x multiply-accumulates per "
+            f"image, counted on the run; MGS includes its gates' cost; the oracles save only fc2's work."),
         "f4_gate_training": (
-            f"MGS gate training ({study}): the induced sparsity of each training batch under the hard gate "
-            f"mask against the budget it is held to (dashed; it falls to 1 - target during the warm-up), and the "
-            f"objective's loss, per step and target. After training, one logit offset per gate set, calibrated on "
-            f"held-out images, sets the sparsity at the target (T3)."),
+            f"MGS gate training end to end through the frozen DETR ({study}): the induced sparsity of each training "
+            f"batch under the hard gate mask against the budget it is held to (dashed; it falls to 1 - target during "
+            f"the warm-up), and the objective's loss, per step and target. Gate sets without end-to-end training "
+            f"are not drawn: group_activity's gates (the paper's objective) are trained once per study, "
+            f"layer-locally, and only calibrated per target (their cost in T3). After training, every gate set is "
+            f"calibrated on the {profile_split} split to its target (T3)."),
         "f5_mgs_per_block": (
-            f"Induced sparsity of each FFN block under MGS ({study}) on the {evaluate_split} split, per "
-            f"target: the gates meet the model-wide target by closing some blocks more than others."),
+            f"MGS per FFN block ({study}, {evaluate_split} split). Left, every gated block at once: each block's "
+            f"induced sparsity per target; the gates meet the model-wide target by closing some blocks more than "
+            f"others. Right, each block's group_activity gate alone, the other blocks dense (the paper's headline "
+            f"protocol): the AP retained (% of dense AP) per target, with paired bootstrap intervals over the "
+            f"evaluation images; dashed: dense, dotted: 97 % of dense (the paper's per-layer claim)."),
         "f6_speed": (
             f"Measured speed-up of the sparse FFN execution against the speed-up its FLOPs allow ({study}; "
             f"CPU threads and repeats in speed.json): per FFN block kind and end to end (stars), at the study's "
@@ -314,11 +407,14 @@ def write_captions(out_dir: Path, found: dict[str, str]) -> None:
     (out_dir / "captions.md").write_text("\n".join(md))
 
 
-def write_plot_series(record: StudyRecord, out_dir: Path) -> None:
+def write_plot_series(record: StudyRecord, out_dir: Path, names: list[str] = ()) -> None:
     """CSV series for `dvc plots`: AP against induced sparsity and against FFN FLOPs reduction, one file per
-    method (dvc.yaml's top-level plots overlay them)."""
-    series = {"topk": record.masking("topk"), "random": record.masking("random"), "sibs": record.sibs()}
+    method (dvc.yaml's top-level plots overlay them; MGS: every gated block at once). Every series in `names` is
+    written, with its header alone where the study has no such rows."""
+    series = {m: record.masking(m) for m in ("topk", "threshold", "random")}
+    series["sibs"] = record.sibs()
     series.update({f"mgs-{o}": record.mgs(o) for o in record.mgs_objectives()})
+    series.update({name: [] for name in names if name not in series})
     for name, rows in series.items():
         with open(out_dir / f"{name}.csv", "w", newline="") as f:
             writer = csv.writer(f)
@@ -329,9 +425,10 @@ def write_plot_series(record: StudyRecord, out_dir: Path) -> None:
 
 
 def write_figures(out_dir: Path, study: str, evaluate_split: str, record: StudyRecord, profile: dict,
-                  trainings: list[dict], speed: dict | None) -> list[str]:
+                  trainings: list[dict], speed: dict | None, comparisons: Comparisons | None = None) -> list[str]:
     """Draw every figure into `out_dir` (PDF + PNG) with its captions; `trainings` are the gate trainings'
-    records (their curves), `speed` the benchmark's result (F6; None leaves F6 out)."""
+    records (their curves), `speed` the benchmark's result (F6; None leaves F6 out), `comparisons` the bootstrap
+    intervals (F5's error bars; None draws none)."""
     by_setting = {(t["objective"], t["target"]): t for t in trainings}
     _style()
     drawings: dict[str, Callable[[], object]] = {
@@ -339,7 +436,7 @@ def write_figures(out_dir: Path, study: str, evaluate_split: str, record: StudyR
         "f2_topk_vs_random": lambda: f2_topk_vs_random(record),
         "f3_flops_vs_ap": lambda: f3_flops_vs_ap(record),
         "f4_gate_training": lambda: f4_gate_training(record, by_setting),
-        "f5_mgs_per_block": lambda: f5_mgs_per_block(record),
+        "f5_mgs_per_block": lambda: f5_mgs_per_block(record, comparisons),
     }
     if speed is not None:
         drawings["f6_speed"] = lambda: f6_speed(speed)

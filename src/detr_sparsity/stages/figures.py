@@ -8,22 +8,22 @@ from pathlib import Path
 
 from detr_sparsity.atomic import atomic_dir
 from detr_sparsity.config import StudyConfig
-from detr_sparsity.pipeline import gathered
+from detr_sparsity.pipeline import gathered, plot_series
 from detr_sparsity.reporting.figures import write_figures, write_plot_series
-from detr_sparsity.reporting.records import StudyRecord
+from detr_sparsity.reporting.records import Comparisons, StudyRecord
 from detr_sparsity.tracking import StageRun
 
 
-def run_stage(cfg: StudyConfig, tracked: StageRun, *, summary: Path, profile: Path, speed: Path, out: Path,
-              plots: Path) -> None:
+def run_stage(cfg: StudyConfig, tracked: StageRun, *, summary: Path, profile: Path, speed: Path,
+              comparisons: Path, out: Path, plots: Path) -> None:
     record = StudyRecord.load(summary)
     trainings = [json.loads(p.read_text()) for p in gathered(cfg, "figures", "trainings")]
     with atomic_dir(out) as tmp:
         drawn = write_figures(tmp, cfg.name, cfg.evaluate["split"], record,
                               json.loads(profile.read_text()), trainings,
-                              json.loads(speed.read_text()))
+                              json.loads(speed.read_text()), Comparisons.load(comparisons))
     with atomic_dir(plots) as tmp:
-        write_plot_series(record, tmp)
+        write_plot_series(record, tmp, plot_series())
     tracked.log_artifact(out, "figures")
     tracked.log_artifact(plots, "plots")
     tracked.log_metrics({"figures": len(drawn)})
