@@ -130,6 +130,10 @@ BAD_VALUES = {
         {"mgs.gate_threshold": 1.0},
         ["mgs.gate_threshold", "1.0", "must be < 1"],
     ),
+    "unknown calibration mode": (
+        {"mgs.calibration": "per_layer"},
+        ["mgs.calibration", '"per_layer"', "allowed values: global, per_block"],
+    ),
     "fewer cached images than a training batch": (
         {"studies.synthetic.mgs.cache.images": 8},
         ["studies.synthetic.mgs.training.batch_size = 16 is not allowed", "must be <= the cached images (8)"],

@@ -45,7 +45,7 @@ TINY_SWEEPS = {
     "masking": {"methods": ["topk", "random"], "keep_ratios": [1.0, 0.25]},
     "sibs": {"indicator": "firing_frequency", "thresholds": [0.0, 0.2]},
     "mgs": {"targets": [0.5], "objectives": ["group_activity", "distillation"], "group_size": 16, "blocks": "all",
-            "gate_threshold": 0.5, "single_block_targets": [0.5],
+            "gate_threshold": 0.5, "calibration": "global", "single_block_targets": [0.5],
             "paper_setting": {"group_size": 8, "gate_threshold": 0.5}},
     # The study's own shapes only, timed once: the stage runs in seconds (timings are not checked).
     "benchmark": {"shapes": ["study"], "objective": "distillation", "threads": 1, "repeats": 1, "model_repeats": 1,

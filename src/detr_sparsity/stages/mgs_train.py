@@ -3,7 +3,9 @@
 For `group_activity` (the paper's objective) nothing is trained here: its gates were trained once, layer-locally,
 by stage `mgs_local`, and this job only calibrates them to its target. An end-to-end objective (task,
 distillation, oracle) trains its gates toward the target on the frozen model from the cached front end, starting
-from the layer-local gates where `warm_start` asks for it, then calibrates them the same way.
+from the layer-local gates where `warm_start` asks for it, then calibrates them the same way. Calibration is one
+global logit offset, or (`mgs.calibration: per_block`) per-block offsets allocated greedily on a dense proxy and
+levelled by the global one (`mgs.allocation`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.data.dataset import image_processor, load_split
 from detr_sparsity.device import job_device
-from detr_sparsity.mgs.calibration import calibrate_gates, calibration_front_end
+from detr_sparsity.mgs.allocation import calibrate
+from detr_sparsity.mgs.calibration import calibration_front_end
 from detr_sparsity.mgs.front_end import FrontEndCache
 from detr_sparsity.mgs.gates import gate_metadata, gated_block_names, load_gates, make_gates, save_gates
 from detr_sparsity.mgs.objectives import LAYER_LOCAL
@@ -71,7 +74,8 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, objective: str, target: fl
                              "final_induced_sparsity": final["induced_sparsity"]})
 
     held_out = calibration_front_end(detr, calibration_split, image_processor(cfg.input), budget["batch_size"])
-    calibration = calibrate_gates(detr, trained, held_out, list(range(len(held_out))), target, budget["batch_size"])
+    calibration = calibrate(mgs["calibration"], detr, trained, held_out, list(range(len(held_out))), target,
+                            budget["batch_size"])
     calibration["split"] = calibration_split.name
     tracked.log_metrics({f"calibration_{k}": v for k, v in calibration.items() if isinstance(v, (int, float))})
     record = {"target": target, "objective": objective, "group_size": mgs["group_size"],
