@@ -37,6 +37,7 @@ benchmark: install
 	$(PYTHON) benchmarks/profiling_overhead.py --repeats 7
 	$(PYTHON) benchmarks/gate_training_cache.py --repeats 5
 	$(PYTHON) benchmarks/gate_training_cost.py --repeats 3
+	$(PYTHON) benchmarks/bootstrap_cost.py --repeats 3
 
 # A clone of a study someone pushed to the DVC remote: `dvc pull`, and once `dvc status` confirms that every stage
 # matches dvc.lock, `snakemake --touch` so that Snakemake sees the pulled outputs as up to date too.

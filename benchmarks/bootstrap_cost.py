@@ -1,0 +1,65 @@
+"""What the bootstrap intervals cost: COCOeval's matching once per detections file, then the resamples (only the
+accumulation, vectorised), on the study's own dense detections of the evaluation split.
+
+    python benchmarks/bootstrap_cost.py                  # default study, after `make study`
+    python benchmarks/bootstrap_cost.py --resamples 1000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from detr_sparsity.atomic import write_json
+from detr_sparsity.config import load_config
+from detr_sparsity.evaluation.bootstrap import match_detections, resample_weights, resampled_ap
+from detr_sparsity.machine import environment
+from detr_sparsity.pipeline import path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="default: results/<study>/benchmark/bootstrap_cost.json")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.params)
+    row_path = path("evaluate", "row", cfg.name, method="dense")
+    if not row_path.is_file():
+        print(f"error: no dense row at {row_path}; run the pipeline first (make study)", file=sys.stderr)
+        return 2
+    row = json.loads(row_path.read_text())
+    matching, resampling = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        matched = match_detections(row["annotations"], row["detections"])
+        matching.append(time.perf_counter() - start)
+        weights = resample_weights(len(matched.image_ids), args.resamples, cfg.seed)
+        start = time.perf_counter()
+        spread = resampled_ap(matched, weights)
+        resampling.append(time.perf_counter() - start)
+    detections = sum(len(c.scores) for c in matched.categories)
+    result = {"benchmark": "bootstrap_cost", "study": cfg.name, "images": len(matched.image_ids),
+              "detections": detections, "resamples": args.resamples, "repeats": args.repeats,
+              "matching_seconds": matching, "resampling_seconds": resampling,
+              "median_matching_seconds": statistics.median(matching),
+              "median_resampling_seconds": statistics.median(resampling),
+              "AP_interval": [float(np.percentile(spread["AP"], 2.5)), float(np.percentile(spread["AP"], 97.5))],
+              **environment()}
+    out = args.out or path("benchmark", "out", cfg.name).parent / "bootstrap_cost.json"
+    write_json(out, result)
+    print(f"{detections} detections on {result['images']} images: matching {result['median_matching_seconds']:.2f} s "
+          f"once, {args.resamples} resamples {result['median_resampling_seconds']:.2f} s ({out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
