@@ -385,3 +385,19 @@ def test_every_figure_table_and_plot_series_is_written(record, comparisons, tmp_
     assert written == ["t1_dense", "t2_sibs", "t3_mgs", "t4_matched"]
     assert "98.3 [95.0, 101.0]" in (markdown / "t3_mgs.md").read_text()
     assert "80.0 [75.0, 85.1]" in (latex / "t4_matched.tex").read_text()
+
+
+def test_the_paper_setting_row_is_shown_in_t3_and_keyed_in_the_metrics(record):
+    """The uncalibrated row in the paper's own setting (no target): its own tabular in T3, its own metrics key, and
+    only a retention comparison (no oracle has its sparsity as a target)."""
+    from detr_sparsity.reporting.comparisons import compared_pairs
+
+    paper = row("mgs", {"objective": "group_activity", "protocol": "paper", "scope": "all", "target": None,
+                        "group_size": 8, "gate_threshold": 0.5, "calibration": None}, 0.12, 0.6, 45.0)
+    with_paper = StudyRecord([*record.rows, paper])
+    text = tables.t3_mgs(with_paper, Comparisons.of(None)).markdown()
+    # 60 % achieved on both blocks, AP 0.12 of the dense 0.30 = 40 %, FFN FLOPs 45 / 100
+    assert "| G = 8, threshold 0.5 | 60.0 | 60.0 | 60.0 | 0.120 | 40.0 | 0.45x |" in text
+    assert headline_metrics(with_paper.rows)["mgs"]["paper_setting"]["AP"] == 0.12
+    assert [(kind, reference["method"]) for r, reference, kind in compared_pairs(with_paper.rows) if r is paper] == \
+        [("retention", "dense")]

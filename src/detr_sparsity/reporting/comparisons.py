@@ -42,10 +42,12 @@ def compared_pairs(rows: list[dict]) -> list[tuple[dict, dict, str]]:
     against an oracle at the same target and scope."""
     dense = next(r for r in rows if r["method"] == "dense")
     gated = [r for r in rows if r["method"] == "mgs"]
-    targets = {(_target(r), _scope(r)) for r in gated}
+    # The paper's own setting has no target (uncalibrated): compared with dense only.
+    targeted = [r for r in gated if r["setting"]["target"] is not None]
+    targets = {(_target(r), _scope(r)) for r in targeted}
     oracles = [r for r in rows if r["method"] in ORACLES and (_target(r), _scope(r)) in targets]
     pairs = [(r, dense, "retention") for r in gated + oracles]
-    for row in gated:
+    for row in targeted:
         pairs += [(row, oracle, "against_oracle") for oracle in oracles
                   if abs(_target(oracle) - _target(row)) < 1e-9 and _scope(oracle) == _scope(row)]
     return pairs

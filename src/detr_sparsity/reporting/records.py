@@ -63,6 +63,10 @@ class StudyRecord:
                 and protocol(r) == "all"]
         return sorted(rows, key=lambda r: r["setting"]["target"])
 
+    def mgs_paper_setting(self) -> list[dict]:
+        """The row in the paper's own setting (stage `mgs_paper_setting`), if the study has it."""
+        return [r for r in self.rows if r["method"] == "mgs" and protocol(r) == "paper"]
+
     def mgs_single(self, block: str) -> list[dict]:
         """The group_activity gate of one block alone (the others dense), by target."""
         rows = [r for r in self.rows if r["method"] == "mgs" and protocol(r) == "single"
@@ -83,7 +87,8 @@ class StudyRecord:
 
 
 def protocol(row: dict) -> str:
-    """An MGS row's protocol: `all` (every gated block at once) or `single` (one block, the others dense); rows
+    """An MGS row's protocol: `all` (every gated block at once), `single` (one block, the others dense) or `paper`
+    (the paper's own setting: every block, uncalibrated); rows
     written before the single-block protocol existed have none and are `all`."""
     return (row["setting"] or {}).get("protocol", ALL_BLOCKS)
 
@@ -98,7 +103,7 @@ def comparison_key(description: dict) -> tuple:
     scope = description.get("scope", ALL_BLOCKS)
     if method == "mgs":
         return (method, description["objective"], description.get("protocol", ALL_BLOCKS),
-                round(description["target"], 9), scope)
+                None if description["target"] is None else round(description["target"], 9), scope)
     if "keep_ratio" in description:
         return (method, round(1.0 - description["keep_ratio"], 9), scope)
     return (method, *sorted(description.items()))  # a method never compared (SIBS): a key of its own

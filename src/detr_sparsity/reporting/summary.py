@@ -25,6 +25,8 @@ def headline_metrics(rows: list[dict]) -> dict:
             keys = [row["method"], f"keep={setting['keep_ratio']:g}"]
         elif row["method"] == "sibs":
             keys = ["sibs", f"tau={setting['threshold']:g}"]
+        elif row["method"] == "mgs" and setting.get("protocol") == "paper":
+            keys = ["mgs", "paper_setting"]
         elif row["method"] == "mgs" and setting.get("protocol") == "single":
             keys = ["mgs", f"{setting['objective']}-single", f"target={setting['target']:g}", setting["scope"]]
         elif row["method"] == "mgs":
