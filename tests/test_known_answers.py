@@ -462,25 +462,28 @@ def test_training_loss_is_the_objective_plus_the_multiplier_times_the_open_exces
 BIASES = [-3.0 + 0.5 * j for j in (5, 12, 0, 9, 15, 3, 7, 10, 1, 14, 6, 11, 2, 8, 13, 4)]
 
 
-@pytest.mark.parametrize("target, offset_range", [(0.75, (2.5, 3.0)), (0.25, (-1.5, -1.0))])
-def test_calibration_finds_the_known_offset_and_reaches_the_target(model, target, offset_range):
+# Shifted by 40 logits: every group open by a wide margin, as gates trained on labels that are nearly all 1 are;
+# the offset must be found however far it lies.
+@pytest.mark.parametrize("target, offset_range, shift", [(0.75, (2.5, 3.0), 0.0), (0.25, (-1.5, -1.0), 0.0),
+                                                         (0.75, (42.5, 43.0), 40.0)])
+def test_calibration_finds_the_known_offset_and_reaches_the_target(model, target, offset_range, shift):
     data = pixel_batches(padded=True)
     cache = build_front_end_cache(model, data)
     gates = {}
     for name in ffn_blocks(model):
         gate = MicroGate(D, H, G)
         with torch.no_grad():
-            gate.gate.bias.copy_(torch.tensor(BIASES))
+            gate.gate.bias.copy_(torch.tensor(BIASES) + shift)
         gates[name] = gate
     result = calibrate_gates(model, gates, cache, list(range(len(cache))), target=target, batch_size=4)
     # calibrate_gates promises the target within its tolerance (1e-3 by default); here it is reachable exactly.
     assert abs(result["sparsity_after"] - target) <= 1e-3
-    assert result["sparsity_after"] == target and result["sparsity_before"] == 7 / 16
+    assert result["sparsity_after"] == target and result["sparsity_before"] == (7 / 16 if shift == 0 else 0.0)
     low, high = offset_range
     assert low <= result["offset"] < high
     closed = round(target * 16)
     for gate in gates.values():  # the offset is folded into the biases; the threshold stays at 0.5
-        assert torch.allclose(gate.gate.bias, torch.tensor(BIASES) - result["offset"])
+        assert torch.allclose(gate.gate.bias, torch.tensor(BIASES) + shift - result["offset"])
         assert int((gate.gate.bias <= 0).sum()) == closed and gate.threshold == 0.5
     # Recounted from pixels, with the calibrated gates on the real model.
     with sparse_ffns(model, gates) as sparsity, torch.no_grad():

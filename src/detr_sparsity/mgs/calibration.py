@@ -28,7 +28,8 @@ from detr_sparsity.sparsity.ffn import sparse_ffns
 
 log = logging.getLogger(__name__)
 
-OFFSET_RANGE = 12.0  # logits; far beyond what any gate needs (sigmoid(12) = 0.999994)
+FIRST_OFFSET = 4.0  # logits: the first bracket tried, doubled until it holds the target
+OFFSET_LIMIT = 1e6  # logits: a gate set no offset this large moves is an error
 
 
 def calibration_front_end(model: DetrForObjectDetection, split: Split, processor: DetrImageProcessorPil,
@@ -71,7 +72,17 @@ def calibrate_gates(model: DetrForObjectDetection, gates: Mapping[str, MicroGate
 
     start = time.perf_counter()
     before = sparsity_at(0.0)
-    low, high = (0.0, OFFSET_RANGE) if before < target else (-OFFSET_RANGE, 0.0)
+    # Bracket the target first, doubling the offset: gates trained on labels that are nearly all 1
+    # (group_activity) sit far above the threshold, beyond any fixed range (measured: 12 logits left a block at
+    # 0.77 for a 0.95 target).
+    direction = 1.0 if before < target else -1.0
+    inner, outer = 0.0, direction * FIRST_OFFSET
+    while (sparsity_at(outer) < target) == (direction > 0):
+        if abs(outer) >= OFFSET_LIMIT:
+            raise RuntimeError(f"no logit offset within ±{OFFSET_LIMIT:g} brings the gates' sparsity to {target} "
+                               f"(from {before:.4f}): the gates do not respond to their bias")
+        inner, outer = outer, 2 * outer
+    low, high = sorted((inner, outer))
     offset, achieved = 0.0, before
     for _ in range(iterations):
         if abs(achieved - target) <= tolerance:
