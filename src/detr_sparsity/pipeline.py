@@ -226,8 +226,8 @@ STAGES: tuple[Stage, ...] = (
                    "training": f"{RESULTS}/mgs/paper_setting/training.json",
                    "detections": f"{RESULTS}/mgs/paper_setting/detections.json",
                    "row": f"{RESULTS}/mgs/paper_setting/row.json"},
-          sections=(*EVALUATION, "mgs.local"), keys=("mgs.paper_setting", "mgs.blocks"),
-          detections="detections", rows="row", device=True),
+          # One evaluation, never sharded: it writes its gates and training record beside the row.
+          sections=(*EVALUATION, "mgs.local"), keys=("mgs.paper_setting", "mgs.blocks"), device=True),
     Stage("summary", "gather the rows of every configured evaluation into summary.json",
           "summary: gathering the rows of every evaluation",
           inputs={"rows": Gathered((("evaluate", "row"), ("masking", "rows"), ("sibs", "row"),

@@ -12,7 +12,6 @@ from detr_sparsity.atomic import write_json
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.device import job_device
 from detr_sparsity.evaluation.evaluate import evaluate_policies, evaluation_split
-from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding
 from detr_sparsity.mgs.block_inputs import BlockInputs
 from detr_sparsity.mgs.gates import gated_block_names, make_gates, save_gates
 from detr_sparsity.mgs.group_activity import LocalTraining, train_group_activity
@@ -26,10 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def run_stage(cfg: StudyConfig, tracked: StageRun, *, model: Path, data: Path, block_inputs: Path, gates: Path,
-              training: Path, detections: Path, row: Path | None, sharding: Sharding = WHOLE_SPLIT) -> None:
+              training: Path, detections: Path, row: Path) -> None:
     setting = cfg.mgs["paper_setting"]
     device = job_device()
-    split = evaluation_split(cfg, data, sharding=sharding)
+    split = evaluation_split(cfg, data)
     detr = load_detr(model, device=device)
     blocks = ffn_blocks(detr)
     # The group size is checked against the FFN width here, before the cache is read.
@@ -37,14 +36,11 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, model: Path, data: Path, b
                          setting["gate_threshold"])
     trained = {name: gate.to(device) for name, gate in trained.items()}
     cached = BlockInputs.load(block_inputs)
-    # Every job of a sharded evaluation trains the same gates (same seed, same inputs): seconds, not a stage.
     record = train_group_activity(trained, {n: blocks[n].fc1 for n in trained},
                                   {n: cached.inputs[n].to(device) for n in trained},
                                   {n: cached.images[n] for n in trained}, LocalTraining(**cfg.gate_training["local"]),
                                   cfg.seed)
     measured = evaluate_policies(detr, split, trained, detections)
-    if measured is None:
-        return
     record = {"objective": LAYER_LOCAL, **setting, "blocks": sorted(trained), "settings": cfg.gate_training["local"],
               **record, "mlflow_run_id": tracked.run_id}
     save_gates(gates, trained, {"objective": LAYER_LOCAL, "model": str(model), "mlflow_run_id": tracked.run_id,
