@@ -403,8 +403,9 @@ def check_mlflow_server(url: str, root: Path, jobs: dict[str, int], by_key: dict
     by_stage = {r["tags"]["stage"]: r for r in runs}
     stage_of_run = {r["id"]: r["tags"]["stage"] for r in runs}
     for key, row in by_key.items():
-        mgs_stage = ("mgs_single" if key[2].startswith("single:") else
-                     "mgs_paper_setting" if key[2] == "paper" else "mgs_evaluate")
+        which = key[2] if key[0] == "mgs" else ""
+        mgs_stage = ("mgs_single" if which.startswith("single:") else
+                     "mgs_paper_setting" if which == "paper" else "mgs_evaluate")
         assert stage_of_run[row["mlflow_run_id"]] == {"dense": "evaluate", "topk": "masking", "random": "masking",
                                                       "sibs": "sibs", "mgs": mgs_stage}[key[0]]
     # Every evaluation has its AP metrics (per scope for masking), equal to its row's.
@@ -629,7 +630,7 @@ def test_a_failed_stage_leaves_its_traceback_in_its_log(study):
         row.write_text(json.dumps({k: v for k, v in json.loads(original).items() if k != "AP50"}))
         log = root / "results/synthetic/logs/summary-failed.log"
         failed = run(["python", "-m", "detr_sparsity", "--log", str(log), "summary", "--out", "/dev/null",
-                      "--metrics", "/dev/null"], root, check=False)
+                      "--metrics", "/dev/null", "--comparisons", "/dev/null"], root, check=False)
         assert failed.returncode == 1
         text = log.read_text()
         assert "Traceback (most recent call last)" in text and f"row file {row.relative_to(root)} lacks field(s) AP50" in text

@@ -242,7 +242,8 @@ def test_a_failed_or_interrupted_stage_is_recorded_failed(store, tmp_path, monke
     log = tmp_path / "summary.log"
     try:
         assert cli.main(["--params", str(REPO / "params.yaml"), "--log", str(log), "summary",
-                         "--out", str(tmp_path / "summary.json"), "--metrics", str(tmp_path / "metrics.json")]) == code
+                         "--out", str(tmp_path / "summary.json"), "--metrics", str(tmp_path / "metrics.json"),
+                         "--comparisons", str(tmp_path / "comparisons.json")]) == code
     finally:
         _close_log_handlers()
     text = log.read_text()

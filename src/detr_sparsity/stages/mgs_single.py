@@ -39,6 +39,7 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, target: float, model: Path
     held_out = None
     found, metrics = {}, {}
     for name in names:
+        # A fresh copy of the gate for each block: calibration folds its offset into the gate's bias.
         gate = {name: load_gates(local)[name].to(device)}
         if held_out is None:
             held_out = calibration_front_end(detr, calibration_split, image_processor(cfg.input),
