@@ -526,7 +526,8 @@ def test_an_edit_reruns_exactly_the_stages_that_import_the_module(study):
     original = source.read_text()
     try:
         source.write_text(original + "\n# an edit\n")
-        importing = {"evaluate", "profile", "masking", "sibs", "mgs_evaluate", "benchmark"}
+        importing = {"evaluate", "profile", "masking", "sibs", "mgs_evaluate", "mgs_single", "mgs_paper_setting",
+                     "benchmark"}
         assert changed_stages(root) == importing  # DVC names the stages whose own deps changed
         # Snakemake plans them and what reads their outputs; not the gate training, nor anything before it.
         assert planned_stages(root) == importing | {"summary", "figures", "tables", *(["paper"] if LATEX else [])}
@@ -609,8 +610,8 @@ def check_a_clone_pulls_the_study(root: Path, tmp_path: Path) -> None:
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["studies"]["synthetic"]["evaluate"]["batch_size"] = 2
     write_params(clone, params)
-    rerun = {"evaluate": "1", "profile": "1", "masking": "4", "sibs": "2", "mgs_evaluate": "2", "summary": "1",
-             **REPORTING, "all": "1", "total": str(12 + len(REPORTING))}
+    rerun = {"evaluate": "1", "profile": "1", "masking": "4", "sibs": "2", "mgs_evaluate": "2", "mgs_single": "1",
+             "mgs_paper_setting": "1", "summary": "1", **REPORTING, "all": "1", "total": str(14 + len(REPORTING))}
     assert planned_jobs(clone) == rerun
     # Pulling now refuses (before touching anything), naming what DVC does not confirm.
     refused = run(["python", "-m", "detr_sparsity.sharing"], clone, check=False)
