@@ -22,7 +22,8 @@ from detr_sparsity.models.load import load_detr
 from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
 from detr_sparsity.sparsity.ffn import ffn_blocks, sparse_ffns
 from detr_sparsity.sparsity.policies import Threshold, TopK, keep_count, masking_policy
-from detr_sparsity.sparsity.thresholds import DROPPED_BITS, ActivationHistogram, bin_top, calibrate_thresholds
+from detr_sparsity.sparsity.thresholds import (DROPPED_BITS, ActivationHistogram, OutputError, allocate_thresholds,
+                                               bin_top, calibrate_thresholds)
 from detr_sparsity.stages import data as data_stage
 from detr_sparsity.stages import masking as masking_stage
 from detr_sparsity.stages import model as model_stage
@@ -184,6 +185,53 @@ def test_histogram_on_known_values():
         broken.thresholds("decoder.0", [0.5])
 
 
+def test_output_error_on_known_values():
+    """A hand-made block (H = 3, d = 2): the error of skipping the activations at or below each threshold, over
+    real tokens, relative to the output energy (fc2's bias included in the energy, cancelled in the error)."""
+    fc1, fc2 = torch.nn.Linear(2, 3), torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        fc2.weight.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]]))
+        fc2.bias.copy_(torch.tensor([1.0, 0.0]))
+    block = torch.nn.Module()
+    block.fc1, block.fc2 = fc1, fc2
+    acts = torch.tensor([[[1.0, 2.0, 0.5], [0.0, 3.0, 1.0], [7.0, 7.0, 7.0]]])  # the last token is padding
+    real = torch.tensor([[True, True, False]])
+    error = OutputError({"encoder.0": block}, {"encoder.0": [0.0, 0.5, 2.0]})
+    error("encoder.0", acts, real, torch.count_nonzero(acts, dim=-1))
+    # outputs W a + b: token 1 (1 + 1 + 1, 2 + 0.5) = (3, 2.5); token 2 (0 + 2 + 1, 3 + 1) = (3, 4)
+    energy = 9 + 6.25 + 9 + 16
+    # t = 0: nothing positive dropped. t = 0.5: token 1 drops 0.5 -> W (0, 0, 0.5) = (1, 0.5).
+    # t = 2: token 1 drops all -> (2, 2.5); token 2 drops 1 -> (2, 1).
+    expected = [0.0, (1 + 0.25) / energy, (4 + 6.25 + 4 + 1) / energy]
+    assert error.costs("encoder.0") == pytest.approx(expected, rel=1e-12)
+
+
+def test_greedy_allocation_lands_on_the_target_and_spares_the_costly_block(model):
+    """Decoder's FFN output scaled up 100x costs 10^4 times more per skipped activation: the allocation puts the
+    sparsity in the encoder block first; the overall calibration sparsity, recounted from the activations, is the
+    target within one histogram bin."""
+    batches = [make_batch(padded=True, seed=1), make_batch(padded=False, seed=2, images=1)]
+    costly = build_small_detr(small_detr_config(ARCH, [{"id": 1, "name": "disc"}])).eval()
+    costly.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ffn_blocks(costly)["decoder.0"].fc2.weight.mul_(100.0)
+    collected = {name: [] for name in BLOCKS}
+    for batch in batches:
+        for name, acts in real_activations(costly, batch).items():
+            collected[name].append(acts.numpy().ravel())
+    values = {name: np.concatenate(v) for name, v in collected.items()}
+    slots = sum(v.size for v in values.values())
+    for target in (0.6, 0.75):
+        uniform, allocated, record = allocate_thresholds(costly, batches, target)
+        recount = {name: float((values[name] <= allocated[name].threshold).mean()) for name in BLOCKS}
+        overall = sum(recount[n] * values[n].size for n in BLOCKS) / slots
+        assert record["allocated_sparsity"] == pytest.approx(overall, abs=1e-12)
+        assert target <= overall <= target + 2 / slots + 2.0 ** -12  # a bin's worth at most
+        assert recount["encoder.0"] > target > recount["decoder.0"]
+        # the uniform thresholds are the plain calibration's
+        assert uniform == {n: per[target] for n, per in calibrate_thresholds(costly, batches, [target]).items()}
+
+
 def test_the_policy_keeps_exactly_the_activations_above_its_threshold(model):
     activations = torch.relu(torch.randn(3, 7, H, generator=torch.Generator().manual_seed(0)))
     t = float(activations.flatten().median())
@@ -282,18 +330,22 @@ def test_the_masking_stage_calibrates_and_evaluates_every_scope(tiny_study, tmp_
     # the thresholds are those of an independent calibration on the calibration split, at target 1 - keep
     detr = load_detr(work / "model")
     calibration = evaluation_split(cfg, work / "data", cfg.profile["split"], scored=False)
-    expected = calibrate_thresholds(detr, calibration.loader, [0.7])
+    uniform = {n: per[0.7] for n, per in calibrate_thresholds(detr, calibration.loader, [0.7]).items()}
+    _, allocated, _ = allocate_thresholds(detr, calibration.loader, 0.7)  # params.yaml: greedy
+    assert cfg.masking["threshold_allocation"] == "greedy"
     assert calibration.split.name == "calibration" and calibration.images == TINY["data"]["splits"]["calibration"]
     for scope, row in rows.items():
         setting = row["setting"]
-        masked = BLOCKS if scope == "all" else [scope]
+        masked, expected = (BLOCKS, allocated) if scope == "all" else ([scope], uniform)
         assert row["method"] == "threshold" and "k" not in setting
         assert setting["keep_ratio"] == keep_ratio and setting["target"] == 0.7 and setting["scope"] == scope
+        assert setting.get("allocation") == ("greedy" if scope == "all" else None)
         assert setting["calibration_split"] == "calibration" and setting["calibration_images"] == calibration.images
-        assert setting["thresholds"] == {n: expected[n][0.7].threshold for n in masked}
-        assert setting["calibration_sparsity"] == {n: expected[n][0.7].calibration_sparsity for n in masked}
-        assert setting["calibration_natural_sparsity"] == {n: expected[n][0.7].natural_sparsity for n in masked}
-        assert all(s >= 0.7 for s in setting["calibration_sparsity"].values())
+        assert setting["thresholds"] == {n: expected[n].threshold for n in masked}
+        assert setting["calibration_sparsity"] == {n: expected[n].calibration_sparsity for n in masked}
+        assert setting["calibration_natural_sparsity"] == {n: expected[n].natural_sparsity for n in masked}
+        if scope != "all":  # a block alone is at the target; all blocks are at it overall (the allocation's test)
+            assert setting["calibration_sparsity"][scope] >= 0.7
         # on the evaluation split the masked blocks skip what the thresholds skip there (not exactly the target)
         for name in masked:
             assert row["induced_sparsity"]["per_block"][name] >= row["natural_sparsity"]["per_block"][name]

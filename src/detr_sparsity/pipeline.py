@@ -176,7 +176,8 @@ STAGES: tuple[Stage, ...] = (
           outputs={"detections": f"{RESULTS}/masking/{{method}}-{{keep_ratio}}/detections",
                    "rows": f"{RESULTS}/masking/{{method}}-{{keep_ratio}}/rows.json"},
           # profile.split: the threshold method calibrates its thresholds on that split
-          sweep=(MASKING_METHOD, KEEP_RATIO), sections=EVALUATION, keys=("profile.split",),
+          sweep=(MASKING_METHOD, KEEP_RATIO), sections=EVALUATION,
+          keys=("profile.split", "masking.threshold_allocation"),
           directories=frozenset({"detections"}),
           detections="detections", rows="rows", device=True),
     Stage("sibs", "static indicator-based sparsification at one threshold",

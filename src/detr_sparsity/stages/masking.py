@@ -1,6 +1,8 @@
 """Stage `masking` (paper Fig. 2): keep k of H hidden activations per token, top-k by value vs k random; and the
 dynamic `threshold` oracle, which keeps the activations above a per-block threshold calibrated on the calibration
-split to induced sparsity 1 - keep_ratio (the number kept varies per token).
+split to induced sparsity 1 - keep_ratio (the number kept varies per token): each block alone at that sparsity,
+and all blocks at once at that overall sparsity, allocated across the blocks as `masking.threshold_allocation`
+says (`sparsity.thresholds`).
 
 One job per (method, keep-ratio) point of the sweep. It evaluates every scope at that point: each FFN block
 masked alone, and all blocks at once, so a figure can show the curve of every block.
@@ -20,7 +22,7 @@ from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.blocks import ALL_BLOCKS
 from detr_sparsity.sparsity.ffn import ffn_blocks
 from detr_sparsity.sparsity.policies import check_keep_ratio, keep_count, masking_policy
-from detr_sparsity.sparsity.thresholds import calibrate_thresholds
+from detr_sparsity.sparsity.thresholds import allocate_thresholds, calibrate_thresholds
 from detr_sparsity.stages.rows import record_rows
 from detr_sparsity.tracking import StageRun
 
@@ -35,15 +37,25 @@ def threshold_target(keep_ratio: float) -> float:
 
 
 def calibration_record(cfg: StudyConfig, detr, data: Path, keep_ratio: float) -> dict:
-    """The threshold policy's calibration at this keep-ratio: one dense pass over the calibration split."""
+    """The threshold policy's calibration at this keep-ratio, on the calibration split: `blocks`, each block's
+    threshold at the target (single-block scopes), and `allocated`, the thresholds of the all-blocks scope."""
+    allocation = cfg.masking["threshold_allocation"]
     split_name = cfg.profile["split"]
     target = threshold_target(keep_ratio)
     split = evaluation_split(cfg, data, split_name, scored=False)  # activations only: no ground truth needed
-    found = calibrate_thresholds(detr, split.loader, [target], total=len(split.loader))
-    blocks = {name: per_target[target].as_setting() for name, per_target in found.items()}
-    log.info("threshold calibration on %d %s images, target %.3g: %s", split.images, split_name, target,
-             ", ".join(f"{n} t={b['threshold']:.4g} ({b['calibration_sparsity']:.4f})" for n, b in blocks.items()))
-    return {"split": split_name, "images": split.images, "target": target, "blocks": blocks}
+    record = {"split": split_name, "images": split.images, "target": target, "allocation": allocation}
+    if allocation == "uniform":  # one dense pass
+        found = calibrate_thresholds(detr, split.loader, [target], total=len(split.loader))
+        uniform = {name: per_target[target] for name, per_target in found.items()}
+        allocated = uniform
+    else:  # two dense passes: the histogram, then the output error at each block's grid of thresholds
+        uniform, allocated, record["greedy"] = allocate_thresholds(detr, split.loader, target, len(split.loader))
+    record["blocks"] = {name: b.as_setting() for name, b in uniform.items()}
+    record["allocated"] = {name: b.as_setting() for name, b in allocated.items()}
+    log.info("threshold calibration on %d %s images, target %.3g, %s: %s", split.images, split_name, target,
+             allocation, ", ".join(f"{n} t={b.threshold:.4g} ({b.calibration_sparsity:.4f})"
+                                   for n, b in allocated.items()))
+    return record
 
 
 def gathered_calibration(sharding: Sharding, detections: Path) -> dict:
@@ -54,10 +66,16 @@ def gathered_calibration(sharding: Sharding, detections: Path) -> dict:
     return found[0]
 
 
-def calibration_setting(calibration: dict, masked: list[str]) -> dict:
+def scope_thresholds(calibration: dict, scope: str) -> dict[str, dict]:
+    """Each block's calibrated setting as the scope uses it: allocated for all blocks, at the target for one."""
+    return calibration["allocated" if scope == ALL_BLOCKS else "blocks"]
+
+
+def calibration_setting(calibration: dict, scope: str, masked: list[str]) -> dict:
     """What a threshold row records of its calibration, for the blocks it masks."""
-    blocks = calibration["blocks"]
-    return {"target": calibration["target"], "calibration_split": calibration["split"],
+    blocks = scope_thresholds(calibration, scope)
+    allocation = {"allocation": calibration["allocation"]} if scope == ALL_BLOCKS else {}
+    return {"target": calibration["target"], **allocation, "calibration_split": calibration["split"],
             "calibration_images": calibration["images"],
             **{key: {name: blocks[name][field] for name in masked}
                for key, field in (("thresholds", "threshold"), ("calibration_sparsity", "calibration_sparsity"),
@@ -82,10 +100,11 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, method: str, keep_ratio: f
                        else calibration_record(cfg, detr, data, keep_ratio))
         if sharding.detects_shard:
             attach = lambda _detections: {CALIBRATION: calibration}  # noqa: E731
-    thresholds = {n: b["threshold"] for n, b in calibration["blocks"].items()} if calibration else None
     found, metrics = {}, {}
     for scope in [ALL_BLOCKS, *blocks]:
         masked = blocks if scope == ALL_BLOCKS else [scope]
+        thresholds = ({n: b["threshold"] for n, b in scope_thresholds(calibration, scope).items()}
+                      if calibration else None)
         policies = {name: masking_policy(method, keep_ratio, cfg.seed, name, thresholds) for name in masked}
         measured = evaluate_policies(detr, split, policies, detections / f"{scope}.json", check=attach)
         if measured is None:  # a shard job: the scope's partial evaluation is written
@@ -93,7 +112,7 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, method: str, keep_ratio: f
         if calibration is None:
             setting = {"keep_ratio": keep_ratio, "k": keep_count(keep_ratio, hidden), "scope": scope}
         else:  # no k: the number kept varies per token
-            setting = {"keep_ratio": keep_ratio, "scope": scope, **calibration_setting(calibration, masked)}
+            setting = {"keep_ratio": keep_ratio, "scope": scope, **calibration_setting(calibration, scope, masked)}
         row = {"method": method, "setting": setting, **measured, "mlflow_run_id": tracked.run_id}
         found[scope] = row
         metrics.update({f"{key}.{scope}": value for key, value in row_metrics(row).items()})
