@@ -7,31 +7,23 @@ accumulation, vectorised), on the study's own dense detections of the evaluation
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from detr_sparsity.atomic import write_json
-from detr_sparsity.config import load_config
 from detr_sparsity.evaluation.bootstrap import match_detections, resample_weights, resampled_ap
-from detr_sparsity.machine import environment
 from detr_sparsity.pipeline import path
+
+from _common import arguments, parse, report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = arguments(__doc__, "bootstrap_cost", repeats=3)
     parser.add_argument("--resamples", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="default: results/<study>/benchmark/bootstrap_cost.json")
-    args = parser.parse_args(argv)
-
-    cfg = load_config(args.params)
+    args, cfg = parse(parser, argv)
     row_path = path("evaluate", "row", cfg.name, method="dense")
     if not row_path.is_file():
         print(f"error: no dense row at {row_path}; run the pipeline first (make study)", file=sys.stderr)
@@ -52,13 +44,10 @@ def main(argv: list[str] | None = None) -> int:
               "matching_seconds": matching, "resampling_seconds": resampling,
               "median_matching_seconds": statistics.median(matching),
               "median_resampling_seconds": statistics.median(resampling),
-              "AP_interval": [float(np.percentile(spread["AP"], 2.5)), float(np.percentile(spread["AP"], 97.5))],
-              **environment()}
-    out = args.out or path("benchmark", "out", cfg.name).parent / "bootstrap_cost.json"
-    write_json(out, result)
-    print(f"{detections} detections on {result['images']} images: matching {result['median_matching_seconds']:.2f} s "
-          f"once, {args.resamples} resamples {result['median_resampling_seconds']:.2f} s ({out})")
-    return 0
+              "AP_interval": [float(np.percentile(spread["AP"], 2.5)), float(np.percentile(spread["AP"], 97.5))]}
+    return report(result, args.out, cfg.name, f"{detections} detections on {result['images']} images: matching "
+                  f"{result['median_matching_seconds']:.2f} s once, {args.resamples} resamples "
+                  f"{result['median_resampling_seconds']:.2f} s")
 
 
 if __name__ == "__main__":

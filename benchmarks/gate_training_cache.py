@@ -13,18 +13,11 @@ images, from fresh gates, interleaved, several times; medians reported:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
 import time
-from pathlib import Path
 
-import torch
-
-from detr_sparsity.atomic import write_json
-from detr_sparsity.config import load_config
-from detr_sparsity.machine import environment
 from detr_sparsity.pipeline import path
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
 from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache
@@ -33,6 +26,8 @@ from detr_sparsity.mgs.objectives import OBJECTIVES
 from detr_sparsity.mgs.training import GateTraining, train_gates
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.ffn import ffn_blocks
+
+from _common import arguments, parse, report
 
 
 class RecomputedFrontEnd:
@@ -50,17 +45,10 @@ class RecomputedFrontEnd:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (mgs_train jobs run with 1)")
+    parser = arguments(__doc__, "gate_training_cache", repeats=5, threads="mgs_train jobs")
     parser.add_argument("--steps", type=int, default=40, help="training steps per measurement")
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--target", type=float, default=0.9)
-    parser.add_argument("--out", type=Path, default=None, help="default: results/<study>/benchmark/gate_training_cache.json")
-    args = parser.parse_args(argv)
-
-    cfg = load_config(args.params)
-    torch.set_num_threads(args.threads)
+    args, cfg = parse(parser, argv)
     model_dir, data_dir = path("model", "out", cfg.name), path("data", "out", cfg.name)
     cache_path = path("mgs_cache", "out", cfg.name)
     if not (model_dir / "config.json").is_file() or not cache_path.is_file():
@@ -111,13 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         "steps_per_second": steps_per_second,
         "images_per_second": {name: v * settings.batch_size for name, v in steps_per_second.items()},
         "speedup_cached_vs_recomputed": median["recomputed"] / median["cached"],
-        **environment(),
     }
-    out = args.out or path("benchmark", "out", cfg.name).parent / "gate_training_cache.json"
-    write_json(out, result)
-    print(f"cached front end: {steps_per_second['cached']:.2f} steps/s, recomputed: "
-          f"{steps_per_second['recomputed']:.2f} steps/s; speed-up {result['speedup_cached_vs_recomputed']:.2f}x ({out})")
-    return 0
+    return report(result, args.out, cfg.name, f"cached front end: {steps_per_second['cached']:.2f} steps/s, "
+                  f"recomputed: {steps_per_second['recomputed']:.2f} steps/s; "
+                  f"speed-up {result['speedup_cached_vs_recomputed']:.2f}x")
 
 
 if __name__ == "__main__":

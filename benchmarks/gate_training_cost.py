@@ -13,17 +13,10 @@ minutes per repeat), and its full cost is that time scaled to the configured ste
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-import torch
-
-from detr_sparsity.atomic import write_json
-from detr_sparsity.config import load_config
-from detr_sparsity.machine import environment
 from detr_sparsity.mgs.block_inputs import BlockInputs
 from detr_sparsity.mgs.front_end import FrontEndCache
 from detr_sparsity.mgs.gates import gated_block_names, make_gates
@@ -33,19 +26,14 @@ from detr_sparsity.models.load import load_detr
 from detr_sparsity.pipeline import path
 from detr_sparsity.sparsity.ffn import ffn_blocks
 
+from _common import arguments, parse, report
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (gate-training jobs run with 1)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = arguments(__doc__, "gate_training_cost", repeats=3, threads="gate-training jobs")
     parser.add_argument("--end-to-end-steps", type=int, default=200, help="distillation steps timed per repeat")
     parser.add_argument("--target", type=float, default=0.9)
-    parser.add_argument("--out", type=Path, default=None, help="default: results/<study>/benchmark/gate_training_cost.json")
-    args = parser.parse_args(argv)
-
-    cfg = load_config(args.params)
-    torch.set_num_threads(args.threads)
+    args, cfg = parse(parser, argv)
     model_dir = path("model", "out", cfg.name)
     cache_path, inputs_path = path("mgs_cache", "out", cfg.name), path("mgs_cache", "block_inputs", cfg.name)
     if not (model_dir / "config.json").is_file() or not cache_path.is_file() or not inputs_path.is_file():
@@ -103,14 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         # group_activity trains once for every target; distillation once per target
         "ratio_per_study": targets * distillation_full / median["group_activity"],
         "targets": targets,
-        **environment(),
     }
-    out = args.out or path("benchmark", "out", cfg.name).parent / "gate_training_cost.json"
-    write_json(out, result)
-    print(f"one gate set: group_activity {median['group_activity']:.1f} s, distillation {distillation_full:.1f} s "
-          f"(scaled from {args.end_to_end_steps} steps): {result['ratio_per_gate_set']:.1f}x per gate set, "
-          f"{result['ratio_per_study']:.1f}x per study of {targets} targets ({out})")
-    return 0
+    return report(result, args.out, cfg.name, f"one gate set: group_activity {median['group_activity']:.1f} s, "
+                  f"distillation {distillation_full:.1f} s (scaled from {args.end_to_end_steps} steps): "
+                  f"{result['ratio_per_gate_set']:.1f}x per gate set, "
+                  f"{result['ratio_per_study']:.1f}x per study of {targets} targets")
 
 
 if __name__ == "__main__":

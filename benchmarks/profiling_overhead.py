@@ -14,22 +14,19 @@ with JPEG decoding and resizing included).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from detr_sparsity.atomic import write_json
-from detr_sparsity.config import load_config
-from detr_sparsity.machine import environment
 from detr_sparsity.pipeline import path
 from detr_sparsity.evaluation.evaluate import evaluation_split
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.ffn import sparse_ffns
 from detr_sparsity.sparsity.profile import profile_activations
+
+from _common import arguments, parse, report
 
 
 @torch.no_grad()
@@ -52,15 +49,8 @@ PASSES = {"plain": plain_pass, "wrapped": wrapped_pass, "profiled": profiled_pas
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (pipeline jobs run with 1)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=None, help="default: results/<study>/benchmark/profiling_overhead.json")
-    args = parser.parse_args(argv)
-
-    cfg = load_config(args.params)
-    torch.set_num_threads(args.threads)
+    parser = arguments(__doc__, "profiling_overhead", repeats=5, threads="pipeline jobs")
+    args, cfg = parse(parser, argv)
     model_dir, data_dir = path("model", "out", cfg.name), path("data", "out", cfg.name)
     if not (model_dir / "config.json").is_file():
         print(f"error: no model at {model_dir}; run the pipeline first (snakemake --cores 8)", file=sys.stderr)
@@ -93,14 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_ratio": {"profiled_vs_plain": median["profiled"] / median["plain"],
                            "wrapped_vs_plain": median["wrapped"] / median["plain"]},
         "goal": "profiled_vs_plain <= 1.30",
-        **environment(),
     }
-    out = args.out or path("benchmark", "out", cfg.name).parent / "profiling_overhead.json"
-    write_json(out, result)
-    print(f"profiled / plain = {result['overhead_ratio']['profiled_vs_plain']:.3f}, "
-          f"wrapped / plain = {result['overhead_ratio']['wrapped_vs_plain']:.3f} "
-          f"(medians {median['plain']:.2f} s, {median['wrapped']:.2f} s, {median['profiled']:.2f} s; {out})")
-    return 0
+    ratio = result["overhead_ratio"]
+    return report(result, args.out, cfg.name, f"profiled / plain = {ratio['profiled_vs_plain']:.3f}, "
+                  f"wrapped / plain = {ratio['wrapped_vs_plain']:.3f}, "
+                  f"medians {median['plain']:.2f} s, {median['wrapped']:.2f} s, {median['profiled']:.2f} s")
 
 
 if __name__ == "__main__":

@@ -3,39 +3,30 @@ a seeded subsample per image, saved and reloaded exactly, and built in the same 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
-from detr_sparsity import tracking
 from detr_sparsity.cli import run_stage
-from detr_sparsity.config import load_config
 from detr_sparsity.mgs.block_inputs import BlockInputs, build_gate_training_caches, record_block_inputs
 from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache
-from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
 from detr_sparsity.sparsity.ffn import ffn_blocks
 from detr_sparsity.stages import mgs_cache
-from tiny_project import TINY
+from tiny_detr import BLOCKS, tiny_detr
+from tiny_project import TINY, tiny_study
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("results/synthetic")
 D, QUERIES = 16, 10
 ARCH = {"d_model": D, "ffn_dim": 64, "encoder_layers": 2, "decoder_layers": 2, "attention_heads": 2,
         "num_queries": QUERIES, "backbone_hidden_sizes": [8, 16, 32], "backbone_depths": [1, 1, 1], "dropout": 0.0}
-CATEGORIES = [{"id": i + 1, "name": f"class{i}"} for i in range(4)]
-BLOCKS = ["encoder.0", "encoder.1", "decoder.0", "decoder.1"]
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_small_detr(small_detr_config(ARCH, CATEGORIES)).eval()
+    return tiny_detr(ARCH)
 
 
 def batch(images=2, width=128, narrow=64, seed=1):
@@ -187,21 +178,7 @@ def test_recording_leaves_no_hooks_and_refuses_a_negative_bound(model):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """The tiny synthetic study's data and model, made by the real stages."""
-    work = tmp_path_factory.mktemp("block-inputs")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["studies"]["synthetic"] = {**TINY, "resources": params["studies"]["synthetic"]["resources"]}
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (work / "workflow/schemas").mkdir(parents=True)
-    shutil.copy(REPO / "workflow/schemas/params.schema.yaml", work / "workflow/schemas")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-        cfg = load_config(work / "params.yaml")
-        tracking.init_store(cfg)
-        run_stage(cfg, "data", out=RESULTS / "data")
-        run_stage(cfg, "model", data=RESULTS / "data", out=RESULTS / "model")
-        yield cfg, work
-    mlflow.set_tracking_uri(None)
+    yield from tiny_study(tmp_path_factory.mktemp("block-inputs"))
 
 
 @pytest.mark.parametrize("tokens_per_image", [None, 3])

@@ -10,25 +10,22 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from detr_sparsity.evaluation.flops import FlopCount, flops_per_image
-from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
 from detr_sparsity.sparsity.ffn import SparseFFN, ffn_blocks, sparse_ffns
 from detr_sparsity.sparsity.policies import Policy, RandomKeep, StaticMask, TopK, keep_count
 from detr_sparsity.sparsity.profile import profile_activations
 from detr_sparsity.sparsity.shrink import shrink_ffns
 from detr_sparsity.sparsity.sibs import compare_detections, static_keep_masks
+from tiny_detr import BLOCKS, tiny_detr
 
 D, H, QUERIES = 32, 256, 10
 ARCH = {"d_model": D, "ffn_dim": H, "encoder_layers": 2, "decoder_layers": 2, "attention_heads": 4,
         "num_queries": QUERIES, "backbone_hidden_sizes": [8, 16, 32], "backbone_depths": [1, 1, 1],
         "dropout": 0.1}  # as DETR-R50: the wrapper must follow the model's eval mode, where dropout does nothing
-CATEGORIES = [{"id": i + 1, "name": f"class{i}"} for i in range(4)]
-BLOCKS = ["encoder.0", "encoder.1", "decoder.0", "decoder.1"]
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_small_detr(small_detr_config(ARCH, CATEGORIES)).eval()
+    return tiny_detr(ARCH)
 
 
 def make_batch(padded: bool, images: int = 2, seed: int = 1) -> dict:

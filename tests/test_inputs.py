@@ -14,13 +14,9 @@ import json
 import shutil
 from pathlib import Path
 
-import mlflow
 import pytest
-import yaml
 
-from detr_sparsity import tracking
 from detr_sparsity.cli import run_stage
-from detr_sparsity.config import load_config
 from detr_sparsity.data import synthetic
 from detr_sparsity.data.dataset import (DIGESTS, MANIFEST, CocoDetection, DataError, load_split, read_instances,
                                         verify_split)
@@ -30,9 +26,8 @@ from detr_sparsity.models.load import MODEL_INFO, WeightsError, load_detr
 from detr_sparsity.reporting import tables
 from detr_sparsity.reporting.records import StudyRecord
 from detr_sparsity.stages import data as data_stage
-from tiny_project import TINY
+from tiny_project import TINY, tiny_study
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("results/synthetic")
 CHANGED = "changed after the data stage verified it"
 
@@ -40,21 +35,7 @@ CHANGED = "changed after the data stage verified it"
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """The tiny synthetic study's data and model, made by the real stages once; tests work on copies."""
-    work = tmp_path_factory.mktemp("inputs")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["studies"]["synthetic"] = {**TINY, "resources": params["studies"]["synthetic"]["resources"]}
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (work / "workflow/schemas").mkdir(parents=True)
-    shutil.copy(REPO / "workflow/schemas/params.schema.yaml", work / "workflow/schemas")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-        cfg = load_config(work / "params.yaml")
-        tracking.init_store(cfg)
-        run_stage(cfg, "data", out=RESULTS / "data")
-        run_stage(cfg, "model", data=RESULTS / "data", out=RESULTS / "model")
-        yield cfg, work
-    mlflow.set_tracking_uri(None)
+    yield from tiny_study(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture

@@ -25,35 +25,19 @@ from detr_sparsity.mgs.front_end import build_front_end_cache
 from detr_sparsity.mgs.gates import MicroGate
 from detr_sparsity.mgs.objectives import distillation_loss, objective_loss, oracle_loss
 from detr_sparsity.mgs.training import GateTraining, train_gates
-from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
 from detr_sparsity.sparsity.ffn import ffn_blocks, sparse_ffns
-
-D, H, G = 32, 256, 16
-ARCH = {"d_model": D, "ffn_dim": H, "encoder_layers": 2, "decoder_layers": 2, "attention_heads": 4,
-        "num_queries": 10, "backbone_hidden_sizes": [8, 16, 32], "backbone_depths": [1, 1, 1], "dropout": 0.0}
-CATEGORIES = [{"id": i + 1, "name": f"class{i}"} for i in range(4)]  # labels 1..4, 0 is "N/A", 5 "no object"
+from tiny_detr import ARCH, D, G, H, batches, tiny_detr
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_small_detr(small_detr_config(ARCH, CATEGORIES)).eval()
+    return tiny_detr()
 
 
 def pixel_batches(n_batches=2, images=4, padded=True) -> list[dict]:
-    """Pixel batches as the collate makes them; with `padded`, the last image of a batch is narrower."""
-    generator = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n_batches):
-        pixel_values = torch.randn(images, 3, 96, 128, generator=generator)
-        pixel_mask = torch.ones(images, 96, 128, dtype=torch.long)
-        if padded:
-            pixel_mask[-1, :, 64:] = 0
-            pixel_values[-1, :, :, 64:] = 0
-        labels = [{"class_labels": torch.randint(1, 5, (2,), generator=generator),
-                   "boxes": torch.rand(2, 4, generator=generator) * 0.5 + 0.25} for _ in range(images)]
-        out.append({"pixel_values": pixel_values, "pixel_mask": pixel_mask, "labels": labels})
-    return out
+    """Pixel batches as the collate makes them; with `padded`, the last image of a batch is narrower. Class labels
+    1..4, the categories' own ids."""
+    return batches(n_batches, images, padded, label_range=(1, 5))
 
 # =========================================================================================================
 # COCO AP

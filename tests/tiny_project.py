@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +85,34 @@ def make_tiny_project(dest: Path) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-q", "-m", "tiny study"], dest)
     return dest
+
+
+def tiny_study(work: Path) -> Iterator[tuple]:
+    """The tiny synthetic study's data and model, made in `work` by the real stages (`cli.run_stage`) with an MLflow
+    store there; for a module fixture to `yield from`: yields (config, work) with `work` the working directory and
+    the store set, and afterwards leaves the working directory and the store and clears MLflow's tracking URI."""
+    # Imported here: MLflow takes seconds to import, and the other helpers here run the tools in subprocesses.
+    import mlflow
+
+    from detr_sparsity import tracking
+    from detr_sparsity.cli import run_stage
+    from detr_sparsity.config import load_config
+
+    results = Path("results/synthetic")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["studies"]["synthetic"] = {**TINY, "resources": params["studies"]["synthetic"]["resources"]}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (work / "workflow/schemas").mkdir(parents=True)
+    shutil.copy(REPO / "workflow/schemas/params.schema.yaml", work / "workflow/schemas")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+        cfg = load_config(work / "params.yaml")
+        tracking.init_store(cfg)
+        run_stage(cfg, "data", out=results / "data")
+        run_stage(cfg, "model", data=results / "data", out=results / "model")
+        yield cfg, work
+    mlflow.set_tracking_uri(None)
 
 
 def write_params(root: Path, params: dict) -> None:

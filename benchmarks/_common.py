@@ -1,0 +1,47 @@
+"""What the benchmarks of a finished study share: their common arguments, and writing and reporting their result.
+Not a benchmark itself: the scripts beside it import it (run as `python benchmarks/<name>.py`, their folder is first
+on the import path)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from detr_sparsity.atomic import write_json
+from detr_sparsity.config import StudyConfig, load_config
+from detr_sparsity.machine import environment
+from detr_sparsity.pipeline import path
+
+
+def arguments(doc: str, name: str, repeats: int, threads: str | None = None) -> argparse.ArgumentParser:
+    """The arguments every study benchmark `name` takes, described by the first line of its `doc`: --params,
+    --threads (torch threads, default 1; `threads` names the pipeline jobs that run with 1, and None leaves the
+    option out), --repeats (default `repeats`) and --out. The script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=1, help=f"torch threads ({threads} run with 1)")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", type=Path, default=None, help=f"default: results/<study>/benchmark/{name}.json")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, StudyConfig]:
+    """The parsed arguments and the study's config (--params); torch set to --threads where the benchmark takes it."""
+    args = parser.parse_args(argv)
+    cfg = load_config(args.params)
+    if "threads" in vars(args):
+        import torch  # only the benchmarks that run a model take --threads: the others need not import torch
+
+        torch.set_num_threads(args.threads)
+    return args, cfg
+
+
+def report(result: dict, out: Path | None, study: str, summary: str) -> int:
+    """Write a benchmark's `result` with the machine's environment added (last) to `out`, by default
+    results/<study>/benchmark/<result["benchmark"]>.json beside the benchmark stage's output; print `summary` and
+    the path; return the exit status (0)."""
+    out = out or path("benchmark", "out", study).parent / f"{result['benchmark']}.json"
+    write_json(out, {**result, **environment()})
+    print(f"{summary} ({out})")
+    return 0
