@@ -329,3 +329,44 @@ def test_without_the_kernel_the_pytorch_path_runs_and_says_so():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "using the PyTorch dispatch path" in done.stderr
+
+
+def test_detr_r50_block_rows_at_a_few_tokens_recount_their_flops_from_the_shapes():
+    """DETR-R50's shapes (d 256, H 2048, 6 blocks) at 7 tokens per block, masks borrowed from two study blocks: the
+    first opens every group, the second none, and they keep 3/4 and 1/4 of their neurons under SIBS. R50 block i
+    borrows study block i * 2 // 6, so blocks 0-2 are all open and keep 1536 neurons, blocks 3-5 closed and keep
+    512. FLOPs by hand: 2 x tokens x d x H per linear layer, two per block, the gate 2 x tokens x d x H / G."""
+    study = []
+    for i, (opened, kept) in enumerate(((True, 192), (False, 64))):
+        fc1, fc2 = ffn_pair(seed=i)
+        block = benchmark.Block(f"encoder.{i}", fc1, fc2, torch.randn(30, D))
+        block.gates["0.9"] = benchmark.random_gate(D, H, G)
+        block.open_groups["0.9"] = torch.full((30, H // G), opened)
+        block.keep["0.1"] = torch.arange(H) < kept
+        study.append(block)
+    tokens, d, hidden = 7, 256, 2048
+    blocks = benchmark.r50_blocks("encoder", tokens, study, ["0.9"], ["0.1"], seed=0)
+    assert [b.name for b in blocks] == [f"encoder.{i}" for i in range(6)]
+    assert all(tuple(b.fc1.weight.shape) == (hidden, d) and tuple(b.fc2.weight.shape) == (d, hidden)
+               and tuple(b.tokens.shape) == (tokens, d) for b in blocks)
+    assert [int(b.open_groups["0.9"].sum()) for b in blocks] == [tokens * hidden // G] * 3 + [0] * 3
+    assert [int(b.keep["0.1"].sum()) for b in blocks] == [1536] * 3 + [512] * 3
+
+    rows = benchmark.block_rows("detr-r50", "encoder", blocks, ["0.9"], ["0.1"], "distillation", repeats=1, warmup=0)
+    mgs, sibs = rows
+    linear = 2 * tokens * d * hidden  # FLOPs of one dense linear layer of one block
+    dense = 6 * 2 * linear
+    # MGS: blocks 0-2 compute every neuron, 3-5 none; every block pays its gate
+    gated = 3 * 2 * linear + 6 * 2 * tokens * d * (hidden // G)
+    assert mgs["flops_speedup"] == pytest.approx(dense / gated) == pytest.approx(32 / 17)
+    assert mgs["induced_sparsity"] == pytest.approx(0.5)
+    # SIBS: 1536 and 512 of 2048 neurons left, so 3/4 and 1/4 of each linear layer
+    shrunk = 3 * 2 * linear * 3 / 4 + 3 * 2 * linear / 4
+    assert sibs["flops_speedup"] == pytest.approx(dense / shrunk) == 2.0
+    assert sibs["induced_sparsity"] == pytest.approx(0.5)
+    for row in rows:
+        assert row["shape"] == "detr-r50" and row["tokens_per_block"] == tokens
+        assert row["blocks"] == [f"encoder.{i}" for i in range(6)]
+        assert row["speedup"] == row["dense_ms"] / row["sparse_ms"]
+        assert row["fraction_of_theoretical"] == pytest.approx(row["speedup"] / row["flops_speedup"])
+        assert row["gain"] == (row["speedup"] > 1.0)
