@@ -611,9 +611,8 @@ def test_f1_boxes_whiskers_and_means_are_the_profiles():
     figures.plt.close(fig)
 
 
-@pytest.mark.xfail(strict=True, reason="F1's whiskers end at the outermost image inside the 5th-95th percentiles "
-                                       "(matplotlib's rule), not at those percentiles as its caption and T1 say")
 def test_f1_whiskers_are_t1s_percentiles_with_few_images():
+    """matplotlib alone would end a whisker at the outermost image inside the percentile, short of it on 5 images."""
     record, profile = t1_inputs()
     figures._style()
     fig = figures.f1_natural_sparsity(record, profile)

@@ -380,10 +380,9 @@ def test_speed_json_at_both_shapes_recounts_its_flops_from_the_shapes(study, eve
         1 - sum(opened.values()) * G / sum(n[b] * H for b in n))
 
 
-@pytest.mark.xfail(strict=True, raises=StopIteration,
-                   reason="the benchmark assumes a gate on every block: with mgs.blocks a list, an ungated block has "
-                          "no group size (Block.group_size: next(iter({}.values())))")
 def test_the_benchmark_measures_a_gate_set_on_listed_blocks_only(study, tmp_path, monkeypatch):
+    """With only decoder.0 gated, the encoder has no MGS rows and runs dense end to end: the model row's kept
+    slots are the decoder's kept slots plus every encoder slot, and its gate cost is the decoder gate's alone."""
     from detr_sparsity.execution import benchmark
 
     cfg, work = study
@@ -395,5 +394,15 @@ def test_the_benchmark_measures_a_gate_set_on_listed_blocks_only(study, tmp_path
                               data=work / "data", cache=work / "cache.safetensors", local=local, gates=gates,
                               training=tmp_path / "training.json")
     result = benchmark.run_benchmark(cfg, work / "model", work / "data", work / "neurons.safetensors",
-                                     {"0.5": gates}, {**cfg.benchmark, "shapes": ["study"]})
-    assert {r["scope"] for r in result["rows"] if r["method"] == "mgs"} == {"encoder", "decoder", "model"}
+                                     {"0.5": gates}, {**cfg.benchmark, "shapes": ["study"], "repeats": 1,
+                                                      "model_repeats": 1, "warmup": 0})
+    mgs = {r["scope"]: r for r in result["rows"] if r["method"] == "mgs"}
+    assert set(mgs) == {"decoder", "model"}
+    assert {r["scope"] for r in result["rows"] if r["method"] == "sibs"} == {"encoder", "decoder", "model"}
+    decoder, model = mgs["decoder"], mgs["model"]
+    assert decoder["blocks"] == GATED and 0 < decoder["induced_sparsity"] < 1
+    # slots per kind from the block rows' token counts (every block of a kind sees the same tokens)
+    sibs = {r["scope"]: r for r in result["rows"] if r["method"] == "sibs" and r["scope"] != "model"}
+    slots = {kind: sibs[kind]["tokens_per_block"] * H * len(sibs[kind]["blocks"]) for kind in ("encoder", "decoder")}
+    expected = decoder["induced_sparsity"] * slots["decoder"] / (slots["encoder"] + slots["decoder"])
+    assert model["induced_sparsity"] == pytest.approx(expected, rel=1e-12)

@@ -43,7 +43,7 @@ TINY = {
 }
 # Small sweeps: keep-ratio 1.0 and threshold 0.0 must reproduce the dense row exactly.
 TINY_SWEEPS = {
-    "masking": {"methods": ["topk", "random"], "keep_ratios": [1.0, 0.25]},
+    "masking": {"methods": ["topk", "random"], "keep_ratios": [1.0, 0.25], "threshold_allocation": "greedy"},
     "sibs": {"indicator": "firing_frequency", "thresholds": [0.0, 0.2]},
     "mgs": {"targets": [0.5], "objectives": ["group_activity", "distillation"], "group_size": 16, "blocks": "all",
             "gate_threshold": 0.5, "calibration": "global", "single_block_targets": [0.5],

@@ -107,6 +107,16 @@ class Block:
     def group_size(self) -> int:
         return next(iter(self.gates.values())).group_size
 
+    def kept_slots(self, target: str) -> int:
+        """(token, neuron) slots the target's gate keeps open; every slot where `mgs.blocks` gates no block here."""
+        if not self.gates:
+            return self.tokens.shape[0] * self.fc1.out_features
+        return int(_mask(self, target).sum().item()) * self.group_size
+
+    @property
+    def gate_macs(self) -> int:
+        return self.tokens.shape[0] * self.fc1.in_features * (self.fc1.out_features // self.group_size) if self.gates else 0
+
     @property
     def macs(self) -> int:
         return 2 * self.tokens.shape[0] * self.fc1.in_features * self.fc1.out_features
@@ -118,13 +128,17 @@ def dense_ffn(block: Block) -> torch.Tensor:
 
 def mgs_sparse(block: Block, target: str) -> torch.Tensor:
     """Gate and sparse kernel, as the take-away model runs them. The decision is recomputed (its cost paid);
-    R50 blocks apply the sampled mask instead of their random gate's decision."""
+    R50 blocks apply the sampled mask instead of their random gate's decision. An ungated block runs dense."""
+    if not block.gates:
+        return dense_ffn(block)
     gate = block.gates[target]
     decided = gate.open_groups(gate(block.tokens))
     return sparse_ffn(block.tokens, block.open_groups.get(target, decided), block.packed)
 
 
 def mgs_masked(block: Block, target: str) -> torch.Tensor:
+    if not block.gates:
+        return dense_ffn(block)
     gate = block.gates[target]
     decided = gate.open_groups(gate(block.tokens))
     mask = block.open_groups.get(target, decided).to(block.tokens.dtype).repeat_interleave(gate.group_size, dim=-1)
@@ -138,8 +152,10 @@ def sibs_shrunk(block: Block, threshold: str) -> torch.Tensor:
 
 def block_rows(shape: str, kind: str, blocks: list[Block], targets: list[str], thresholds: list[str],
                objective: str, repeats: int, warmup: int) -> list[dict]:
+    if not any(block.gates for block in blocks):  # `mgs.blocks` gates none of this kind: no MGS rows
+        targets = []
     for block in blocks:
-        block.packed = PackedFFN(block.fc1, block.fc2, block.group_size)
+        block.packed = PackedFFN(block.fc1, block.fc2, block.group_size) if block.gates else None
         block.shrunk = {t: shrink_linear_pair(block.fc1, block.fc2, block.keep[t]) for t in thresholds}
 
     def over_blocks(step) -> Callable[[], None]:
@@ -158,9 +174,8 @@ def block_rows(shape: str, kind: str, blocks: list[Block], targets: list[str], t
     hidden_positions = sum(b.tokens.shape[0] * b.fc1.out_features for b in blocks)
     rows = []
     for t in targets:
-        kept = sum(_mask(b, t).sum().item() * b.group_size for b in blocks)
-        gate_macs = sum(b.tokens.shape[0] * b.fc1.in_features * (b.fc1.out_features // b.group_size) for b in blocks)
-        sparse_macs = 2 * kept * blocks[0].fc1.in_features + gate_macs
+        kept = sum(b.kept_slots(t) for b in blocks)
+        sparse_macs = 2 * kept * blocks[0].fc1.in_features + sum(b.gate_macs for b in blocks)
         rows.append(_row(shape, kind, "mgs", t, objective, 1 - kept / hidden_positions, ms["dense"], ms[f"mgs {t}"],
                          dense_macs / sparse_macs, masked_ms=ms[f"mgs {t} masked"]))
     for t in thresholds:
@@ -259,12 +274,11 @@ def r50_blocks(kind: str, tokens: int, study: list[Block], targets: list[str], t
     blocks = []
     for i in range(layers):
         source = study[i * len(study) // layers]
-        group_size = next(iter(source.gates.values())).group_size
         fc1, fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
         block = Block(f"{kind}.{i}", fc1, fc2, torch.randn(tokens, d, generator=generator))
-        for t in targets:
-            block.gates[t] = random_gate(d, hidden, group_size)
-            block.open_groups[t] = sample_group_masks(_mask(source, t), tokens, hidden // group_size, generator)
+        for t in targets if source.gates else ():  # ungated where its study block is
+            block.gates[t] = random_gate(d, hidden, source.group_size)
+            block.open_groups[t] = sample_group_masks(_mask(source, t), tokens, hidden // source.group_size, generator)
         block.keep = {t: sample_keep(source.keep[t], hidden, generator) for t in thresholds}
         blocks.append(block)
     return blocks
@@ -365,8 +379,8 @@ def model_rows(shape: str, model, batch: dict, blocks: dict[str, Block], mgs_ffn
     hidden_positions = sum(b.tokens.shape[0] * b.fc1.out_features for b in blocks.values())
     rows = []
     for t in mgs_ffns:
-        kept = sum(_mask(b, t).sum().item() * b.group_size for b in blocks.values())
-        gate = sum(2 * b.tokens.shape[0] * d * (b.fc1.out_features // b.group_size) for b in blocks.values())
+        kept = sum(b.kept_slots(t) for b in blocks.values())
+        gate = sum(2 * b.gate_macs for b in blocks.values())
         sparse_total = total - ffn_flops + 4 * kept * d + gate
         rows.append(_row(shape, "model", "mgs", t, objective, 1 - kept / hidden_positions, ms["dense"], ms[f"mgs {t}"],
                          total / sparse_total))
@@ -452,8 +466,8 @@ def run_benchmark(cfg: StudyConfig, model_dir: Path, data_dir: Path, neurons: Pa
             for b in r50_blocks(kind, e2e_tokens[kind], study[kind], targets, thresholds, cfg.seed + 1):
                 blocks[b.name] = b
         layers = ffn_layers(model)
-        mgs = {t: {n: SampledMaskFFN(layers[n].mlp, blocks[n].gates[t], blocks[n].open_groups[t]) for n in layers}
-               for t in targets}
+        mgs = {t: {n: SampledMaskFFN(layers[n].mlp, blocks[n].gates[t], blocks[n].open_groups[t])
+                   if blocks[n].gates else layers[n].mlp for n in layers} for t in targets}
         model_rows_r50, shares["detr-r50"] = model_rows("detr-r50", model, batch, blocks, mgs, thresholds,
                                                         objective, model_repeats, warmup)
         rows += model_rows_r50

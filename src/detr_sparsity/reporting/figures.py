@@ -26,6 +26,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a pipeline machine
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from detr_sparsity.reporting.latex import latex_text  # noqa: E402
@@ -97,8 +98,13 @@ def f1_natural_sparsity(record: StudyRecord, profile: dict):
     blocks = record.blocks
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     per_image = [profile["per_image_sparsity"][b] for b in blocks]
-    ax.boxplot(per_image, whis=(5, 95), widths=0.55, showfliers=False, patch_artist=True,
-               boxprops={"facecolor": PALETTE[0], "alpha": 0.35}, medianprops={"color": PALETTE[0]})
+    stats = matplotlib.cbook.boxplot_stats(per_image)
+    for box, values in zip(stats, per_image):
+        # Whiskers at the 5th and 95th percentiles themselves, as the caption and T1 say: matplotlib would end them
+        # at the outermost image inside those percentiles, visibly short of them on a few images.
+        box["whislo"], box["whishi"] = numpy.percentile(values, [5, 95])
+    ax.bxp(stats, widths=0.55, showfliers=False, patch_artist=True,
+           boxprops={"facecolor": PALETTE[0], "alpha": 0.35}, medianprops={"color": PALETTE[0]})
     ax.set_xticks(range(1, len(blocks) + 1), blocks)
     means = [profile["per_block"][b]["natural_sparsity"] for b in blocks]
     ax.plot(range(1, len(blocks) + 1), means, "o", color="black", markersize=4,

@@ -201,7 +201,7 @@ def t1_dense(record: StudyRecord, profile: dict) -> PaperTable:
             blocks.rows.append(["all blocks", pct(dense["natural_sparsity"]["overall"]),
                                 pct(profile["natural_sparsity"]["overall"]), "", ""])
             continue
-        # The same percentiles as F1's whiskers (linear interpolation, as matplotlib's boxplot).
+        # The same percentiles as F1's whiskers (numpy's linear interpolation).
         low, high = numpy.percentile(per_image[name], [5, 95])
         blocks.rows.append([name, pct(dense["natural_sparsity"]["per_block"][name]),
                             pct(profile["per_block"][name]["natural_sparsity"]), f"{pct(low)}-{pct(high)}",
