@@ -18,43 +18,27 @@ import copy
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from detr_sparsity.config import load_config
 from detr_sparsity.evaluation.evaluate import evaluation_split
 from detr_sparsity.mgs.gates import gate_metadata, load_gates
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.ffn import ffn_blocks
-from detr_sparsity.stages import data as data_stage
 from detr_sparsity.stages import mgs_cache as mgs_cache_stage
 from detr_sparsity.stages import mgs_evaluate as mgs_evaluate_stage
 from detr_sparsity.stages import mgs_local as mgs_local_stage
 from detr_sparsity.stages import mgs_train as mgs_train_stage
-from detr_sparsity.stages import model as model_stage
 from detr_sparsity.stages import profile as profile_stage
 from detr_sparsity.stages import sibs as sibs_stage
-from tiny_project import TINY, TINY_SWEEPS
+from tiny_project import TINY, TINY_SWEEPS, Untracked, tiny_params, untracked_study
 
-REPO = Path(__file__).resolve().parents[1]
 ARCH = TINY["model"]["architecture"]
 D, H, G = ARCH["d_model"], ARCH["ffn_dim"], TINY_SWEEPS["mgs"]["group_size"]
 GATE_THRESHOLD = 0.7
 GATED = ["decoder.0"]  # mgs.blocks: the second block only (not a prefix of the model's blocks)
-
-
-class Tracked:
-    run_id, params_hash = "run", "hash"
-
-    def log_metrics(self, *args, **kwargs):
-        pass
-
-    def log_artifact(self, *args, **kwargs):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -62,24 +46,18 @@ def study(tmp_path_factory):
     """The tiny study with the options under test, its data, model, profile and gate-training caches made by the real
     stages."""
     work = tmp_path_factory.mktemp("options")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["studies"]["synthetic"] = {**TINY, "resources": params["studies"]["synthetic"]["resources"]}
+    params = tiny_params()
     params.update(copy.deepcopy(TINY_SWEEPS))
     params["sibs"]["indicator"] = "mean_activation"
     params["mgs"].update({"objectives": ["group_activity", "oracle"], "blocks": GATED,
                           "gate_threshold": GATE_THRESHOLD, "single_block_targets": []})
     params["benchmark"]["objective"] = "group_activity"
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (work / "workflow/schemas").mkdir(parents=True)
-    shutil.copy(REPO / "workflow/schemas/params.schema.yaml", work / "workflow/schemas")
+    cfg = untracked_study(work, params)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        cfg = load_config(work / "params.yaml")
-        data_stage.run_stage(cfg, Tracked(), out=work / "data")
-        model_stage.run_stage(cfg, Tracked(), data=work / "data", out=work / "model")
-        profile_stage.run_stage(cfg, Tracked(), model=work / "model", data=work / "data",
+        profile_stage.run_stage(cfg, Untracked(), model=work / "model", data=work / "data",
                                 profile=work / "profile.json", neurons=work / "neurons.safetensors")
-        mgs_cache_stage.run_stage(cfg, Tracked(), model=work / "model", data=work / "data",
+        mgs_cache_stage.run_stage(cfg, Untracked(), model=work / "model", data=work / "data",
                                   out=work / "cache.safetensors", block_inputs=work / "block_inputs.safetensors")
     return cfg, work
 
@@ -165,7 +143,7 @@ def test_sibs_with_mean_activation_keeps_the_neurons_whose_mean_activation_reach
     kept = {name: int((m >= tau).sum()) for name, m in means.items()}
     assert all(0 < k < H for k in kept.values()), kept
     row_path = tmp_path / "row.json"
-    sibs_stage.run_stage(cfg, Tracked(), threshold=tau, model=work / "model", data=work / "data",
+    sibs_stage.run_stage(cfg, Untracked(), threshold=tau, model=work / "model", data=work / "data",
                          neurons=work / "neurons.safetensors", detections=tmp_path / "detections", row=row_path)
     row = json.loads(row_path.read_text())
     assert row["setting"] == {"indicator": "mean_activation", "threshold": tau}
@@ -191,12 +169,12 @@ def test_a_block_list_gates_only_its_blocks_at_the_configured_threshold(study, t
     monkeypatch.chdir(work)
     assert cfg.mgs["blocks"] == GATED and cfg.mgs["gate_threshold"] == GATE_THRESHOLD
     local, gates, training = tmp_path / "local.safetensors", tmp_path / "gates.safetensors", tmp_path / "training.json"
-    mgs_local_stage.run_stage(cfg, Tracked(), model=work / "model", block_inputs=work / "block_inputs.safetensors",
+    mgs_local_stage.run_stage(cfg, Untracked(), model=work / "model", block_inputs=work / "block_inputs.safetensors",
                               gates=local, training=tmp_path / "local.json")
     assert gate_metadata(local)["blocks"] == {"decoder.0": [D, H]} and gate_metadata(local)["threshold"] == 0.7
     assert set(json.loads((tmp_path / "local.json").read_text())["blocks"]) == set(GATED)  # per-block metrics
     target = 0.5
-    mgs_train_stage.run_stage(cfg, Tracked(), objective="group_activity", target=target, model=work / "model",
+    mgs_train_stage.run_stage(cfg, Untracked(), objective="group_activity", target=target, model=work / "model",
                               data=work / "data", cache=work / "cache.safetensors", local=local, gates=gates,
                               training=training)
     record = json.loads(training.read_text())
@@ -210,7 +188,7 @@ def test_a_block_list_gates_only_its_blocks_at_the_configured_threshold(study, t
     assert abs(at_half - sparsity) > near / slots, "0.5 would have opened other groups: the threshold matters"
 
     row_path = tmp_path / "row.json"
-    mgs_evaluate_stage.run_stage(cfg, Tracked(), objective="group_activity", target=target, model=work / "model",
+    mgs_evaluate_stage.run_stage(cfg, Untracked(), objective="group_activity", target=target, model=work / "model",
                                  data=work / "data", gates=gates, training=training,
                                  detections=tmp_path / "detections", row=row_path)
     row = json.loads(row_path.read_text())
@@ -236,7 +214,7 @@ def test_the_oracle_objective_trains_through_mgs_train(study, tmp_path, monkeypa
     cfg = with_mgs(cfg, training={"warm_start": False})
     target = 0.7
     gates, training = tmp_path / "gates.safetensors", tmp_path / "training.json"
-    mgs_train_stage.run_stage(cfg, Tracked(), objective="oracle", target=target, model=work / "model",
+    mgs_train_stage.run_stage(cfg, Untracked(), objective="oracle", target=target, model=work / "model",
                               data=work / "data", cache=work / "cache.safetensors", local=tmp_path / "absent",
                               gates=gates, training=training)
     record = json.loads(training.read_text())
@@ -270,10 +248,10 @@ def every_block_gates(study, tmp_path_factory):
     out = tmp_path_factory.mktemp("every-block")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        mgs_local_stage.run_stage(cfg, Tracked(), model=work / "model",
+        mgs_local_stage.run_stage(cfg, Untracked(), model=work / "model",
                                   block_inputs=work / "block_inputs.safetensors", gates=out / "local.safetensors",
                                   training=out / "local.json")
-        mgs_train_stage.run_stage(cfg, Tracked(), objective="group_activity", target=0.5, model=work / "model",
+        mgs_train_stage.run_stage(cfg, Untracked(), objective="group_activity", target=0.5, model=work / "model",
                                   data=work / "data", cache=work / "cache.safetensors", local=out / "local.safetensors",
                                   gates=out / "gates.safetensors", training=out / "training.json")
     return cfg, out / "gates.safetensors"
@@ -388,9 +366,9 @@ def test_the_benchmark_measures_a_gate_set_on_listed_blocks_only(study, tmp_path
     cfg, work = study
     monkeypatch.chdir(work)
     local, gates = tmp_path / "local.safetensors", tmp_path / "gates.safetensors"
-    mgs_local_stage.run_stage(cfg, Tracked(), model=work / "model", block_inputs=work / "block_inputs.safetensors",
+    mgs_local_stage.run_stage(cfg, Untracked(), model=work / "model", block_inputs=work / "block_inputs.safetensors",
                               gates=local, training=tmp_path / "local.json")
-    mgs_train_stage.run_stage(cfg, Tracked(), objective="group_activity", target=0.5, model=work / "model",
+    mgs_train_stage.run_stage(cfg, Untracked(), objective="group_activity", target=0.5, model=work / "model",
                               data=work / "data", cache=work / "cache.safetensors", local=local, gates=gates,
                               training=tmp_path / "training.json")
     result = benchmark.run_benchmark(cfg, work / "model", work / "data", work / "neurons.safetensors",

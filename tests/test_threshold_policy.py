@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from detr_sparsity.config import load_config
 from detr_sparsity.evaluation.evaluate import evaluation_split
 from detr_sparsity.evaluation.flops import FlopCount, flops_per_image
 from detr_sparsity.evaluation.shards import Sharding
@@ -24,12 +20,9 @@ from detr_sparsity.sparsity.ffn import ffn_blocks, sparse_ffns
 from detr_sparsity.sparsity.policies import Threshold, TopK, keep_count, masking_policy
 from detr_sparsity.sparsity.thresholds import (DROPPED_BITS, ActivationHistogram, OutputError, allocate_thresholds,
                                                bin_top, calibrate_thresholds)
-from detr_sparsity.stages import data as data_stage
 from detr_sparsity.stages import masking as masking_stage
-from detr_sparsity.stages import model as model_stage
-from tiny_project import TINY
+from tiny_project import TINY, Untracked, tiny_params, untracked_study
 
-REPO = Path(__file__).resolve().parents[1]
 D, H, QUERIES = 16, 64, 6
 ARCH = {"d_model": D, "ffn_dim": H, "encoder_layers": 1, "decoder_layers": 1, "attention_heads": 2,
         "num_queries": QUERIES, "backbone_hidden_sizes": [8, 16], "backbone_depths": [1, 1], "dropout": 0.0}
@@ -290,39 +283,20 @@ def test_threshold_flops_count_fc2_only_as_topk(model):
 
 # ---------------------------------------------------------------- the masking stage on a tiny study
 
-class Tracked:
-    run_id, params_hash = "run", "hash"
-
-    def log_metrics(self, *args, **kwargs):
-        pass
-
-    def log_artifact(self, *args, **kwargs):
-        pass
-
-
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     """The tiny synthetic study's data and (3-step) model, made by the real stages, without MLflow."""
     work = tmp_path_factory.mktemp("threshold")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["studies"]["synthetic"] = {**TINY, "resources": params["studies"]["synthetic"]["resources"]}
+    params = tiny_params()
     params["masking"]["methods"] = ["topk", "threshold"]
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (work / "workflow/schemas").mkdir(parents=True)
-    shutil.copy(REPO / "workflow/schemas/params.schema.yaml", work / "workflow/schemas")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        cfg = load_config(work / "params.yaml")
-        data_stage.run_stage(cfg, Tracked(), out=work / "data")
-        model_stage.run_stage(cfg, Tracked(), data=work / "data", out=work / "model")
-    return cfg, work
+    return untracked_study(work, params), work
 
 
 def test_the_masking_stage_calibrates_and_evaluates_every_scope(tiny_study, tmp_path):
     cfg, work = tiny_study
     keep_ratio = 0.3
     rows_path = tmp_path / "rows.json"
-    masking_stage.run_stage(cfg, Tracked(), method="threshold", keep_ratio=keep_ratio, model=work / "model",
+    masking_stage.run_stage(cfg, Untracked(), method="threshold", keep_ratio=keep_ratio, model=work / "model",
                             data=work / "data", detections=tmp_path / "detections", rows=rows_path)
     rows = json.loads(rows_path.read_text())
     assert set(rows) == {"all", *BLOCKS}
@@ -356,11 +330,11 @@ def test_the_masking_stage_calibrates_and_evaluates_every_scope(tiny_study, tmp_
     # sharded: two shard jobs each calibrate and attach it; the gather job runs no model and writes the same rows
     shard_dirs = [tmp_path / f"shard-{i}" / "detections" for i in (1, 2)]
     for index, shard in enumerate(shard_dirs, start=1):
-        masking_stage.run_stage(cfg, Tracked(), method="threshold", keep_ratio=keep_ratio, model=work / "model",
+        masking_stage.run_stage(cfg, Untracked(), method="threshold", keep_ratio=keep_ratio, model=work / "model",
                                 data=work / "data", detections=shard, rows=None, sharding=Sharding(index, 2))
     gathered_path = tmp_path / "gathered" / "rows.json"
     gathered_detections = tmp_path / "gathered" / "detections"
-    masking_stage.run_stage(cfg, Tracked(), method="threshold", keep_ratio=keep_ratio, model=work / "model",
+    masking_stage.run_stage(cfg, Untracked(), method="threshold", keep_ratio=keep_ratio, model=work / "model",
                             data=work / "data", detections=gathered_detections, rows=gathered_path,
                             sharding=Sharding(gather=tuple(shard_dirs), output=gathered_detections))
     gathered = json.loads(gathered_path.read_text())

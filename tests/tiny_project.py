@@ -99,11 +99,7 @@ def tiny_study(work: Path) -> Iterator[tuple]:
     from detr_sparsity.config import load_config
 
     results = Path("results/synthetic")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["studies"]["synthetic"] = {**TINY, "resources": params["studies"]["synthetic"]["resources"]}
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (work / "workflow/schemas").mkdir(parents=True)
-    shutil.copy(REPO / "workflow/schemas/params.schema.yaml", work / "workflow/schemas")
+    write_study_settings(work, tiny_params())
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
@@ -113,6 +109,48 @@ def tiny_study(work: Path) -> Iterator[tuple]:
         run_stage(cfg, "model", data=results / "data", out=results / "model")
         yield cfg, work
     mlflow.set_tracking_uri(None)
+
+
+def tiny_params() -> dict:
+    """The project's params.yaml with the synthetic study shrunk to TINY (the sweeps as they are)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["studies"]["synthetic"] = {**TINY, "resources": params["studies"]["synthetic"]["resources"]}
+    return params
+
+
+def write_study_settings(work: Path, params: dict) -> None:
+    """`params` as work/params.yaml, beside the schema that validates it (where load_config looks for it)."""
+    write_params(work, params)
+    (work / "workflow/schemas").mkdir(parents=True)
+    shutil.copy(REPO / "workflow/schemas/params.schema.yaml", work / "workflow/schemas")
+
+
+class Untracked:
+    """What a stage's `run_stage` is handed for its MLflow run where a test calls it directly, without a store."""
+
+    run_id, params_hash = "run", "hash"
+
+    def log_metrics(self, *args, **kwargs) -> None:
+        pass
+
+    def log_artifact(self, *args, **kwargs) -> None:
+        pass
+
+
+def untracked_study(work: Path, params: dict):
+    """`params` written in `work`, and the study's data and model made there by the real stages without MLflow;
+    returns the loaded config (paths in it are relative to `work`)."""
+    from detr_sparsity.config import load_config
+    from detr_sparsity.stages import data as data_stage
+    from detr_sparsity.stages import model as model_stage
+
+    write_study_settings(work, params)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        cfg = load_config(work / "params.yaml")
+        data_stage.run_stage(cfg, Untracked(), out=work / "data")
+        model_stage.run_stage(cfg, Untracked(), data=work / "data", out=work / "model")
+    return cfg
 
 
 def write_params(root: Path, params: dict) -> None:
