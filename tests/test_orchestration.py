@@ -709,11 +709,13 @@ def detection_files(path: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in files}
 
 
-def comparable(row: dict) -> dict:
-    """A row without what names the job rather than the result: its MLflow run and its detections file."""
-    if "method" not in row:  # masking: rows keyed by scope
-        return {scope: comparable(r) for scope, r in row.items()}
-    return {k: v for k, v in row.items() if k not in ("mlflow_run_id", "detections")}
+def comparable(row):
+    """A row without what names the job rather than the result, at any depth: its MLflow runs, its detections file
+    and the seconds it took (a gate row's training record carries its training and calibration times)."""
+    if isinstance(row, dict):
+        return {k: comparable(v) for k, v in row.items()
+                if k not in ("mlflow_run_id", "detections") and not k.endswith("seconds")}
+    return row
 
 
 def planned_jobs(root: Path, targets: list[str] = ()) -> dict[str, str]:
