@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 CORES ?= 8
 
-.PHONY: study test test-slurm install lint benchmark pull ui clean
+.PHONY: study test test-e2e test-slurm install lint benchmark pull ui clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -21,8 +21,14 @@ install: $(VENV)/.installed
 study: install
 	snakemake --cores $(CORES)
 
+# All but the end-to-end runs of minutes each (marker slow) and the SLURM tests: under 10 minutes.
 test: install
 	$(PYTHON) -m pytest -q
+
+# The end-to-end runs: the tiny study under the real Snakemake and DVC (its reruns, sharding, a DVC clone), the
+# full-size DETR-R50 profile, SIBS and MGS stages, the ONNX export; about 20 minutes on 2 cores.
+test-e2e: install
+	$(PYTHON) -m pytest -q -m slow
 
 # The tiny study through a single-node SLURM cluster on this machine (root; Debian's SLURM, installed by
 # `bash workflow/profiles/slurm/local-cluster.sh install`): about half an hour on 2 cores, skipped without SLURM.

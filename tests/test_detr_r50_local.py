@@ -297,6 +297,7 @@ def test_mlflow_runs_are_finished_and_tagged(stages):
 # Activation analysis on the padded batch
 
 
+@pytest.mark.slow
 def test_profile_and_sibs_stages_count_real_tokens_of_the_padded_batch(stages, data_dir):
     cfg, work, model_dir = stages["cfg"], stages["work"], stages["model_dir"]
     results = work / "results" / "coco"
@@ -338,6 +339,7 @@ def test_profile_and_sibs_stages_count_real_tokens_of_the_padded_batch(stages, d
 # MGS on the COCO study's path: portrait and landscape images, the hub model format
 
 
+@pytest.mark.slow
 def test_mgs_stages_and_the_gated_model_on_detr_r50(stages, data_dir):
     from dataclasses import replace
 

@@ -22,6 +22,7 @@ ARCH = {"d_model": 32, "ffn_dim": 256, "encoder_layers": 1, "decoder_layers": 1,
 CATEGORIES = [{"id": i + 1, "name": f"class{i}"} for i in range(4)]
 
 
+@pytest.mark.slow
 def test_onnx_export_gives_the_masks_then_the_detections(tmp_path):
     torch.manual_seed(0)
     model = build_small_detr(small_detr_config(ARCH, CATEGORIES)).eval()

@@ -715,6 +715,8 @@ def comparable(row):
     if isinstance(row, dict):
         return {k: comparable(v) for k, v in row.items()
                 if k not in ("mlflow_run_id", "detections") and not k.endswith("seconds")}
+    if isinstance(row, list):
+        return [comparable(v) for v in row]
     return row
 
 

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from test_cluster_profiles import planned_jobs as planned_slurm_jobs
-from test_orchestration import check_mlflow_server, check_summary
+from test_orchestration import check_mlflow_server, check_summary, comparable
 from test_orchestration import planned_jobs as planned_job_counts
 from tiny_project import REPO, make_tiny_project, mlflow_server, run, tool_env, write_params
 
@@ -122,15 +122,6 @@ def report(request, line: str) -> None:
     if reporter is not None and capture is not None:
         with capture.global_and_fixture_disabled():
             reporter.write_line(f"\n{line}")
-
-
-def comparable(value):
-    """A summary row without what names the run rather than the result: MLflow run ids and the training's time."""
-    if isinstance(value, dict):
-        return {k: comparable(v) for k, v in value.items() if k not in ("mlflow_run_id", "train_seconds")}
-    if isinstance(value, list):
-        return [comparable(v) for v in value]
-    return value
 
 
 @pytest.fixture(scope="module")
