@@ -11,7 +11,7 @@ from transformers import DetrForObjectDetection, DetrImageProcessorPil
 from detr_sparsity.evaluation.detections import detect
 from detr_sparsity.execution.gated_detr import (GatedFFN, SparseGatedFFN, gated_blocks, load_gated, load_gated_detr,
                                                 save_gated, set_execution)
-from detr_sparsity.execution.gated_ffn import PackedFFN, dispatch_ffn, sparse_ffn
+from detr_sparsity.execution.gated_ffn import KERNEL_MAX_TILE, PackedFFN, dispatch_ffn, kernel_tile, sparse_ffn
 from detr_sparsity.execution import benchmark
 from detr_sparsity.execution.cpu_kernel import CFLAGS, LDFLAGS, build_key, cpu_flags, cpu_kernel, extension_name
 from detr_sparsity.mgs.gates import make_gates, save_gates
@@ -99,6 +99,35 @@ def test_detr_r50_block_shape_at_90_percent():
     with torch.no_grad():
         torch.testing.assert_close(sparse_ffn(x, open_groups, PackedFFN(fc1, fc2, 16)),
                                    masked_dense(x, open_groups, fc1, fc2, 16), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("tokens", "threads", "tile"), [
+    (850, 2, 213),  # R50's encoder: 4 tiles of at most 256, 2 per thread (213 + 213 + 213 + 211)
+    (850, 1, 213),
+    (100, 2, 50),   # R50's decoder queries: one tile per thread
+    (100, 1, 100),
+    (5000, 2, 250),  # 20 tiles, 10 per thread
+    (512, 2, 256),
+    (513, 2, 129),
+    (1, 2, 1),
+    (0, 2, 1),
+])
+def test_kernel_tiles_are_equal_at_most_the_maximum_and_a_multiple_of_the_threads(tokens, threads, tile):
+    assert kernel_tile(tokens, threads) == tile <= KERNEL_MAX_TILE
+    count = -(-tokens // tile)
+    assert tokens < threads or count % threads == 0
+
+
+@pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler: the PyTorch path runs")
+def test_the_kernels_output_does_not_depend_on_its_tile():
+    """Each token's sums run in the same order whichever tile holds it: every tile gives the same bits."""
+    fc1, fc2 = ffn_pair(256, 2048)
+    packed = PackedFFN(fc1, fc2, 16)
+    x = torch.randn(300, 256)
+    mask = torch.rand(300, 128) > 0.9
+    outputs = [cpu_kernel().gated_ffn(x, mask, packed.w1g, packed.b1g.view(-1), packed.w2g.view(-1, 256), packed.b2,
+                                      tile) for tile in (1, 7, 16, 150, 256, 1000)]
+    assert all(torch.equal(y, outputs[0]) for y in outputs[1:])
 
 
 @pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler: the PyTorch path runs")
@@ -364,6 +393,10 @@ def test_detr_r50_block_rows_at_a_few_tokens_recount_their_flops_from_the_shapes
     shrunk = 3 * 2 * linear * 3 / 4 + 3 * 2 * linear / 4
     assert sibs["flops_speedup"] == pytest.approx(dense / shrunk) == 2.0
     assert sibs["induced_sparsity"] == pytest.approx(0.5)
+    # FLOPs per second over the measured times (the FLOPs above count 2 per multiply-accumulate)
+    assert mgs["sparse_gflops"] == pytest.approx(gated / (mgs["sparse_ms"] * 1e6))
+    assert sibs["sparse_gflops"] == pytest.approx(shrunk / (sibs["sparse_ms"] * 1e6))
+    assert mgs["dense_gflops"] == sibs["dense_gflops"] == pytest.approx(dense / (mgs["dense_ms"] * 1e6))
     for row in rows:
         assert row["shape"] == "detr-r50" and row["tokens_per_block"] == tokens
         assert row["blocks"] == [f"encoder.{i}" for i in range(6)]

@@ -307,6 +307,8 @@ def test_speed_json_at_both_shapes_recounts_its_flops_from_the_shapes(study, eve
             study_row, r50_row = rows[("study", kind, "sibs", threshold)], rows[("detr-r50", kind, "sibs", threshold)]
             assert study_row["induced_sparsity"] == pytest.approx(1 - kept[name] / H)
             assert study_row["flops_speedup"] == pytest.approx(H / kept[name])  # 2 tokens d H over 2 tokens d kept
+            shrunk_flops = 2 * (2 * tokens[kind] * D * kept[name])
+            assert study_row["sparse_gflops"] == pytest.approx(shrunk_flops / (study_row["sparse_ms"] * 1e6))
             assert r50_row["induced_sparsity"] == pytest.approx(1 - r50_kept[name] / 2048)
             assert r50_row["flops_speedup"] == pytest.approx(2048 / r50_kept[name])
     assert rows[("study", "model", "sibs", "0.0")]["flops_speedup"] == 1.0  # mean activations are >= 0: all kept
@@ -327,6 +329,17 @@ def test_speed_json_at_both_shapes_recounts_its_flops_from_the_shapes(study, eve
         sparse = 2 * (2 * opened[name] * G * D) + 2 * n[name] * D * (H // G)
         assert found["flops_speedup"] == pytest.approx(dense / sparse)
         assert found["induced_sparsity"] == pytest.approx(1 - opened[name] * G / (n[name] * H))
+        # FLOPs per second: 2 per MAC, the gate's included, over the measured time
+        assert found["sparse_gflops"] == pytest.approx(sparse / (found["sparse_ms"] * 1e6))
+        assert found["dense_gflops"] == pytest.approx(dense / (found["dense_ms"] * 1e6))
+    # against the machine's dense throughput measured in the same run; end-to-end rows have their Amdahl ceiling
+    peak = result["machine_dense_gflops"]
+    assert peak["matmul"] == 1024 and peak["threads"] == settings["threads"] and peak["gflops"] > 0
+    for row in result["rows"]:
+        if row["scope"] == "model":
+            assert "fraction_of_machine" not in row
+        else:
+            assert row["fraction_of_machine"] == pytest.approx(row["sparse_gflops"] / peak["gflops"])
 
     # End to end: the FFN FLOPs by hand, and as FlopCounterMode counts them module by module
     counter = FlopCounterMode(display=False)

@@ -26,7 +26,10 @@ Inputs and masks:
 
 FLOPs speedup = dense FFN MACs / (kept MACs + gate MACs) per block kind; end to end, whole-model FLOPs
 (torch.utils.flop_counter, dense) over the same less the FFN work saved. ffn_share is the dense FFN blocks'
-share of dense model time (forward hooks on the FFN blocks); amdahl_ceiling = 1 / (1 - ffn_share). The
+share of dense model time (forward hooks on the FFN blocks); amdahl_ceiling = 1 / (1 - ffn_share).
+How close to the machine: a block row's `sparse_gflops` is its as-run FLOPs (2 per MAC, the gate's included)
+per second, `dense_gflops` the same for dense, and `fraction_of_machine` the former over the machine's dense
+throughput measured in the same run (`machine_dense_gflops`: a 1024-square float32 matmul at the same threads). The
 CPU kernel also skips fc2 rows of ReLU zeros, so on real activations a speedup above the FLOPs ratio of
 the gate mask is possible; random R50 weights give about 50 % ReLU zeros, trained DETR-R50 more.
 """
@@ -177,15 +180,37 @@ def block_rows(shape: str, kind: str, blocks: list[Block], targets: list[str], t
         kept = sum(b.kept_slots(t) for b in blocks)
         sparse_macs = 2 * kept * blocks[0].fc1.in_features + sum(b.gate_macs for b in blocks)
         rows.append(_row(shape, kind, "mgs", t, objective, 1 - kept / hidden_positions, ms["dense"], ms[f"mgs {t}"],
-                         dense_macs / sparse_macs, masked_ms=ms[f"mgs {t} masked"]))
+                         dense_macs / sparse_macs, masked_ms=ms[f"mgs {t} masked"],
+                         sparse_gflops=_gflops(sparse_macs, ms[f"mgs {t}"])))
     for t in thresholds:
         kept = sum(b.tokens.shape[0] * int(b.keep[t].sum()) for b in blocks)
+        kept_macs = max(1, 2 * kept * blocks[0].fc1.in_features)
         rows.append(_row(shape, kind, "sibs", t, None, 1 - kept / hidden_positions, ms["dense"], ms[f"sibs {t}"],
-                         dense_macs / max(1, 2 * kept * blocks[0].fc1.in_features)))
+                         dense_macs / kept_macs, sparse_gflops=_gflops(kept_macs, ms[f"sibs {t}"])))
     for row in rows:
         row["blocks"] = [b.name for b in blocks]
         row["tokens_per_block"] = blocks[0].tokens.shape[0]
+        row["dense_gflops"] = _gflops(dense_macs, ms["dense"])
     return rows
+
+
+def _gflops(macs: int, ms: float) -> float:
+    """FLOPs (2 per multiply-accumulate) per second, in GFLOP/s."""
+    return 2 * macs / (ms * 1e6)
+
+
+# The machine's dense throughput: one square float32 matmul, large enough to run near the BLAS's peak.
+PEAK_MATMUL = 1024
+
+
+def machine_dense_gflops(repeats: int, warmup: int) -> float:
+    """GFLOP/s of a PEAK_MATMUL-square float32 matmul at torch's current threads (median of `repeats`): the
+    machine's dense throughput, against which a block row's `fraction_of_machine` reads the kernel's rate."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(PEAK_MATMUL, PEAK_MATMUL, generator=generator)
+    b = torch.randn(PEAK_MATMUL, PEAK_MATMUL, generator=generator)
+    ms = medians_ms({"matmul": lambda: torch.mm(a, b)}, max(repeats, 5), max(warmup, 1))["matmul"]
+    return _gflops(PEAK_MATMUL ** 3, ms)
 
 
 def _mask(block: Block, target: str) -> torch.Tensor:
@@ -430,6 +455,8 @@ def run_benchmark(cfg: StudyConfig, model_dir: Path, data_dir: Path, neurons: Pa
     inputs = study_inputs(cfg, model_dir, data_dir, neurons, gate_files, thresholds)
     study = {kind: study_blocks(inputs, kind) for kind in KINDS}
     rows, shares, model_inputs = [], {}, {}
+    peak_gflops = machine_dense_gflops(repeats, warmup)
+    log.info("machine: %.1f GFLOP/s on a %d-square float32 matmul, %d thread(s)", peak_gflops, PEAK_MATMUL, threads)
 
     if "study" in shapes:
         for kind in KINDS:
@@ -475,6 +502,9 @@ def run_benchmark(cfg: StudyConfig, model_dir: Path, data_dir: Path, neurons: Pa
                                     "encoder_tokens": features, "weights": "random (seeded), no download"}
         log.info("detr-r50 end to end measured (FFN share %.3f)", shares["detr-r50"])
 
+    for row in rows:
+        if "sparse_gflops" in row:
+            row["fraction_of_machine"] = row["sparse_gflops"] / peak_gflops
     result = {
         "benchmark": "speed",
         "study": cfg.name,
@@ -482,6 +512,7 @@ def run_benchmark(cfg: StudyConfig, model_dir: Path, data_dir: Path, neurons: Pa
                         "cpu_kernel": f"compiled C++/OpenMP ({extension_name()})" if kernel
                         else "unavailable: PyTorch dispatch"},
         "threads": threads, "repeats": repeats, "model_repeats": model_repeats, "warmup": warmup,
+        "machine_dense_gflops": {"gflops": peak_gflops, "matmul": PEAK_MATMUL, "threads": threads},
         "rows": rows,
         "ffn_share": shares,
         "amdahl_ceiling": {shape: 1 / (1 - share) for shape, share in shares.items()},
@@ -494,11 +525,16 @@ def run_benchmark(cfg: StudyConfig, model_dir: Path, data_dir: Path, neurons: Pa
 
 def format_table(result: dict) -> str:
     lines = [f"{'shape':9} {'scope':8} {'method':6} {'setting':8} {'sparsity':>8} {'dense ms':>9} {'sparse ms':>9} "
-             f"{'speedup':>7} {'FLOPs x':>7} {'fraction':>8}"]
+             f"{'speedup':>7} {'FLOPs x':>7} {'fraction':>8} {'of peak':>7}"]
     for r in result["rows"]:
+        of_peak = f"{r['fraction_of_machine']:7.2f}" if "fraction_of_machine" in r else f"{'':7}"
         lines.append(f"{r['shape']:9} {r['scope']:8} {r['method']:6} {r['setting']:8} {r['induced_sparsity']:8.3f} "
                      f"{r['dense_ms']:9.2f} {r['sparse_ms']:9.2f} {r['speedup']:7.2f} {r['flops_speedup']:7.2f} "
-                     f"{r['fraction_of_theoretical']:8.2f}" + ("" if r["gain"] else "  no gain"))
+                     f"{r['fraction_of_theoretical']:8.2f} {of_peak}" + ("" if r["gain"] else "  no gain"))
+    peak = result["machine_dense_gflops"]
+    lines.append(f"machine: {peak['gflops']:.1f} GFLOP/s dense ({peak['matmul']}-square float32 matmul, "
+                 f"{peak['threads']} thread(s)); `of peak`: the sparse computation's FLOPs (gate included) per "
+                 f"second against it")
     for shape, share in result["ffn_share"].items():
         lines.append(f"{shape}: FFN share of dense model time {share:.3f}, Amdahl ceiling "
                      f"{result['amdahl_ceiling'][shape]:.3f}x")
