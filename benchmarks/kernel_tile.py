@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Callable
 
 import torch
 
@@ -60,11 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         for target in gate_files:
             masks = {b.name: b.open_groups[target].contiguous() for b in blocks}
 
-            def sparse(tile_of) -> callable:
-                def run():
-                    return [kernel.gated_ffn(b.tokens, masks[b.name], p.w1g, p.b1g.view(-1),
-                                             p.w2g.view(-1, p.w2g.shape[-1]), p.b2, tile_of(b.tokens.shape[0]))
-                            for b in blocks for p in (packed[b.name],)]
+            def sparse(tile_of: Callable[[int], int]) -> Callable[[], list[torch.Tensor]]:
+                """The six blocks through the kernel, each with `tile_of(its tokens)` tokens per tile."""
+                def run() -> list[torch.Tensor]:
+                    outputs = []
+                    for b in blocks:
+                        p = packed[b.name]
+                        outputs.append(kernel.gated_ffn(b.tokens, masks[b.name], p.w1g, p.b1g.view(-1),
+                                                        p.w2g.view(-1, p.w2g.shape[-1]), p.b2,
+                                                        tile_of(b.tokens.shape[0])))
+                    return outputs
                 return run
 
             variants = {"dense": lambda: [speed.dense_ffn(b) for b in blocks],
