@@ -13,15 +13,17 @@ from detr_sparsity.machine import environment
 from detr_sparsity.pipeline import path
 
 
-def arguments(doc: str, name: str, repeats: int, threads: str | None = None) -> argparse.ArgumentParser:
+def arguments(doc: str, name: str, repeats: int | None, threads: str | None = None) -> argparse.ArgumentParser:
     """The arguments every study benchmark `name` takes, described by the first line of its `doc`: --params,
     --threads (torch threads, default 1; `threads` names the pipeline jobs that run with 1, and None leaves the
-    option out), --repeats (default `repeats`) and --out. The script adds its own."""
+    option out), --repeats (default `repeats`; None leaves it out, for a benchmark that runs once) and --out. The
+    script adds its own."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     if threads is not None:
         parser.add_argument("--threads", type=int, default=1, help=f"torch threads ({threads} run with 1)")
-    parser.add_argument("--repeats", type=int, default=repeats)
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--out", type=Path, default=None, help=f"default: results/<study>/benchmark/{name}.json")
     return parser
 

@@ -1,0 +1,33 @@
+"""benchmarks/pretrain_recipes.py: a recipe is the study's settings with exactly the overrides asked for, and an
+override naming no setting stops it before any training, naming the key and the settings there are."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # its `_common`, as when run as a script
+spec = importlib.util.spec_from_file_location("benchmarks_pretrain_recipes", BENCHMARKS / "pretrain_recipes.py")
+recipes = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(recipes)
+
+PRETRAIN = {"steps": 5500, "batch_size": 16, "learning_rate": 5.0e-4, "one_to_many_fraction": 0.5}
+
+
+def test_overrides_replace_only_the_keys_named_with_their_json_values():
+    got = recipes.overridden(PRETRAIN, ["batch_size=8", "learning_rate=1e-3"], "pretrain")
+    assert got == {"steps": 5500, "batch_size": 8, "learning_rate": 0.001, "one_to_many_fraction": 0.5}
+    assert isinstance(got["batch_size"], int)
+    assert PRETRAIN["batch_size"] == 16  # the study's settings are left as they were
+    assert recipes.overridden({"backbone_depths": [1, 1, 1]}, ["backbone_depths=[2, 2, 2]"], "architecture") == {
+        "backbone_depths": [2, 2, 2]}
+
+
+@pytest.mark.parametrize("item", ["batch=8", "batch_size"])
+def test_an_override_naming_no_setting_stops_naming_it(item):
+    with pytest.raises(SystemExit, match=f"{item!r}.*pretrain settings.*steps, batch_size"):
+        recipes.overridden(PRETRAIN, [item], "pretrain")
