@@ -4,7 +4,8 @@ one job per core).
 
     python benchmarks/cpu_throughput.py --runs 3 --out benchmarks/results/cpu_throughput.json
 
-Each rate is matmuls counted over --seconds after a warm-up, in GFLOP/s (2 x 1024^3 per matmul). Needs only torch.
+Each rate is matmuls counted over --seconds after a warm-up, in GFLOP/s (2 x 1024^3 per matmul). Needs torch, and
+the project's `machine` module to record the CPU beside the rates.
 """
 
 from __future__ import annotations

@@ -36,14 +36,19 @@ from _common import arguments, parse, report
 
 
 def overridden(settings: dict, overrides: list[str], what: str) -> dict:
-    """`settings` with each `key=value` of `overrides` (a JSON value) replacing a key it has."""
+    """`settings` with each `key=value` of `overrides` (a JSON value) replacing a key it has; a bad item stops the
+    benchmark before any training, naming it and what is allowed."""
     settings = dict(settings)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or key not in settings:
             raise SystemExit(f"error: {item!r}: expected key=value with a key of the study's {what} settings "
                              f"({', '.join(settings)})")
-        settings[key] = json.loads(value)
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise SystemExit(f"error: {item!r}: the value of {key} must be JSON (a number, true/false, a list), "
+                             f"e.g. {key}={json.dumps(settings[key])}") from None
     return settings
 
 

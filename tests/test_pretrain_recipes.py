@@ -1,5 +1,6 @@
 """benchmarks/pretrain_recipes.py: a recipe is the study's settings with exactly the overrides asked for, and an
-override naming no setting stops it before any training, naming the key and the settings there are."""
+override naming no setting, or a value that is not JSON, stops it before any training, naming the item and what
+is allowed."""
 
 from __future__ import annotations
 
@@ -31,3 +32,8 @@ def test_overrides_replace_only_the_keys_named_with_their_json_values():
 def test_an_override_naming_no_setting_stops_naming_it(item):
     with pytest.raises(SystemExit, match=f"{item!r}.*pretrain settings.*steps, batch_size"):
         recipes.overridden(PRETRAIN, [item], "pretrain")
+
+
+def test_a_value_that_is_not_json_stops_naming_it_and_an_example():
+    with pytest.raises(SystemExit, match=r"'batch_size=eight'.*must be JSON.*batch_size=16"):
+        recipes.overridden(PRETRAIN, ["batch_size=eight"], "pretrain")
