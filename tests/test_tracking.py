@@ -235,7 +235,8 @@ def _terminated(**_):
                                                 (_terminated, 143, "Terminated: terminated by SIGTERM")],
                          ids=["error", "ctrl-c", "sigterm"])
 def test_a_failed_or_interrupted_stage_is_recorded_failed(store, tmp_path, monkeypatch, fault, code, error):
-    """The command exits 1 (130 after Ctrl-C, 143 after SIGTERM), its log holds the traceback, its run is FAILED."""
+    """The command exits 1 (130 after Ctrl-C, 143 after SIGTERM), its log names its run and holds the traceback, its
+    run is FAILED."""
     from detr_sparsity.stages import summary
 
     monkeypatch.setattr(summary, "run_stage", lambda cfg, tracked, **paths: fault(**paths))
@@ -252,6 +253,9 @@ def test_a_failed_or_interrupted_stage_is_recorded_failed(store, tmp_path, monke
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'summary'")
     assert run.info.status == "FAILED" and run.info.end_time is not None
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command left SIGTERM as it found it
+    # the log names its run, before the work that failed (the cost stage reads that line back)
+    assert f"MLflow run {run.info.run_id} (experiment detr-sparsity-synthetic)" in text.split("summary failed")[0]
+    assert tracking.logged_run_id(text) == run.info.run_id
 
 
 def test_every_stage_run_records_its_cost_and_machine(store, tmp_path, monkeypatch):

@@ -1,9 +1,10 @@
 """`python -m detr_sparsity <stage>`: one subcommand per stage of the pipeline's declaration (`pipeline.py`).
 
 Snakemake and DVC call exactly these commands. Each validates params.yaml and its own arguments before any work,
-then logs to its log file, records one MLflow run and writes only its declared outputs. A failure's traceback
-goes to the log file too, and the command exits non-zero: 1, or 130 after Ctrl-C and 143 after SIGTERM (a cancelled
-cluster job), both of which record the stage's run FAILED as a failure does.
+then logs to its log file, records one MLflow run (named in the log before any work: `MLflow run <id> (experiment
+<name>)`) and writes only its declared outputs. A failure's traceback goes to the log file too, and the command
+exits non-zero: 1, or 130 after Ctrl-C and 143 after SIGTERM (a cancelled cluster job), both of which record the
+stage's run FAILED as a failure does.
 """
 
 from __future__ import annotations
@@ -136,6 +137,11 @@ def run_stage(cfg: StudyConfig, name: str, **arguments) -> str:
     where = machine()  # the load average before the stage adds its own
     wall, cpu = time.perf_counter(), _cpu_seconds()
     with tracking.stage_run(cfg, name, stage_params(cfg, name), setting or None) as run:
+        # Before any work: the log, an output of every stage, then names the run that made the outputs beside it
+        # (the cost stage reads it back), even where the work fails.
+        log.info("%s", tracking.run_line(run.run_id, cfg.experiment))
+        if sharding is not None and sharding.gathers:  # the shard jobs' runs did this job's detections
+            run.set_tags({tracking.GATHERED_SHARDS: str(len(sharding.gather))})
         module.run_stage(cfg, run, **arguments)
         cost = {"wall_seconds": time.perf_counter() - wall, "cpu_seconds": _cpu_seconds() - cpu,
                 "threads": _torch_threads()}

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from contextlib import contextmanager
@@ -41,6 +42,11 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PIPELINE_RUN_ENV = "DETR_SPARSITY_PIPELINE_RUN"
 # Pending step metrics are written at least this often: a killed stage loses at most its last seconds of them.
 FLUSH_SECONDS = 2.0
+# The line a stage writes into its log once its run exists (`run_line`): the log is a DVC-tracked output of every
+# stage, so each output thereby records the run that produced it; the cost stage reads it back (`logged_run_id`).
+RUN_LINE = re.compile(r"MLflow run (\w+) \(experiment .*\)$", re.M)
+# Tag of a gather job's run: how many shard jobs' partial evaluations it merged (their runs are the shards' cost).
+GATHERED_SHARDS = "gathered_shards"
 
 
 def tracking_uri() -> str:
@@ -160,6 +166,18 @@ def run_name(stage: str, setting: dict[str, Any] | None = None) -> str:
     return " ".join([stage, *(f"{key}={value}" for key, value in (setting or {}).items())])
 
 
+def run_line(run_id: str, experiment: str) -> str:
+    """The line naming a stage's run in its log (RUN_LINE)."""
+    return f"MLflow run {run_id} (experiment {experiment})"
+
+
+def logged_run_id(log_text: str) -> str | None:
+    """The run named by the last run line of a log, or None: where a log names several runs (a job resumed into the
+    same log), the last one produced the outputs beside it."""
+    found = RUN_LINE.findall(log_text)
+    return found[-1] if found else None
+
+
 def params_hash(params: dict[str, Any]) -> str:
     """Short hash of a stage's params: equal hashes mean equal settings."""
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
@@ -253,6 +271,40 @@ def tidy_store(gone_hosts: Iterable[str] = ()) -> list[RunCheck]:
         client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     return fail_abandoned_runs(client, running_runs(client, experiments), gone_hosts) if experiments else []
+
+
+@dataclass(frozen=True)
+class RecordedRun:
+    """A run as the store holds it, in plain values: what reporting reads of a stage run."""
+
+    run_id: str
+    status: str  # FINISHED, FAILED, RUNNING, ...
+    start_time: int  # ms since the epoch
+    end_time: int | None
+    metrics: dict[str, float]  # the latest value of each
+    tags: dict[str, str]
+
+
+def runs_by_id(run_ids: Iterable[str]) -> dict[str, RecordedRun]:
+    """The runs of the store at tracking_uri() with these ids, by id; an id the store does not hold is left out. A
+    SQLite store that does not exist is not created: none of its runs is there."""
+    uri = tracking_uri()
+    database = sqlite_file(uri)
+    if database is not None and not database.is_file():
+        return {}
+    with _store_lock(uri):
+        client = MlflowClient(uri)
+    found = {}
+    for run_id in dict.fromkeys(run_ids):
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            continue
+        found[run_id] = RecordedRun(run_id, run.info.status, run.info.start_time, run.info.end_time,
+                                    dict(run.data.metrics), dict(run.data.tags))
+    return found
 
 
 @contextmanager
