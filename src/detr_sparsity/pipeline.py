@@ -150,6 +150,7 @@ LOCAL_GATES = f"{RESULTS}/mgs/local/gates.safetensors"
 SUMMARY = f"{RESULTS}/summary.json"
 COMPARISONS = f"{RESULTS}/comparisons.json"
 SPEED = f"{RESULTS}/benchmark/speed.json"
+COST = f"{RESULTS}/benchmark/cost.json"
 PAPER = "paper/{study}"
 
 STAGES: tuple[Stage, ...] = (
@@ -246,6 +247,14 @@ STAGES: tuple[Stage, ...] = (
           # the study shapes are timed on the first evaluation batch; which rows are measured, and how
           sections=EVALUATION, keys=("benchmark", "sibs.indicator", "sibs.thresholds", "mgs.targets"),
           threads=None, exclusive=True),
+    # After every stage that computes (summary.json follows every evaluation, speed.json the gate training and the
+    # profile): it reads the log of each of their jobs, which names the MLflow run that made the job's outputs. The
+    # sweeps say which jobs there are.
+    Stage("cost", "the study's cost per stage: wall and CPU time of every job, from the MLflow runs its logs name",
+          "cost: wall and CPU time of every job of the {study} study, from the MLflow runs behind its outputs",
+          inputs={"summary": SUMMARY, "speed": SPEED}, outputs={"out": COST},
+          keys=("masking.methods", "masking.keep_ratios", "sibs.thresholds", "mgs.objectives", "mgs.targets",
+                "mgs.single_block_targets")),
     Stage("figures", "the study's figures (PDF + PNG) and captions, from summary.json and comparisons.json",
           "figures: F1-F6 from summary.json, the profile, the gate-training curves and the benchmark",
           inputs={"summary": SUMMARY, "profile": PROFILE, "speed": SPEED, "comparisons": COMPARISONS,
@@ -315,6 +324,20 @@ def sweep_points(stage: Stage, cfg: StudyConfig, fixed: dict[str, Any] | None = 
         values = [fixed[axis.name]] if fixed and axis.name in fixed else axis.points(cfg)
         points = [{**p, axis.name: v} for p in points for v in values]
     return points
+
+
+def upstream(stage: str) -> list[str]:
+    """Every stage whose outputs `stage` reads, directly or through other stages, in pipeline order."""
+    producer = {template: spec.name for spec in STAGES for template in spec.outputs.values()}
+    found: set[str] = set()
+    pending = [stage]
+    while pending:
+        for spec in PIPELINE[pending.pop()].inputs.values():
+            sources = ({name for name, _output in spec.sources} if isinstance(spec, Gathered)
+                       else {producer[spec]} if spec in producer else set())
+            pending.extend(sources - found)
+            found |= sources
+    return [name for name in PIPELINE if name in found]
 
 
 def gathered_root(source: tuple[str, str]) -> str:
