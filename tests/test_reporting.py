@@ -382,8 +382,9 @@ def test_every_figure_table_and_plot_series_is_written(record, comparisons, tmp_
     markdown.mkdir(), latex.mkdir()
     model_config = {"d_model": 64, "encoder_ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1,
                     "num_queries": 5}
-    written = tables.write_tables(markdown, latex, "x", record, profile, model_config, None, comparisons)
-    assert written == ["t1_dense", "t2_sibs", "t3_mgs", "t4_matched"]
+    written = tables.write_tables(markdown, latex, "x", record, profile, model_config, None, comparisons, COST)
+    assert written == ["t1_dense", "t2_sibs", "t3_mgs", "t4_matched", "t6_cost"]
+    assert (latex / "t6_cost.tex").read_text().count(r"\\") == 4  # header, two stages, total
     assert "98.3 [95.0, 101.0]" in (markdown / "t3_mgs.md").read_text()
     assert "80.0 [75.0, 85.1]" in (latex / "t4_matched.tex").read_text()
 
@@ -517,6 +518,40 @@ def test_t2_cells_are_each_thresholds_row():
                         "input")
     assert t2.note.startswith("Dense AP 0.300; ")
     assert r"0.64$\times$ & 0.91$\times$ \\" in t2.latex() and r"\caption{T2. SIBS threshold sweep" in t2.latex()
+
+
+# A cost.json as the cost stage writes it, cut to what T6 reads: two stages, 3 jobs, 1200 s of wall in all.
+COST = {
+    "stages": [{"stage": "model", "jobs": 1, "wall_seconds": 900.0, "cpu_seconds": 1710.0, "threads": [2],
+                "share": 0.75},
+               {"stage": "mgs_train", "jobs": 2, "wall_seconds": 300.0, "cpu_seconds": 294.0, "threads": [1],
+                "share": 0.25}],
+    "total": {"jobs": 3, "wall_seconds": 1200.0, "cpu_seconds": 2004.0, "threads": [1, 2], "share": 1.0},
+    "machines": [{"cpu": "AMD EPYC 9B14", "instruction_set": "avx512", "cores": 2}],
+    "started": "2026-12-04T23:50:00Z", "ended": "2026-12-05T00:20:00Z",
+    "not_reported": {"cost": "this stage", "figures": "beside it", "tables": "after it", "paper": "after it"},
+}
+
+
+def test_t6_cells_are_each_stages_jobs_minutes_threads_and_share():
+    t6 = tables.t6_cost(COST)
+    assert table_rows(t6) == [
+        ["stage", "jobs", "wall (min)", "CPU (min)", "threads per job", "share of wall (%)"],
+        # 900 s = 15.0 min, 1710 s = 28.5 min; 300 s = 5.0 min, 294 s = 4.9 min; 2004 s = 33.4 min
+        ["model", "1", "15.0", "28.5", "2", "75.0"],
+        ["mgs_train", "2", "5.0", "4.9", "1", "25.0"],
+        ["all stages", "3", "20.0", "33.4", "1, 2", "100.0"],
+    ]
+    # the caption names the machine and the dates of the runs (UTC), which span two days here
+    assert t6.title == ("T6. What the study cost to compute, per stage: runs of 2026-12-04 to 2026-12-05 on "
+                        "AMD EPYC 9B14 (avx512, 2 cores)")
+    assert "Not included: cost, figures, tables, paper" in t6.note
+    assert r"\label{tab:t6}" in t6.latex() and r"mgs\_train & 2 & 5.0 & 4.9 & 1 & 25.0 \\" in t6.latex()
+    # runs of one day, on two machines
+    one_day = {**COST, "ended": "2026-12-04T23:59:00Z",
+               "machines": [*COST["machines"], {"cpu": "Intel Xeon", "instruction_set": "avx2", "cores": 16}]}
+    assert tables.t6_cost(one_day).title.endswith(
+        "runs of 2026-12-04 on 2 machines: AMD EPYC 9B14 (avx512, 2 cores); Intel Xeon (avx2, 16 cores)")
 
 
 def test_t5_cells_are_each_measured_point_by_shape_and_setting():

@@ -1,4 +1,4 @@
-"""The paper's tables T1-T5, from summary.json and the stage outputs beside it (stage `tables`).
+"""The paper's tables T1-T6, from summary.json and the stage outputs beside it (stage `tables`).
 
 - T1 the dense baseline: AP metrics, FLOPs, and the natural sparsity of each FFN block;
 - T2 the SIBS threshold sweep: sparsity, AP and FLOPs per threshold;
@@ -9,7 +9,9 @@
   oracles, with paired bootstrap intervals from comparisons.json), then FLOPs and the latency measured by the
   benchmark stage;
 - T5 measured speed: sparse execution against dense per FFN block kind and end to end, at the study's and
-  DETR-R50's shapes, next to the FLOPs speed-up and the Amdahl ceiling (benchmark/speed.json).
+  DETR-R50's shapes, next to the FLOPs speed-up and the Amdahl ceiling (benchmark/speed.json);
+- T6 what the study cost to compute: per stage its jobs, wall and CPU minutes, threads per job and share, on which
+  machine and when (benchmark/cost.json).
 
 Each table is written as Markdown (results/<study>/tables/) and as LaTeX with booktabs (paper/<study>/tables/), from
 the same cells, and states its units and the FLOPs convention. Numbers are rounded for reading only: AP to
@@ -444,6 +446,38 @@ def t5_speed(speed: dict) -> PaperTable:
         f"Machine and library versions: speed.json.")
 
 
+def minutes(value: float) -> str:
+    return f"{value / 60:.1f}"
+
+
+def _machine(machine: dict) -> str:
+    return f"{machine['cpu']} ({machine['instruction_set']}, {machine['cores']} cores)"
+
+
+def _run_dates(cost: dict) -> str:
+    """'2026-12-05', or '2026-12-04 to 2026-12-05' where the runs span days (UTC)."""
+    first, last = (cost[key][:10] if cost.get(key) else "" for key in ("started", "ended"))
+    return first if last in ("", first) else f"{first} to {last}"
+
+
+def t6_cost(cost: dict) -> PaperTable:
+    table = Table(header=["stage", "jobs", "wall (min)", "CPU (min)", "threads per job", "share of wall (%)"])
+    for entry in [*cost["stages"], {"stage": "all stages", **cost["total"]}]:
+        table.rows.append([entry["stage"], str(entry["jobs"]), minutes(entry["wall_seconds"]),
+                           minutes(entry["cpu_seconds"]), ", ".join(map(str, entry["threads"])), pct(entry["share"])])
+    machines = cost["machines"]
+    where = (_machine(machines[0]) if len(machines) == 1 else
+             f"{len(machines)} machines: " + "; ".join(map(_machine, machines)))
+    left_out = ", ".join(cost["not_reported"])
+    return PaperTable(
+        "t6_cost", f"T6. What the study cost to compute, per stage: runs of {_run_dates(cost)} on {where}", [table],
+        "Wall and CPU minutes: sums over a stage's jobs of each job's MLflow run (the run its log names: the one "
+        "that made its outputs); CPU: the job's process and the children it waited for. Jobs that ran side by side "
+        "count each, so the total exceeds the elapsed time of a parallel run. Threads: torch threads per job. "
+        f"Share: of the summed wall minutes. Not included: {left_out} (they run after the cost is taken, or beside "
+        "it). Per job, machine and load average at its start: benchmark/cost.json.")
+
+
 def study_macros(study: str, record: StudyRecord, profile: dict, model_config: dict) -> str:
     """LaTeX macros for the paper's setup section, so that its prose carries no typed numbers."""
     group_sizes = {r["setting"]["group_size"] for o in record.mgs_objectives() for r in record.mgs(o)}
@@ -464,14 +498,17 @@ def study_macros(study: str, record: StudyRecord, profile: dict, model_config: d
 
 
 def write_tables(markdown_dir: Path, latex_dir: Path, study: str, record: StudyRecord, profile: dict,
-                 model_config: dict, speed: dict | None, comparisons: Comparisons | None = None) -> list[str]:
+                 model_config: dict, speed: dict | None, comparisons: Comparisons | None = None,
+                 cost: dict | None = None) -> list[str]:
     """Every table as Markdown into `markdown_dir` and as LaTeX into `latex_dir` (with the study's macros);
-    `speed` None leaves T5 out, `comparisons` None the bootstrap intervals."""
+    `speed` None leaves T5 out, `comparisons` None the bootstrap intervals, `cost` None T6."""
     comparisons = comparisons or Comparisons.of(None)
     tables = [t1_dense(record, profile), t2_sibs(record), t3_mgs(record, comparisons),
               t4_matched(record, speed, comparisons)]
     if speed is not None:
         tables.append(t5_speed(speed))
+    if cost is not None:
+        tables.append(t6_cost(cost))
     for table in tables:
         (markdown_dir / f"{table.name}.md").write_text(table.markdown())
         (latex_dir / f"{table.name}.tex").write_text(table.latex())
