@@ -301,7 +301,7 @@ def check_paper_outputs(root: Path, by_key: dict[tuple, dict]) -> None:
     t2 = markdown_rows(tables / "t2_sibs.md")
     for cells in (dict(zip(t2[0], row)) for row in t2[1:]):
         assert cells["AP"] == f"{by_key[('sibs', float(cells['threshold tau']), None)]['AP']:.3f}"
-    for name in ("t1_dense", "t2_sibs", "t3_mgs", "t4_matched", "study"):
+    for name in ("t1_dense", "t2_sibs", "t3_mgs", "t4_matched", "t6_cost", "study"):
         assert (root / f"paper/synthetic/tables/{name}.tex").stat().st_size > 0, name
     assert "\\toprule" in (root / "paper/synthetic/tables/t3_mgs.tex").read_text()
 
@@ -312,6 +312,24 @@ def check_paper_outputs(root: Path, by_key: dict[tuple, dict]) -> None:
     assert metrics["dense"]["AP"] == dense["AP"]
     if LATEX:
         assert (root / "paper/synthetic/main.pdf").read_bytes().startswith(b"%PDF")
+
+
+def check_cost(root: Path) -> None:
+    """cost.json reports on every stage before it, with as many jobs per stage as the stage left log files (recounted
+    here from the logs directory), each job's run FINISHED; T6 shows its total."""
+    cost = json.loads((root / "results/synthetic/benchmark/cost.json").read_text())
+    reported = [name for name in PIPELINE if name not in ("cost", "figures", "tables", "paper")]
+    assert [entry["stage"] for entry in cost["stages"]] == reported
+    logs = [f.name for f in (root / "results/synthetic/logs").glob("*.log")]
+    for entry in cost["stages"]:
+        recount = sum(name == f"{entry['stage']}.log" or name.startswith(f"{entry['stage']}-") for name in logs)
+        assert entry["jobs"] == recount > 0, entry["stage"]
+    assert cost["total"]["jobs"] == len(cost["jobs"]) == sum(entry["jobs"] for entry in cost["stages"])
+    assert {job["status"] for job in cost["jobs"]} == {"FINISHED"}
+    assert sum(entry["share"] for entry in cost["stages"]) == pytest.approx(1.0)
+    header, *rows = markdown_rows(root / "results/synthetic/tables/t6_cost.md")
+    assert [row[0] for row in rows] == [*reported, "all stages"]
+    assert dict(zip(header, rows[-1]))["jobs"] == str(cost["total"]["jobs"])
 
 
 def mlflow_runs(root: Path) -> list:
@@ -365,7 +383,8 @@ ARTIFACTS = {"data": {"splits.json"}, "model": {"config.json", "model_info.json"
              "mgs_cache": set(),  # its outputs are the cached front end and block inputs (hundreds of MB on a study)
              "mgs_local": {"training.json"}, "mgs_train": {"training.json"}, "mgs_evaluate": {"row.json"},
              "mgs_single": {"rows.json"}, "mgs_paper_setting": {"row.json"}, "summary": {"summary.json", "metrics.json", "comparisons.json"},
-             "figures": {"figures", "plots"}, "tables": {"tables", "paper_tables"}, "paper": {"paper"}}
+             "cost": {"cost.json"}, "figures": {"figures", "plots"}, "tables": {"tables", "paper_tables"},
+             "paper": {"paper"}}
 
 
 def expected_run_names(stage: str) -> list[str]:
@@ -461,8 +480,9 @@ def dvc_status(root: Path) -> dict:
     return json.loads(run(["dvc", "status", "--json", *targets], root).stdout)
 
 
-# A changed evaluation reruns the benchmark (it reads the gates and SIBS masks) and the reporting after it.
-REPORTING = {"benchmark": "1", "figures": "1", "tables": "1", **({"paper": "1"} if LATEX else {})}
+# A changed evaluation reruns the benchmark (it reads the gates and SIBS masks), the cost (it reads the logs of
+# every job before it) and the reporting after them.
+REPORTING = {"benchmark": "1", "cost": "1", "figures": "1", "tables": "1", **({"paper": "1"} if LATEX else {})}
 
 
 @pytest.mark.slow
@@ -471,6 +491,7 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(study):
     assert not (root / "mlflow.db").exists()  # every run went to the server
     check_counts_independently(root, by_key)
     check_paper_outputs(root, by_key)
+    check_cost(root)
     for log in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "mgs_cache",
                 "mgs_local", "mgs_train-group_activity-0.5", "mgs_train-distillation-0.5",
                 "mgs_evaluate-distillation-0.5", "mgs_single-0.5", "summary", "benchmark"):
@@ -530,7 +551,8 @@ def test_an_edit_reruns_exactly_the_stages_that_import_the_module(study):
                      "benchmark"}
         assert changed_stages(root) == importing  # DVC names the stages whose own deps changed
         # Snakemake plans them and what reads their outputs; not the gate training, nor anything before it.
-        assert planned_stages(root) == importing | {"summary", "figures", "tables", *(["paper"] if LATEX else [])}
+        assert planned_stages(root) == importing | {"summary", "cost", "figures", "tables",
+                                                    *(["paper"] if LATEX else [])}
     finally:
         source.write_text(original)
     # A module no stage imports changes nothing.
@@ -563,15 +585,21 @@ def test_dvc_sees_the_snakemake_run_and_reruns_exactly_a_changed_param(study):
     check_a_clone_pulls_the_study(root, study["tmp"])
 
     # A new SIBS threshold: DVC reports that point and the stages that read the sweep as changed, and `dvc repro`
-    # runs exactly those and what reads their outputs, itself (its runs land in the project's own SQLite store).
+    # runs exactly those and what reads their outputs, itself, against the store the study ran with (its tracking
+    # server, started again on the same store): there the cost stage finds the runs of every job before it.
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["sibs"]["thresholds"].append(0.3)
     write_params(root, params)
     paper = {"paper"}  # without LaTeX it has no entry in dvc.lock: always reported, and refused when run
     assert set(json.loads(run(["dvc", "status", "--json"], root).stdout)) - paper == {"sibs@0.3", "summary",
-                                                                                     "benchmark"}
-    expected = {"sibs@0.3", "summary", "benchmark", "figures", "tables", *(paper if LATEX else [])}
-    repro = run(["dvc", "repro"], root, check=False)
+                                                                                     "benchmark", "cost"}
+    expected = {"sibs@0.3", "summary", "benchmark", "cost", "figures", "tables", *(paper if LATEX else [])}
+    with mlflow_server(study["tmp"] / "mlflow") as url:
+        experiments = [e["experiment_id"] for e in rest(url, "experiments/search", {"max_results": 1000})["experiments"]
+                       if e["name"] == "detr-sparsity-synthetic"]
+        before = {r["id"] for r in server_runs(url, experiments)}
+        repro = run(["dvc", "repro"], root, check=False, env={"MLFLOW_TRACKING_URI": url})
+        new = [r for r in server_runs(url, experiments) if r["id"] not in before]
     ran = set(re.findall(r"Running stage '([^']+)'", repro.stdout))
     assert ran == expected | paper, repro.stdout + repro.stderr
     if LATEX:
@@ -579,10 +607,13 @@ def test_dvc_sees_the_snakemake_run_and_reruns_exactly_a_changed_param(study):
     else:  # every other stage ran; the paper stops with the LaTeX message, after all of them
         assert repro.returncode != 0 and "no LaTeX toolchain" in repro.stdout + repro.stderr
     assert dvc_status(root) == {}
-    runs = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").search_runs(
-        [MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_experiment_by_name(
-            "detr-sparsity-synthetic").experiment_id])
-    assert Counter(r.data.tags["stage"] for r in runs) == Counter({name.partition("@")[0]: 1 for name in expected})
+    assert Counter(r["tags"]["stage"] for r in new) == Counter({name.partition("@")[0]: 1 for name in expected})
+    # cost.json counts the new runs of the jobs that reran, and the Snakemake run's of those that did not
+    named = {Path(job["log"]).name: job["run_id"] for job in
+             json.loads((root / "results/synthetic/benchmark/cost.json").read_text())["jobs"]}
+    rerun = {r["tags"]["stage"]: r["id"] for r in new}
+    assert (named["sibs-0.3.log"], named["summary.log"]) == (rerun["sibs"], rerun["summary"])
+    assert named["sibs-0.2.log"] in before and named["data.log"] in before
     rows = json.loads((root / "results/synthetic/summary.json").read_text())
     assert [r["setting"]["threshold"] for r in rows if r["method"] == "sibs"] == [*TINY_SWEEPS["sibs"]["thresholds"], 0.3]
     run(["git", "checkout", "params.yaml"], root)
