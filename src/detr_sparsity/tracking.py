@@ -284,6 +284,15 @@ class RecordedRun:
     metrics: dict[str, float]  # the latest value of each
     tags: dict[str, str]
 
+    @property
+    def started(self) -> str:
+        """When the run started, in UTC (ISO 8601)."""
+        return _iso(self.start_time)
+
+    @property
+    def ended(self) -> str | None:
+        return _iso(self.end_time) if self.end_time is not None else None
+
 
 def runs_by_id(run_ids: Iterable[str]) -> dict[str, RecordedRun]:
     """The runs of the store at tracking_uri() with these ids, by id; an id the store does not hold is left out. A

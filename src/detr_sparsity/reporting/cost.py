@@ -14,7 +14,6 @@ error names each log, its run and the store, and what to do.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +103,6 @@ def jobs_and_runs(cfg: StudyConfig, stages: list[str]) -> tuple[list[Job], dict[
     return with_shards, runs
 
 
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _machine(run: tracking.RecordedRun) -> dict[str, Any]:
     tags = {key: run.tags[f"machine.{key}"] for key in MACHINE_TAGS}
     return {"cpu": tags["cpu"], "instruction_set": tags["instruction_set"], "cores": int(tags["cores"]),
@@ -118,8 +113,7 @@ def _job_record(job: Job, run: tracking.RecordedRun) -> dict[str, Any]:
     return {"stage": job.stage, "setting": run.tags.get("setting", ""), "log": str(job.log), "run_id": job.run_id,
             "status": run.status, "wall_seconds": run.metrics["wall_seconds"],
             "cpu_seconds": run.metrics["cpu_seconds"], "threads": int(run.metrics["threads"]),
-            "machine": _machine(run), "host": run.tags.get("host", ""), "started": _iso(run.start_time),
-            "ended": _iso(run.end_time) if run.end_time is not None else None}
+            "machine": _machine(run), "host": run.tags.get("host", ""), "started": run.started, "ended": run.ended}
 
 
 def _summed(records: list[dict[str, Any]], total_wall: float) -> dict[str, Any]:
