@@ -22,7 +22,7 @@ import torch
 
 from detr_sparsity.execution import benchmark as speed
 from detr_sparsity.execution.cpu_kernel import cpu_kernel
-from detr_sparsity.execution.gated_ffn import PackedFFN, kernel_tile
+from detr_sparsity.execution.gated_ffn import PackedFFN, kernel_tile, sparse_ffn
 from detr_sparsity.pipeline import gathered_points, path
 
 from _common import arguments, parse, report
@@ -63,15 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def sparse(tile_of: Callable[[int], int]) -> Callable[[], list[torch.Tensor]]:
                 """The six blocks through the kernel, each with `tile_of(its tokens)` tokens per tile."""
-                def run() -> list[torch.Tensor]:
-                    outputs = []
-                    for b in blocks:
-                        p = packed[b.name]
-                        outputs.append(kernel.gated_ffn(b.tokens, masks[b.name], p.w1g, p.b1g.view(-1),
-                                                        p.w2g.view(-1, p.w2g.shape[-1]), p.b2,
-                                                        tile_of(b.tokens.shape[0])))
-                    return outputs
-                return run
+                return lambda: [sparse_ffn(b.tokens, masks[b.name], packed[b.name], tile=tile_of(b.tokens.shape[0]))
+                                for b in blocks]
 
             variants = {"dense": lambda: [speed.dense_ffn(b) for b in blocks],
                         f"tile{PREVIOUS_TILE}": sparse(lambda n: PREVIOUS_TILE),

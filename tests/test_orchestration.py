@@ -301,7 +301,7 @@ def check_paper_outputs(root: Path, by_key: dict[tuple, dict]) -> None:
     t2 = markdown_rows(tables / "t2_sibs.md")
     for cells in (dict(zip(t2[0], row)) for row in t2[1:]):
         assert cells["AP"] == f"{by_key[('sibs', float(cells['threshold tau']), None)]['AP']:.3f}"
-    for name in ("t1_dense", "t2_sibs", "t3_mgs", "t4_matched", "t6_cost", "study"):
+    for name in ("t0_claims", "t1_dense", "t2_sibs", "t3_mgs", "t4_matched", "t6_cost", "study"):
         assert (root / f"paper/synthetic/tables/{name}.tex").stat().st_size > 0, name
     assert "\\toprule" in (root / "paper/synthetic/tables/t3_mgs.tex").read_text()
 

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from detr_sparsity.reporting import figures, tables
+from detr_sparsity.reporting import claims, figures, reported, tables
 from detr_sparsity.reporting.latex import latex_text
 from detr_sparsity.reporting.records import Comparisons, StudyRecord, flops_ratio
 from detr_sparsity.reporting.summary import headline_metrics
@@ -173,7 +173,7 @@ def test_t3_shows_both_protocols_the_cost_and_counts_the_blocks_where_the_paper_
     #   at one target or more: encoder.0 and decoder.0                              -> 2 of 2
     by_hand = {t: sum(ap / 0.30 >= 0.97 and s >= 0.83 for _, tt, s, ap in SINGLE if tt == t) for t in (0.85, 0.9)}
     assert by_hand == {0.85: 1, 0.9: 1}
-    assert tables.claim_counts(record, comparisons) == {0.85: (1, 2), 0.9: (1, 2)}
+    assert claims.single_block_counts(record, comparisons) == {0.85: (1, 2), 0.9: (1, 2)}
     assert "**single block, target 0.85: the paper's per-layer claim holds in 1 of 2 blocks**" in single
     assert "it holds in 1 of 2 blocks at target 0.85; 1 of 2 blocks at target 0.9; at one target or more in 2 of " \
         "2 blocks" in t3.note
@@ -383,7 +383,7 @@ def test_every_figure_table_and_plot_series_is_written(record, comparisons, tmp_
     model_config = {"d_model": 64, "encoder_ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1,
                     "num_queries": 5}
     written = tables.write_tables(markdown, latex, "x", record, profile, model_config, None, comparisons, COST)
-    assert written == ["t1_dense", "t2_sibs", "t3_mgs", "t4_matched", "t6_cost"]
+    assert written == ["t0_claims", "t1_dense", "t2_sibs", "t3_mgs", "t4_matched", "t6_cost"]
     assert (latex / "t6_cost.tex").read_text().count(r"\\") == 4  # header, two stages, total
     assert "98.3 [95.0, 101.0]" in (markdown / "t3_mgs.md").read_text()
     assert "80.0 [75.0, 85.1]" in (latex / "t4_matched.tex").read_text()
@@ -491,6 +491,84 @@ def test_t1_cells_are_the_dense_row_and_the_profile():
     latex = t1.latex()
     assert r"\label{tab:t1}" in latex and r"\caption{T1. Dense baseline" in latex
     assert r"natural sparsity (\%) & calibration split: mean (\%)" in latex
+
+
+def test_t1_shows_the_reported_regime_beside_a_stand_in_only():
+    record, profile = t1_inputs()
+    rows = table_rows(tables.t1_dense(record, profile, reported.DETR_R50_REGIME))
+    assert rows[2][-1] == "DETR-R50, reported (%)"
+    # the reported ranges: 74-86 % for encoder blocks, 96-98 % for decoder blocks, up to 97 % over all
+    assert [r[-1] for r in rows[3:]] == ["74.0-86.0", "74.0-86.0", "96.0-98.0", "up to 97.0"]
+    assert "unverified" in tables.t1_dense(record, profile, reported.DETR_R50_REGIME).note
+    assert "reported" not in " ".join(table_rows(tables.t1_dense(record, profile))[2])  # a measured model: no column
+    assert reported.stands_in({"source": "pretrain"}) and not reported.stands_in({"source": "hub"})
+    stand_in, measured = (figures.captions("x", "calibration", "val", s)["f1_natural_sparsity"] for s in (True, False))
+    assert "DETR-R50, as reported" in stand_in and "reported" not in measured
+
+
+def regime_profile(encoder, decoder, overall):
+    """A profile of the blocks' natural sparsity alone, as C1 reads it."""
+    per_block = {**{f"encoder.{i}": v for i, v in enumerate(encoder)}, **{f"decoder.{i}": v for i, v in enumerate(decoder)}}
+    return {"split": "calibration", "images": 4, "natural_sparsity": {"overall": overall},
+            "per_block": {b: {"natural_sparsity": v} for b, v in per_block.items()}}
+
+
+def test_c1_most_zero_and_the_regime_by_their_thresholds():
+    # every block above one half: C1 holds; the regime needs encoder >= 0.75, decoder >= 0.90, overall >= 0.85
+    inside = regime_profile([0.75, 0.80], [0.90, 0.97], 0.85)  # each exactly at its threshold: holds
+    assert claims.c1_most_zero(inside).verdict == claims.HOLDS
+    verdict = claims.c1_regime(inside, stand_in=True)
+    assert verdict.verdict == claims.HOLDS and verdict.measured == (
+        "encoder 75.0 % to 80.0 %; decoder 90.0 % to 97.0 %; 85.0 % over all blocks")
+    assert "this stand-in" in verdict.reference
+    for encoder, decoder, overall in (([0.74, 0.8], [0.9, 0.97], 0.85), ([0.8, 0.8], [0.89, 0.97], 0.86),
+                                      ([0.8, 0.8], [0.9, 0.97], 0.84)):
+        assert claims.c1_regime(regime_profile(encoder, decoder, overall), True).verdict == claims.FAILS
+    half = regime_profile([0.5, 0.9], [0.9], 0.8)  # one block at exactly one half: not "most"
+    assert claims.c1_most_zero(half).verdict == claims.FAILS
+    assert claims.c1_most_zero(half).measured == "80.0 % over all blocks; 50.0 % (encoder.0) to 90.0 % (encoder.1)"
+    assert "measured" in claims.c1_regime(inside, stand_in=False).reference
+
+
+def test_t0_judges_c2_to_c4_on_the_hand_made_record(record, comparisons):
+    verdicts = {v.claim: v for v in claims.judge(record, regime_profile([0.6], [0.8], 0.7), comparisons, True)}
+    assert list(verdicts) == ["C1", "C1, regime", "C2", "C3", "C4, every block at once", "C4, one block at a time"]
+    # C2: at 90 % top-k keeps 0.30 / 0.30, random 0.02 / 0.30: 93 points ahead, with every block masked
+    assert verdicts["C2"].verdict == claims.HOLDS and "90 %: 100 / 7" in verdicts["C2"].measured
+    # C3: SIBS keeps >= 97 % only at tau 0 (sparsity 0); top-k keeps 100 % at 90 %
+    assert verdicts["C3"].verdict == claims.HOLDS
+    assert "keeping 97 % of the dense AP: 0.0 %" in verdicts["C3"].measured and "90.0 %" in verdicts["C3"].reference
+    # C4, every block: at 0.9 the best gate set keeps 80 % (group_activity, comparisons.json) > task's 70 %
+    every = verdicts["C4, every block at once"]
+    assert every.verdict == claims.FAILS and every.measured.startswith("best gate set per target, % of dense AP "
+                                                                        "kept: 0.9: 80.0 % (MGS (group_activity)")
+    assert "the top-k oracle keeps 0.9: 100.0 %" in every.reference
+    # C4, one block: 1 of 2 blocks at each target (recounted in the T3 test): no target where every block holds
+    one = verdicts["C4, one block at a time"]
+    assert one.verdict == claims.FAILS and one.measured.endswith("0.85: in 1 of 2 blocks; 0.9: in 1 of 2 blocks")
+    t0 = tables.t0_claims(list(verdicts.values()))
+    assert [r[0] for r in table_rows(t0)[1:]] == list(verdicts) and r"\label{tab:t0}" in t0.latex()
+
+
+def test_t0_verdicts_turn_with_the_rows_and_say_what_cannot_be_measured(record, comparisons):
+    dense_ap = 0.30
+    kept = row("mgs", {"objective": "distillation", "target": 0.85, "protocol": "all", "scope": "all"},
+               0.97 * dense_ap, 0.831, 20.0)  # 97 % of dense at 83.1 %: within the 2-point tolerance
+    assert claims.c4_every_block(StudyRecord([*record.rows, kept]), comparisons).verdict == claims.HOLDS
+    short = row("mgs", {"objective": "distillation", "target": 0.85, "protocol": "all", "scope": "all"},
+                dense_ap, 0.829, 20.0)  # dense AP but 82.9 % sparse: too short of the target
+    assert claims.c4_every_block(StudyRecord([*record.rows, short]), comparisons).verdict == claims.FAILS
+    # random ahead of top-k by more than a point in one block at one sparsity: C2 does not hold
+    behind = [row(m, {"keep_ratio": 0.5, "scope": "encoder.0"}, ap, 0.5) for m, ap in (("topk", 0.25),
+                                                                                        ("random", 0.26))]
+    assert claims.c2_topk_vs_random(StudyRecord([*record.rows, *behind])).verdict == claims.FAILS
+    within = [row(m, {"keep_ratio": 0.5, "scope": "encoder.0"}, ap, 0.5) for m, ap in (("topk", 0.25),
+                                                                                        ("random", 0.2529))]
+    assert claims.c2_topk_vs_random(StudyRecord([*record.rows, *within])).verdict == claims.HOLDS
+    # a record of the dense row alone: nothing but C1 can be judged
+    alone = StudyRecord([r for r in record.rows if r["method"] == "dense"])
+    verdicts = claims.judge(alone, regime_profile([0.6], [0.8], 0.7), Comparisons.of(None), True)
+    assert [v.verdict for v in verdicts[2:]] == [claims.UNMEASURED] * 4
 
 
 def sibs_row(threshold, ap, ap50, overall, encoder, decoder, ffn_as_run, total_as_run):

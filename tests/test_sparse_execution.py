@@ -125,9 +125,9 @@ def test_the_kernels_output_does_not_depend_on_its_tile():
     packed = PackedFFN(fc1, fc2, 16)
     x = torch.randn(300, 256)
     mask = torch.rand(300, 128) > 0.9
-    outputs = [cpu_kernel().gated_ffn(x, mask, packed.w1g, packed.b1g.view(-1), packed.w2g.view(-1, 256), packed.b2,
-                                      tile) for tile in (1, 7, 16, 150, 256, 1000)]
+    outputs = [sparse_ffn(x, mask, packed, tile=tile) for tile in (None, 1, 7, 16, 150, 256, 1000)]
     assert all(torch.equal(y, outputs[0]) for y in outputs[1:])
+    torch.testing.assert_close(outputs[0], dispatch_ffn(x, mask, packed))  # and it is the gated FFN's result
 
 
 @pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler: the PyTorch path runs")

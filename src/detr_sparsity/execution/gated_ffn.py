@@ -25,10 +25,11 @@ EXECUTIONS = ("masked", "sparse")
 # Tokens per tile of the CPU kernel, at most. Per group the kernel runs fc1 for the tile's tokens that open it four
 # at a time, so a tile needs several open tokens per group to fill those chunks: at 90 % sparsity a 16-token tile
 # holds 1.6 per group on average, and a chunk of 4 computes up to 4 rows for one. Larger tiles fill them; 256
-# tokens keep a tile's outputs (256 x d floats) within a core's L2. Measured on the AVX2 class, R50 shapes, gate-like
-# masks, medians, every tile on the same masks (2026-12-05): against 16-token tiles, 213 (850 tokens in 4 equal
-# tiles) was 1.60x faster at 90 % sparsity on 1 thread and 1.40x on 2, and 50 (the 100 queries in 2) 1.24x on
-# 2 threads, where 128 or 256 leave one thread idle (0.85x). Hence `kernel_tile`.
+# tokens keep a tile's outputs (256 x d floats) within a core's L2. Measured by benchmarks/kernel_tile.py on the
+# AVX2 class (2026-12-05; R50 shapes, the study's trained gates' masks, both tilings on the same masks in one run):
+# against 16-token tiles, kernel_tile was 1.14x to 1.91x faster in all 24 rows (two block kinds, six targets, 1 and
+# 2 threads), R50's encoder at target 0.9 (213 tokens per tile on 2 threads) 1.39x on 2 threads and 1.64x on 1.
+# Tiles as many as the threads, or a multiple: 128 or 256 tokens for the 100 queries would leave a thread idle.
 KERNEL_MAX_TILE = 256
 
 
@@ -63,8 +64,9 @@ class PackedFFN:
         self.b2 = fc2.bias.detach().contiguous()
 
 
-def sparse_ffn(x: torch.Tensor, open_groups: torch.Tensor, packed: PackedFFN) -> torch.Tensor:
-    """fc2(m * relu(fc1 x)), m the per-token group mask `open_groups` (..., groups), skipping closed groups."""
+def sparse_ffn(x: torch.Tensor, open_groups: torch.Tensor, packed: PackedFFN, tile: int | None = None) -> torch.Tensor:
+    """fc2(m * relu(fc1 x)), m the per-token group mask `open_groups` (..., groups), skipping closed groups. `tile`:
+    the kernel's tokens per tile (default `kernel_tile`; every tile computes the same result)."""
     if open_groups.shape != (*x.shape[:-1], packed.groups):
         raise ValueError(f"group mask of shape {tuple(open_groups.shape)} does not fit tokens {tuple(x.shape[:-1])} "
                          f"and {packed.groups} groups")
@@ -73,7 +75,7 @@ def sparse_ffn(x: torch.Tensor, open_groups: torch.Tensor, packed: PackedFFN) ->
     kernel = cpu_kernel() if _kernel_applies(tokens, packed) else None
     if kernel is not None:
         y = kernel.gated_ffn(tokens, mask, packed.w1g, packed.b1g.view(-1), packed.w2g.view(-1, packed.w2g.shape[-1]),
-                             packed.b2, kernel_tile(tokens.shape[0], torch.get_num_threads()))
+                             packed.b2, tile or kernel_tile(tokens.shape[0], torch.get_num_threads()))
     else:
         y = dispatch_ffn(tokens, mask, packed)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -1,6 +1,7 @@
 """The study's figures, drawn only from summary.json and the stage outputs beside it (stage `figures`).
 
-- F1 natural sparsity of each FFN block and its spread across images (profile.json);
+- F1 natural sparsity of each FFN block and its spread across images (profile.json), beside DETR-R50's as reported
+  on a stand-in;
 - F2 top-k against random keep, with the threshold oracle: AP against induced sparsity, one panel per block and one
   for all (paper Fig. 2);
 - F3 AP against FFN FLOPs reduction for dense, SIBS, every MGS target and the two oracles (paper Fig. 3);
@@ -29,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from detr_sparsity.reporting import reported  # noqa: E402
 from detr_sparsity.reporting.latex import latex_text  # noqa: E402
 from detr_sparsity.reporting.records import (METHOD_LABELS, Comparisons, StudyRecord,  # noqa: E402
                                              flops_reduction, mgs_label, sparsity)
@@ -93,10 +95,19 @@ def _times(axis, low: float, high: float) -> None:
     (axis.axes.set_xlim if axis is axis.axes.xaxis else axis.axes.set_ylim)(*limits)
 
 
-def f1_natural_sparsity(record: StudyRecord, profile: dict):
-    """Per-image natural sparsity of each block (box: quartiles, whiskers: 5th-95th percentile)."""
+def f1_natural_sparsity(record: StudyRecord, profile: dict, regime: reported.Regime | None = None):
+    """Per-image natural sparsity of each block (box: quartiles, whiskers: 5th-95th percentile); `regime`, DETR-R50's
+    as reported, is shaded behind the blocks of each kind (a stand-in's study; None: the model is measured)."""
     blocks = record.blocks
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    if regime is not None:
+        label = f"{reported.REPORTED_MODEL}, reported (unverified)"
+        for kind, (low, high) in (("encoder", regime.encoder), ("decoder", regime.decoder)):
+            at = [i for i, b in enumerate(blocks, start=1) if b.startswith(f"{kind}.")]
+            if at:
+                ax.fill_between([at[0] - 0.45, at[-1] + 0.45], low, high, color="grey", alpha=0.25, hatch="//",
+                                linewidth=0, label=label)
+                label = None  # one legend entry for both kinds
     per_image = [profile["per_image_sparsity"][b] for b in blocks]
     stats = matplotlib.cbook.boxplot_stats(per_image)
     for box, values in zip(stats, per_image):
@@ -358,15 +369,20 @@ def f6_speed(speed: dict):
     return fig
 
 
-def captions(study: str, profile_split: str, evaluate_split: str) -> dict[str, str]:
+def captions(study: str, profile_split: str, evaluate_split: str, stand_in: bool = True) -> dict[str, str]:
     """One caption per figure, naming the study and the data each figure is drawn from. Built from settings
-    alone, so that the Snakemake report (workflow/report/figure.rst) shows the very same text."""
+    alone, so that the Snakemake report (workflow/report/figure.rst) shows the very same text. `stand_in`: the
+    study's model is pretrained by the pipeline (F1 then shows DETR-R50's reported regime beside it)."""
     study = f"{study} study"
+    regime = reported.DETR_R50_REGIME
     return {
         "f1_natural_sparsity": (
             f"Natural sparsity of each FFN block ({study}): the share of post-ReLU zeros per image on the "
             f"{profile_split} split (boxes: quartiles; whiskers: 5th to 95th percentile), with the token-weighted "
-            f"mean there (dots) and on the {evaluate_split} split (crosses)."),
+            f"mean there (dots) and on the {evaluate_split} split (crosses)."
+            + (f" Shaded: the paper's model, {reported.REPORTED_MODEL}, as reported for its shallow encoder and "
+               f"deep decoder blocks ({regime.describe()}; {reported.SOURCE}), not measured here."
+               if stand_in else "")),
         "f2_topk_vs_random": (
             f"Top-k against random keep ({study}, paper Fig. 2), with the threshold oracle: COCO AP on the "
             f"{evaluate_split} split against the induced sparsity of the masked block(s), masking all blocks at once "
@@ -431,14 +447,16 @@ def write_plot_series(record: StudyRecord, out_dir: Path, names: list[str] = ())
 
 
 def write_figures(out_dir: Path, study: str, evaluate_split: str, record: StudyRecord, profile: dict,
-                  trainings: list[dict], speed: dict | None, comparisons: Comparisons | None = None) -> list[str]:
+                  trainings: list[dict], speed: dict | None, comparisons: Comparisons | None = None,
+                  stand_in: bool = True) -> list[str]:
     """Draw every figure into `out_dir` (PDF + PNG) with its captions; `trainings` are the gate trainings'
     records (their curves), `speed` the benchmark's result (F6; None leaves F6 out), `comparisons` the bootstrap
-    intervals (F5's error bars; None draws none)."""
+    intervals (F5's error bars; None draws none), `stand_in` whether F1 shows DETR-R50's reported regime."""
     by_setting = {(t["objective"], t["target"]): t for t in trainings}
     _style()
     drawings: dict[str, Callable[[], object]] = {
-        "f1_natural_sparsity": lambda: f1_natural_sparsity(record, profile),
+        "f1_natural_sparsity": lambda: f1_natural_sparsity(record, profile,
+                                                           reported.DETR_R50_REGIME if stand_in else None),
         "f2_topk_vs_random": lambda: f2_topk_vs_random(record),
         "f3_flops_vs_ap": lambda: f3_flops_vs_ap(record),
         "f4_gate_training": lambda: f4_gate_training(record, by_setting),
@@ -452,6 +470,7 @@ def write_figures(out_dir: Path, study: str, evaluate_split: str, record: StudyR
         fig.savefig(out_dir / f"{name}.png", dpi=PNG_DPI)
         plt.close(fig)
         log.info("drew %s", name)
-    write_captions(out_dir, {name: text for name, text in captions(study, profile["split"], evaluate_split).items()
+    write_captions(out_dir, {name: text for name, text in captions(study, profile["split"], evaluate_split,
+                                                                         stand_in).items()
                              if name in drawings})
     return list(drawings)

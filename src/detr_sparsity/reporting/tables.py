@@ -1,6 +1,8 @@
-"""The paper's tables T1-T6, from summary.json and the stage outputs beside it (stage `tables`).
+"""The paper's tables T0-T6, from summary.json and the stage outputs beside it (stage `tables`).
 
-- T1 the dense baseline: AP metrics, FLOPs, and the natural sparsity of each FFN block;
+- T0 the paper's claims C1-C4, each with the measured figure, its reference and a verdict (reporting/claims.py);
+- T1 the dense baseline: AP metrics, FLOPs, and the natural sparsity of each FFN block (beside DETR-R50's as
+  reported, on a stand-in);
 - T2 the SIBS threshold sweep: sparsity, AP and FLOPs per threshold;
 - T3 MGS in both protocols: every gated block at once per objective and target (achieved sparsity per block, AP
   metrics, FFN and whole-model FLOPs, what the gates cost to train and calibrate), and each block gated alone
@@ -28,6 +30,9 @@ from pathlib import Path
 import numpy
 
 from detr_sparsity.evaluation.coco_eval import AP_METRICS
+from detr_sparsity.reporting import reported
+from detr_sparsity.reporting.claims import (CLAIM_RETENTION, CLAIM_SPARSITY, CLAIM_SPARSITY_TOLERANCE, Verdict,
+                                            judge, single_block_counts, single_block_holds)
 from detr_sparsity.reporting.latex import latex_text
 from detr_sparsity.reporting.records import (METHOD_LABELS, Comparisons, StudyRecord, flops_ratio, mgs_label,
                                              sparsity)
@@ -40,12 +45,6 @@ FLOPS_NOTE = ("FLOPs = 2 x multiply-accumulates per image, counted on the run (t
 AP_NOTE = "AP metrics: pycocotools COCOeval (bbox); n/a: the split holds no object in that area range. "
 # How far a SIBS threshold's sparsity may lie from a target to be shown as matched in T4.
 SIBS_MATCH_TOLERANCE = 0.05
-# The paper's per-layer claim: one layer gated at a time keeps >= 97 % of the dense AP at >= 85 % sparsity. A
-# block's gate is calibrated on other images than it is evaluated on, so its sparsity may fall a little short
-# of the target: within CLAIM_SPARSITY_TOLERANCE it still counts.
-CLAIM_RETENTION = 0.97
-CLAIM_SPARSITY = 0.85
-CLAIM_SPARSITY_TOLERANCE = 0.02
 
 
 def ap(value: float) -> str:
@@ -93,12 +92,6 @@ def retained(record: StudyRecord, comparisons: Comparisons, row: dict) -> str:
     return with_interval(entry["AP_ratio"], entry["AP_ratio_low"], entry["AP_ratio_high"], pct)
 
 
-def retention_point(record: StudyRecord, comparisons: Comparisons, row: dict) -> float:
-    """AP / dense AP: comparisons.json's point estimate where it has one (the same number), else summary.json's."""
-    entry = comparisons.retention(row)
-    return entry["AP_ratio"] if entry is not None else record.retention(row)
-
-
 def against_oracle(comparisons: Comparisons, row: dict, oracle: str) -> str:
     """The MGS row's AP minus the oracle's at the same target and scope, in AP points with its interval; '' where
     not compared."""
@@ -120,28 +113,13 @@ def interval_note(comparisons: Comparisons) -> str:
             "comparisons.json). ")
 
 
-def claim_holds(record: StudyRecord, comparisons: Comparisons, row: dict) -> bool:
-    """Whether a single-block row meets the paper's per-layer claim (point estimate; see CLAIM_*)."""
-    block = row["setting"]["scope"]
-    return (retention_point(record, comparisons, row) >= CLAIM_RETENTION
-            and sparsity(row, block) >= CLAIM_SPARSITY - CLAIM_SPARSITY_TOLERANCE)
-
-
-def claim_counts(record: StudyRecord, comparisons: Comparisons) -> dict[float, tuple[int, int]]:
-    """Per single-block target: (blocks where the paper's per-layer claim holds, blocks gated alone)."""
-    found = {}
-    for target in record.single_targets():
-        rows = [r for b in record.single_blocks() for r in record.mgs_single(b) if r["setting"]["target"] == target]
-        found[target] = (sum(claim_holds(record, comparisons, r) for r in rows), len(rows))
-    return found
-
-
 @dataclass
 class Table:
     """One tabular: a header row, body rows (a row of one cell is a section heading), a note."""
 
     header: list[str]
     rows: list[list[str]] = field(default_factory=list)
+    align: str = ""  # LaTeX column types; default: the first left, the rest right (numbers)
 
     def markdown(self) -> str:
         lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
@@ -151,7 +129,7 @@ class Table:
         return "\n".join(lines)
 
     def latex(self) -> str:
-        align = "l" + "r" * (len(self.header) - 1)
+        align = self.align or "l" + "r" * (len(self.header) - 1)
         lines = [rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(map(latex_text, self.header)) + r" \\",
                  r"\midrule"]
         for i, row in enumerate(self.rows):
@@ -189,27 +167,39 @@ class PaperTable:
                 "\\end{table}\n")
 
 
-def t1_dense(record: StudyRecord, profile: dict) -> PaperTable:
+def _reported_range(name: str, regime: reported.Regime) -> str:
+    low, high = regime.encoder if name.startswith("encoder.") else regime.decoder
+    return f"{pct(low)}-{pct(high)}"
+
+
+def t1_dense(record: StudyRecord, profile: dict, regime: reported.Regime | None = None) -> PaperTable:
+    """`regime`: the reported DETR-R50 regime, shown beside a stand-in's blocks (None: the model is measured)."""
     dense = record.dense
     metrics = Table(header=[*AP_METRICS, "FFN GFLOPs", "model GFLOPs"],
                     rows=[[*(ap(dense[m]) for m in AP_METRICS), f"{dense['ffn_flops']['dense'] / 1e9:.3f}",
                            f"{dense['total_flops']['dense'] / 1e9:.3f}"]])
     per_image = profile["per_image_sparsity"]
+    reference = [f"{reported.REPORTED_MODEL}, reported (%)"] if regime else []
     blocks = Table(header=["FFN block", "natural sparsity (%)",
                            f"{profile['split']} split: mean (%)", "per image: 5th-95th pct. (%)",
-                           "never-firing neurons"])
+                           "never-firing neurons", *reference])
     for name in [*record.blocks, "overall"]:
         if name == "overall":
             blocks.rows.append(["all blocks", pct(dense["natural_sparsity"]["overall"]),
-                                pct(profile["natural_sparsity"]["overall"]), "", ""])
+                                pct(profile["natural_sparsity"]["overall"]), "", "",
+                                *([f"up to {pct(regime.largest)}"] if regime else [])])
             continue
         # The same percentiles as F1's whiskers (numpy's linear interpolation).
         low, high = numpy.percentile(per_image[name], [5, 95])
         blocks.rows.append([name, pct(dense["natural_sparsity"]["per_block"][name]),
                             pct(profile["per_block"][name]["natural_sparsity"]), f"{pct(low)}-{pct(high)}",
-                            str(profile["per_block"][name]["never_firing_neurons"])])
+                            str(profile["per_block"][name]["never_firing_neurons"]),
+                            *([_reported_range(name, regime)] if regime else [])])
     # A part of its source (COCO: val2017 less held-out images) is not what published results are measured on.
     split_note = dense.get("split_note")
+    reference_note = (f"{reported.REPORTED_MODEL}, reported: the natural sparsity of the paper's model as "
+                      f"{reported.SOURCE} gives it, for its shallow encoder and deep decoder blocks, shown beside this "
+                      f"stand-in's blocks of the same kind; not measured here. " if regime else "")
     return PaperTable(
         "t1_dense", f"T1. Dense baseline: COCO AP on {dense['images']} evaluation images"
                     f"{' (not the whole of val2017: see the note)' if split_note else ''} and natural sparsity of "
@@ -218,7 +208,21 @@ def t1_dense(record: StudyRecord, profile: dict) -> PaperTable:
         (f"Evaluation images: {split_note}. " if split_note else "")
         + AP_NOTE + "Natural sparsity: share of post-ReLU zeros in the FFN hidden layer, on the "
         f"evaluation split and on the {profile['images']} images of the {profile['split']} split (mean and "
-        "per-image spread). Never-firing neurons: zero on every token of that split. " + FLOPS_NOTE)
+        "per-image spread). Never-firing neurons: zero on every token of that split. " + reference_note
+        + FLOPS_NOTE)
+
+
+def t0_claims(verdicts: list[Verdict]) -> PaperTable:
+    table = Table(header=["claim", "the paper", "judged against", "measured on this study", "verdict"],
+                  rows=[[v.claim, v.statement, v.reference, v.measured, v.verdict] for v in verdicts],
+                  align=r"p{0.09\linewidth}p{0.25\linewidth}p{0.22\linewidth}p{0.3\linewidth}p{0.07\linewidth}")
+    return PaperTable(
+        "t0_claims", "T0. The paper's claims C1-C4 judged on this study", [table],
+        "Verdicts by fixed rules from summary.json, comparisons.json and the profile (reporting/claims.py): holds, "
+        "does not hold, or not measurable here (the study lacks the rows the rule reads). Point estimates; T3 and "
+        "T4 give the bootstrap intervals. Kept the dense AP: at least "
+        f"{100 * CLAIM_RETENTION:.0f} % of it. What is said of the paper comes from {reported.SOURCE}. "
+        "Sparsity: natural (C1) or induced (C2-C4), token-weighted over real tokens.")
 
 
 def t2_sibs(record: StudyRecord) -> PaperTable:
@@ -260,7 +264,7 @@ def t3_mgs(record: StudyRecord, comparisons: Comparisons) -> PaperTable:
                               seconds(training.get("calibration_seconds", calibration.get("seconds"))),
                               calibration.get("split", "")])
     parts = [table, cost]
-    counts = claim_counts(record, comparisons)
+    counts = single_block_counts(record, comparisons)
     single = Table(header=["FFN block", "its induced sparsity (%)", "AP", retained_header(comparisons),
                            "AP - threshold (points)", "AP - top-k (points)", "claim holds"])
     for target, (holds, gated) in counts.items():
@@ -274,7 +278,7 @@ def t3_mgs(record: StudyRecord, comparisons: Comparisons) -> PaperTable:
                 single.rows.append([block, pct(sparsity(row, block)), ap(row["AP"]),
                                     retained(record, comparisons, row), against_oracle(comparisons, row, "threshold"),
                                     against_oracle(comparisons, row, "topk"),
-                                    "yes" if claim_holds(record, comparisons, row) else "no"])
+                                    "yes" if single_block_holds(record, comparisons, row) else "no"])
     paper_rows = record.mgs_paper_setting()
     if paper_rows:
         paper = Table(header=["setting", "achieved (%)", *[f"{b} (%)" for b in blocks], "AP", retained_header(comparisons),
@@ -287,7 +291,7 @@ def t3_mgs(record: StudyRecord, comparisons: Comparisons) -> PaperTable:
         parts.append(paper)
     if counts:
         parts.append(single)
-        either = sum(any(claim_holds(record, comparisons, r) for r in record.mgs_single(b))
+        either = sum(any(single_block_holds(record, comparisons, r) for r in record.mgs_single(b))
                      for b in record.single_blocks())
         verdict = "; ".join(f"{holds} of {gated} blocks at target {target:g}" for target, (holds, gated)
                             in counts.items())
@@ -499,12 +503,14 @@ def study_macros(study: str, record: StudyRecord, profile: dict, model_config: d
 
 def write_tables(markdown_dir: Path, latex_dir: Path, study: str, record: StudyRecord, profile: dict,
                  model_config: dict, speed: dict | None, comparisons: Comparisons | None = None,
-                 cost: dict | None = None) -> list[str]:
+                 cost: dict | None = None, stand_in: bool = True) -> list[str]:
     """Every table as Markdown into `markdown_dir` and as LaTeX into `latex_dir` (with the study's macros);
-    `speed` None leaves T5 out, `comparisons` None the bootstrap intervals, `cost` None T6."""
+    `speed` None leaves T5 out, `comparisons` None the bootstrap intervals, `cost` None T6. `stand_in`: the model
+    is pretrained by the pipeline, so T1 shows the reported DETR-R50 regime beside it."""
     comparisons = comparisons or Comparisons.of(None)
-    tables = [t1_dense(record, profile), t2_sibs(record), t3_mgs(record, comparisons),
-              t4_matched(record, speed, comparisons)]
+    tables = [t0_claims(judge(record, profile, comparisons, stand_in)),
+              t1_dense(record, profile, reported.DETR_R50_REGIME if stand_in else None), t2_sibs(record),
+              t3_mgs(record, comparisons), t4_matched(record, speed, comparisons)]
     if speed is not None:
         tables.append(t5_speed(speed))
     if cost is not None:
