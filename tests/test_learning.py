@@ -16,7 +16,7 @@ from detr_sparsity.mgs.gates import make_gates
 from detr_sparsity.mgs.objectives import OBJECTIVES
 from detr_sparsity.mgs.training import GateTraining, train_gates
 from detr_sparsity.models.load import load_detr
-from detr_sparsity.models.pretrain import pretrain
+from detr_sparsity.models.pretrain import ActivationL1, pretrain
 from detr_sparsity.models.small_detr import (build_small_detr, freeze_batch_norm, small_detr_config,
                                              trainable_batch_norm)
 from detr_sparsity.sparsity.ffn import ffn_blocks
@@ -56,7 +56,7 @@ def test_pretraining_overfits_a_fixed_set_of_four_images(four_images, tmp_path):
     model = build_small_detr(small_detr_config(TINY_ARCH, four_images.categories))
     settings = {"steps": OVERFIT_STEPS, "batch_size": 4, "learning_rate": 3e-3, "weight_decay": 0.0,
                 "warmup_steps": 1, "grad_clip": 0.1, "target_copies": 1, "one_to_many_fraction": 0.0,
-                "checkpoint_every": 10 ** 6}
+                "activation_l1": 0.0, "checkpoint_every": 10 ** 6}
     losses = {}
     pretrain(model, four_images, DetrCollate(image_processor(InputSize(64, 64)), with_labels=True), settings, 0,
              tmp_path / "pretrain.pt", lambda step, metrics: losses.__setitem__(step, metrics["loss"]))
@@ -64,6 +64,64 @@ def test_pretraining_overfits_a_fixed_set_of_four_images(four_images, tmp_path):
     first = losses[1]  # computed before any update
     last = sum(losses[s] for s in range(OVERFIT_STEPS - 9, OVERFIT_STEPS + 1)) / 10
     assert last < first / OVERFIT_FACTOR, (first, last)
+
+
+def test_the_activation_penalty_is_the_weighted_sum_of_each_blocks_mean_relu_activation():
+    """Known answer: recounted from each FFN block's own fc1 weights on the inputs the block received."""
+    torch.manual_seed(0)
+    model = build_small_detr(small_detr_config(ARCH, CATEGORIES))
+    inputs = {}
+    recorders = [block.register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0]))
+                 for name, block in ffn_blocks(model).items()]
+    penalty = ActivationL1(model, 0.7)
+    model(pixel_values=torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1)))
+    got = penalty.take()
+    for handle in recorders:
+        handle.remove()
+    blocks = ffn_blocks(model)
+    assert sorted(inputs) == sorted(blocks) and len(blocks) == 4
+    expected = 0.7 * sum(torch.relu(x @ blocks[name].fc1.weight.T + blocks[name].fc1.bias).mean().item()
+                         for name, x in inputs.items())
+    assert expected > 0 and got.item() == pytest.approx(expected, rel=1e-6)
+    assert penalty.take() is None  # taken once per step
+    penalty.remove()
+    assert not any(block.fc1._forward_hooks for block in blocks.values())
+    assert ActivationL1(model, 0.0).handles == []  # no penalty: no hooks
+
+
+def _natural_zeros(model, images: CocoDetection, collate: DetrCollate) -> float:
+    """Share of post-ReLU zeros over every FFN block on `images`, counted here from fc1's outputs."""
+    counts = [0, 0]
+
+    def count(module, args, output):
+        counts[0] += int((torch.relu(output) == 0).sum())
+        counts[1] += output.numel()
+    handles = [block.fc1.register_forward_hook(count) for block in ffn_blocks(model).values()]
+    batch = collate([images[i] for i in range(len(images))])
+    with torch.no_grad():
+        model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+    for handle in handles:
+        handle.remove()
+    return counts[0] / counts[1]
+
+
+def test_pretraining_with_the_activation_penalty_leaves_more_activations_at_zero(four_images, tmp_path):
+    """The same 60 steps on four images, with and without the penalty (measured, seed 0: 0.58 of the
+    activations at zero without it, 0.87 with weight 1)."""
+    collate = DetrCollate(image_processor(InputSize(64, 64)), with_labels=True)
+    zeros = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = build_small_detr(small_detr_config(TINY_ARCH, four_images.categories))
+        settings = {"steps": 60, "batch_size": 4, "learning_rate": 3e-3, "weight_decay": 0.0, "warmup_steps": 1,
+                    "grad_clip": 0.1, "target_copies": 1, "one_to_many_fraction": 0.0, "activation_l1": weight,
+                    "checkpoint_every": 10 ** 6}
+        logged = {}
+        pretrain(model, four_images, collate, settings, 0, tmp_path / f"{weight}.pt",
+                 lambda step, metrics: logged.update(metrics))
+        assert ("activation_l1" in logged) == (weight > 0)  # the penalty is logged beside DETR's own loss
+        zeros[weight] = _natural_zeros(model, four_images, collate)
+    assert zeros[1.0] > zeros[0.0] + 0.2, zeros
 
 
 # =========================================================================================================

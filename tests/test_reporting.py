@@ -493,17 +493,38 @@ def test_t1_cells_are_the_dense_row_and_the_profile():
     assert r"natural sparsity (\%) & calibration split: mean (\%)" in latex
 
 
+PENALISED, UNPENALISED = reported.StandIn(activation_l1=1.0), reported.StandIn(activation_l1=0.0)
+
+
 def test_t1_shows_the_reported_regime_beside_a_stand_in_only():
     record, profile = t1_inputs()
-    rows = table_rows(tables.t1_dense(record, profile, reported.DETR_R50_REGIME))
+    rows = table_rows(tables.t1_dense(record, profile, PENALISED))
     assert rows[2][-1] == "DETR-R50, reported (%)"
     # the reported ranges: 74-86 % for encoder blocks, 96-98 % for decoder blocks, up to 97 % over all
     assert [r[-1] for r in rows[3:]] == ["74.0-86.0", "74.0-86.0", "96.0-98.0", "up to 97.0"]
-    assert "unverified" in tables.t1_dense(record, profile, reported.DETR_R50_REGIME).note
+    assert "unverified" in tables.t1_dense(record, profile, PENALISED).note
     assert "reported" not in " ".join(table_rows(tables.t1_dense(record, profile))[2])  # a measured model: no column
-    assert reported.stands_in({"source": "pretrain"}) and not reported.stands_in({"source": "hub"})
-    stand_in, measured = (figures.captions("x", "calibration", "val", s)["f1_natural_sparsity"] for s in (True, False))
+    stand_in, measured = (figures.captions("x", "calibration", "val", s)["f1_natural_sparsity"]
+                          for s in (PENALISED, None))
     assert "DETR-R50, as reported" in stand_in and "reported" not in measured
+
+
+def test_a_stand_in_is_read_from_its_settings_and_its_penalty_is_said_wherever_its_sparsity_is_shown():
+    pretrained = {"source": "pretrain", "pretrain": {"activation_l1": 0.3}}
+    assert reported.stand_in(pretrained) == reported.StandIn(0.3)
+    assert reported.stand_in({"source": "hub", "name_or_path": "facebook/detr-resnet-50"}) is None
+    record, profile = t1_inputs()
+    penalty = "an L1 penalty of weight 1 on its FFN activations"
+    said = {"T1": lambda s: tables.t1_dense(record, profile, s).note,
+            "F1": lambda s: figures.captions("x", "calibration", "val", s)["f1_natural_sparsity"],
+            "T0": lambda s: claims.c1_regime(regime_profile([0.8], [0.95], 0.9), s).reference,
+            "paper": lambda s: tables.study_macros("x", record, profile, MODEL_CONFIG, s)}
+    for where, text in said.items():
+        assert penalty in text(PENALISED), where
+        assert "DETR's loss alone" in text(UNPENALISED) and "L1" not in text(UNPENALISED), where
+        assert "L1" not in text(None), where
+    assert r"\newcommand{\modelorigin}{loaded as published" in tables.study_macros("x", record, profile,
+                                                                                  MODEL_CONFIG)
 
 
 def regime_profile(encoder, decoder, overall):
@@ -517,21 +538,21 @@ def test_c1_most_zero_and_the_regime_by_their_thresholds():
     # every block above one half: C1 holds; the regime needs encoder >= 0.75, decoder >= 0.90, overall >= 0.85
     inside = regime_profile([0.75, 0.80], [0.90, 0.97], 0.85)  # each exactly at its threshold: holds
     assert claims.c1_most_zero(inside).verdict == claims.HOLDS
-    verdict = claims.c1_regime(inside, stand_in=True)
+    verdict = claims.c1_regime(inside, stand_in=PENALISED)
     assert verdict.verdict == claims.HOLDS and verdict.measured == (
         "encoder 75.0 % to 80.0 %; decoder 90.0 % to 97.0 %; 85.0 % over all blocks")
     assert "this stand-in" in verdict.reference
     for encoder, decoder, overall in (([0.74, 0.8], [0.9, 0.97], 0.85), ([0.8, 0.8], [0.89, 0.97], 0.86),
                                       ([0.8, 0.8], [0.9, 0.97], 0.84)):
-        assert claims.c1_regime(regime_profile(encoder, decoder, overall), True).verdict == claims.FAILS
+        assert claims.c1_regime(regime_profile(encoder, decoder, overall), PENALISED).verdict == claims.FAILS
     half = regime_profile([0.5, 0.9], [0.9], 0.8)  # one block at exactly one half: not "most"
     assert claims.c1_most_zero(half).verdict == claims.FAILS
     assert claims.c1_most_zero(half).measured == "80.0 % over all blocks; 50.0 % (encoder.0) to 90.0 % (encoder.1)"
-    assert "measured" in claims.c1_regime(inside, stand_in=False).reference
+    assert "measured" in claims.c1_regime(inside, stand_in=None).reference
 
 
 def test_t0_judges_c2_to_c4_on_the_hand_made_record(record, comparisons):
-    verdicts = {v.claim: v for v in claims.judge(record, regime_profile([0.6], [0.8], 0.7), comparisons, True)}
+    verdicts = {v.claim: v for v in claims.judge(record, regime_profile([0.6], [0.8], 0.7), comparisons, PENALISED)}
     assert list(verdicts) == ["C1", "C1, regime", "C2", "C3", "C4, every block at once", "C4, one block at a time"]
     # C2: at 90 % top-k keeps 0.30 / 0.30, random 0.02 / 0.30: 93 points ahead, with every block masked
     assert verdicts["C2"].verdict == claims.HOLDS and "90 %: 100 / 7" in verdicts["C2"].measured
@@ -567,7 +588,7 @@ def test_t0_verdicts_turn_with_the_rows_and_say_what_cannot_be_measured(record, 
     assert claims.c2_topk_vs_random(StudyRecord([*record.rows, *within])).verdict == claims.HOLDS
     # a record of the dense row alone: nothing but C1 can be judged
     alone = StudyRecord([r for r in record.rows if r["method"] == "dense"])
-    verdicts = claims.judge(alone, regime_profile([0.6], [0.8], 0.7), Comparisons.of(None), True)
+    verdicts = claims.judge(alone, regime_profile([0.6], [0.8], 0.7), Comparisons.of(None), PENALISED)
     assert [v.verdict for v in verdicts[2:]] == [claims.UNMEASURED] * 4
 
 
@@ -678,18 +699,20 @@ def test_t3_and_t4_read_the_same_in_latex_as_in_markdown(record, comparisons):
         assert len(rows) > 10, table.name
 
 
+MODEL_CONFIG = {"d_model": 256, "encoder_ffn_dim": 2048, "encoder_layers": 6, "decoder_layers": 3,
+                "num_queries": 100}
+
+
 def test_the_study_macros_are_the_model_and_the_splits():
     record, profile = t1_inputs()
     mgs = row("mgs", {"objective": "task", "target": 0.9, "group_size": 32, "protocol": "all", "scope": "all"},
               0.2, 0.9)
-    model_config = {"d_model": 256, "encoder_ffn_dim": 2048, "encoder_layers": 6, "decoder_layers": 3,
-                    "num_queries": 100}
-    text = tables.study_macros("coco_small", StudyRecord([*record.rows, mgs]), profile, model_config)
+    text = tables.study_macros("coco_small", StudyRecord([*record.rows, mgs]), profile, MODEL_CONFIG)
     macros = dict(re.findall(r"\\newcommand\{\\(\w+)\}\{(.*)\}", text))
     assert macros == {"studyname": r"coco\_small", "valimages": "7", "calibrationimages": "5", "dmodel": "256",
                       "ffndim": "2048", "encoderlayers": "6", "decoderlayers": "3", "numqueries": "100",
-                      "groupsize": "32"}
-    assert tables.study_macros("x", record, profile, model_config).count(r"\newcommand{\groupsize}{none}") == 1
+                      "groupsize": "32", "modelorigin": "loaded as published, not trained here"}
+    assert tables.study_macros("x", record, profile, MODEL_CONFIG).count(r"\newcommand{\groupsize}{none}") == 1
 
 
 def test_f1_boxes_whiskers_and_means_are_the_profiles():

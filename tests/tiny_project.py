@@ -33,7 +33,7 @@ TINY = {
                          "backbone_depths": [1, 1], "dropout": 0.0},
         "pretrain": {"steps": 3, "batch_size": 4, "learning_rate": 1.0e-4, "weight_decay": 0.0,
                      "warmup_steps": 1, "grad_clip": 0.1, "target_copies": 2,
-                     "one_to_many_fraction": 0.5, "checkpoint_every": 2},
+                     "one_to_many_fraction": 0.5, "activation_l1": 0.5, "checkpoint_every": 2},
     },
     "evaluate": {"split": "val", "batch_size": 3, "shards": 1},
     "mgs": {"cache": {"split": "train", "images": 8, "batch_size": 4, "tokens_per_image": 0},

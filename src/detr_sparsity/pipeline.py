@@ -260,14 +260,15 @@ STAGES: tuple[Stage, ...] = (
           inputs={"summary": SUMMARY, "profile": PROFILE, "speed": SPEED, "comparisons": COMPARISONS,
                   "trainings": Gathered((("mgs_train", "training"),))},
           outputs={"out": f"{PAPER}/figures", "plots": f"{RESULTS}/plots"},
-          sections=("evaluate.split", "model.source"), directories=frozenset({"out", "plots"})),
+          sections=("evaluate.split", "model"), directories=frozenset({"out", "plots"})),
     Stage("tables", "tables T0-T6 as Markdown and LaTeX from summary.json, comparisons.json, speed.json, cost.json",
           "tables: T0-T6 from summary.json, the comparisons, the benchmark and the cost, as Markdown and LaTeX",
           inputs={"summary": SUMMARY, "profile": PROFILE, "model": MODEL, "speed": SPEED, "comparisons": COMPARISONS,
                   "cost": COST},
           outputs={"markdown": f"{RESULTS}/tables", "latex": f"{PAPER}/tables"},
-          # model.source: a model the pipeline pretrains is a stand-in, shown beside DETR-R50's reported regime
-          sections=("model.source",), directories=frozenset({"markdown", "latex"})),
+          # model: a model the pipeline pretrains is a stand-in, shown beside DETR-R50's reported regime with its
+          # recipe (reported.StandIn)
+          sections=("model",), directories=frozenset({"markdown", "latex"})),
     Stage("paper", "build the study's paper PDF from paper/main.tex with latexmk",
           "paper: the {study} study's paper with latexmk",
           inputs={"tex": "paper/main.tex", "figures": f"{PAPER}/figures", "tables": f"{PAPER}/tables"},

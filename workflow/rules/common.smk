@@ -6,7 +6,7 @@ from pathlib import Path
 
 from detr_sparsity.pipeline import code_deps, command, gathered, render
 from detr_sparsity.reporting.figures import captions
-from detr_sparsity.reporting.reported import stands_in
+from detr_sparsity.reporting.reported import stand_in
 
 
 # Torch threads per job (Snakemake exports OMP_NUM_THREADS=threads, which torch honours): never more than
@@ -64,7 +64,7 @@ REPORT = {
 }
 # The figures' captions, for the report's figure.rst (the figures stage writes the same text beside them).
 REPORT_PARAMS = {"figures": {"captions": captions(STUDY, CFG.profile["split"], CFG.evaluate["split"],
-                                                     stands_in(CFG.model))}}
+                                                     stand_in(CFG.model))}}
 
 
 def at(template):

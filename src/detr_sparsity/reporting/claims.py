@@ -91,7 +91,7 @@ def c1_most_zero(profile: dict) -> Verdict:
         HOLDS if min(per_block.values()) > MOST else FAILS)
 
 
-def c1_regime(profile: dict, stand_in: bool) -> Verdict:
+def c1_regime(profile: dict, stand_in: reported.StandIn | None) -> Verdict:
     per_block = {name: stats["natural_sparsity"] for name, stats in profile["per_block"].items()}
     kinds = {kind: [v for name, v in per_block.items() if name.startswith(f"{kind}.")] for kind in ("encoder",
                                                                                                    "decoder")}
@@ -103,7 +103,7 @@ def c1_regime(profile: dict, stand_in: bool) -> Verdict:
     within = (all(min(values) >= reported.IN_REGIME[kind] for kind, values in kinds.items() if values)
               and overall >= reported.IN_REGIME["overall"])
     statement = (f"{reported.REPORTED_MODEL}'s FFNs: {reported.DETR_R50_REGIME.describe()} ({reported.SOURCE})")
-    subject = ("this stand-in is in that regime: " if stand_in else
+    subject = (f"this stand-in ({stand_in.origin()}) is in that regime: " if stand_in else
                "the study's model, measured, is in the reported regime: ")
     return Verdict("C1, regime", statement, subject + rule, measured, HOLDS if within else FAILS)
 
@@ -204,7 +204,9 @@ def c4_one_block(record: StudyRecord, comparisons: Comparisons) -> Verdict:
                    HOLDS if any(holds == gated for holds, gated in counts.values()) else FAILS)
 
 
-def judge(record: StudyRecord, profile: dict, comparisons: Comparisons, stand_in: bool) -> list[Verdict]:
-    """Every claim's verdict, C1 to C4. `stand_in`: the study's model is pretrained by the pipeline, not DETR-R50."""
+def judge(record: StudyRecord, profile: dict, comparisons: Comparisons,
+          stand_in: reported.StandIn | None) -> list[Verdict]:
+    """Every claim's verdict, C1 to C4. `stand_in`: the model the pipeline pretrained in place of DETR-R50 (None: the
+    study's model is measured as loaded)."""
     return [c1_most_zero(profile), c1_regime(profile, stand_in), c2_topk_vs_random(record), c3_sibs(record),
             c4_every_block(record, comparisons), c4_one_block(record, comparisons)]

@@ -369,10 +369,12 @@ def f6_speed(speed: dict):
     return fig
 
 
-def captions(study: str, profile_split: str, evaluate_split: str, stand_in: bool = True) -> dict[str, str]:
+def captions(study: str, profile_split: str, evaluate_split: str,
+             stand_in: reported.StandIn | None = None) -> dict[str, str]:
     """One caption per figure, naming the study and the data each figure is drawn from. Built from settings
     alone, so that the Snakemake report (workflow/report/figure.rst) shows the very same text. `stand_in`: the
-    study's model is pretrained by the pipeline (F1 then shows DETR-R50's reported regime beside it)."""
+    model the pipeline pretrained in place of DETR-R50 (F1 then shows DETR-R50's reported regime beside it), None
+    for a model measured as loaded."""
     study = f"{study} study"
     regime = reported.DETR_R50_REGIME
     return {
@@ -381,7 +383,8 @@ def captions(study: str, profile_split: str, evaluate_split: str, stand_in: bool
             f"{profile_split} split (boxes: quartiles; whiskers: 5th to 95th percentile), with the token-weighted "
             f"mean there (dots) and on the {evaluate_split} split (crosses)."
             + (f" Shaded: the paper's model, {reported.REPORTED_MODEL}, as reported for its shallow encoder and "
-               f"deep decoder blocks ({regime.describe()}; {reported.SOURCE}), not measured here."
+               f"deep decoder blocks ({regime.describe()}; {reported.SOURCE}), not measured here. The study's "
+               f"model stands in for it, {stand_in.origin()}."
                if stand_in else "")),
         "f2_topk_vs_random": (
             f"Top-k against random keep ({study}, paper Fig. 2), with the threshold oracle: COCO AP on the "
@@ -448,10 +451,11 @@ def write_plot_series(record: StudyRecord, out_dir: Path, names: list[str] = ())
 
 def write_figures(out_dir: Path, study: str, evaluate_split: str, record: StudyRecord, profile: dict,
                   trainings: list[dict], speed: dict | None, comparisons: Comparisons | None = None,
-                  stand_in: bool = True) -> list[str]:
+                  stand_in: reported.StandIn | None = None) -> list[str]:
     """Draw every figure into `out_dir` (PDF + PNG) with its captions; `trainings` are the gate trainings'
     records (their curves), `speed` the benchmark's result (F6; None leaves F6 out), `comparisons` the bootstrap
-    intervals (F5's error bars; None draws none), `stand_in` whether F1 shows DETR-R50's reported regime."""
+    intervals (F5's error bars; None draws none), `stand_in` the model pretrained in place of DETR-R50 (F1 then
+    shows DETR-R50's reported regime beside it; None: the model is measured as loaded)."""
     by_setting = {(t["objective"], t["target"]): t for t in trainings}
     _style()
     drawings: dict[str, Callable[[], object]] = {

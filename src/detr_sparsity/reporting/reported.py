@@ -29,10 +29,26 @@ class Regime:
                 f"{100 * self.decoder[0]:.0f}-{100 * self.decoder[1]:.0f} %, up to {100 * self.largest:.0f} %")
 
 
-def stands_in(model: dict) -> bool:
-    """Whether a study's model (its params `model` section) is a stand-in for DETR-R50: one the pipeline pretrains,
-    rather than a checkpoint it loads and measures."""
-    return model["source"] == "pretrain"
+@dataclass(frozen=True)
+class StandIn:
+    """A model the pipeline pretrains in place of DETR-R50, with what of its recipe a reader needs to read its
+    sparsity: the weight of the L1 penalty on its FFN activations (0: DETR's loss alone)."""
+
+    activation_l1: float
+
+    def origin(self) -> str:
+        """How the stand-in was trained, as a phrase: "pretrained by the pipeline with ..."."""
+        penalty = (f" and an L1 penalty of weight {self.activation_l1:g} on its FFN activations, which brings its "
+                   f"natural sparsity into the reported regime" if self.activation_l1 > 0 else " alone")
+        return f"pretrained by the pipeline with DETR's loss{penalty}"
+
+
+def stand_in(model: dict) -> StandIn | None:
+    """The study's model (its params `model` section) as a stand-in for DETR-R50 when the pipeline pretrains it;
+    None for a checkpoint the pipeline loads and measures."""
+    if model["source"] != "pretrain":
+        return None
+    return StandIn(activation_l1=model["pretrain"]["activation_l1"])
 
 
 DETR_R50_REGIME = Regime(encoder=(0.74, 0.86), decoder=(0.96, 0.98), largest=0.97)

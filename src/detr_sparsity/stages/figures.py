@@ -11,7 +11,7 @@ from detr_sparsity.config import StudyConfig
 from detr_sparsity.pipeline import gathered, plot_series
 from detr_sparsity.reporting.figures import write_figures, write_plot_series
 from detr_sparsity.reporting.records import Comparisons, StudyRecord
-from detr_sparsity.reporting.reported import stands_in
+from detr_sparsity.reporting.reported import stand_in
 from detr_sparsity.tracking import StageRun
 
 
@@ -23,7 +23,7 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, summary: Path, profile: Pa
         drawn = write_figures(tmp, cfg.name, cfg.evaluate["split"], record,
                               json.loads(profile.read_text()), trainings,
                               json.loads(speed.read_text()), Comparisons.load(comparisons),
-                              stand_in=stands_in(cfg.model))
+                              stand_in=stand_in(cfg.model))
     with atomic_dir(plots) as tmp:
         write_plot_series(record, tmp, plot_series())
     tracked.log_artifact(out, "figures")

@@ -9,7 +9,7 @@ from pathlib import Path
 from detr_sparsity.atomic import atomic_dir
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.reporting.records import Comparisons, StudyRecord
-from detr_sparsity.reporting.reported import stands_in
+from detr_sparsity.reporting.reported import stand_in
 from detr_sparsity.reporting.tables import write_tables
 from detr_sparsity.tracking import StageRun
 
@@ -21,7 +21,7 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, summary: Path, profile: Pa
                                json.loads(profile.read_text()),
                                json.loads((model / "config.json").read_text()), json.loads(speed.read_text()),
                                Comparisons.load(comparisons), json.loads(cost.read_text()),
-                               stand_in=stands_in(cfg.model))
+                               stand_in=stand_in(cfg.model))
     tracked.log_artifact(markdown, "tables")
     tracked.log_artifact(latex, "paper_tables")
     tracked.log_metrics({"tables": len(written)})
