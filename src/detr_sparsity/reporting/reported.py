@@ -38,8 +38,8 @@ class StandIn:
 
     def origin(self) -> str:
         """How the stand-in was trained, as a phrase: "pretrained by the pipeline with ..."."""
-        penalty = (f" and an L1 penalty of weight {self.activation_l1:g} on its FFN activations, which brings its "
-                   f"natural sparsity into the reported regime" if self.activation_l1 > 0 else " alone")
+        penalty = (f" and an L1 penalty of weight {self.activation_l1:g} on its FFN activations"
+                   if self.activation_l1 > 0 else " alone")
         return f"pretrained by the pipeline with DETR's loss{penalty}"
 
 
