@@ -1,4 +1,5 @@
-"""Taking a study's artifacts from a DVC remote so that Snakemake, too, sees them as up to date.
+"""Keeping DVC and Snakemake in agreement: a study's artifacts taken from a DVC remote are seen by Snakemake, too, as
+up to date, and `dvc commit` after a Snakemake run leaves Snakemake nothing to rerun.
 
 `python -m detr_sparsity.sharing` (`make pull`), in the project root of a clone:
 1. `dvc pull`: the outputs recorded in dvc.lock, from the default remote (or `--remote NAME`);
@@ -8,6 +9,9 @@
    records each job's params, command and input checksums in `.snakemake/`, without running a job, opening
    MLflow or committing to DVC;
 4. `snakemake -n` must then have nothing to do.
+
+After a Snakemake run, its `onsuccess` records the outputs with `dvc commit` inside `keeping_modification_times`
+(below).
 
 Why step 3: DVC restores contents, not modification times, and a fresh clone has no `.snakemake/` records.
 Snakemake 9 reruns a job whose input is newer than its oldest output unless the input's checksum matches
@@ -21,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -102,6 +108,28 @@ def confirm_with_snakemake() -> None:
     out = proc.stdout + proc.stderr
     if NOTHING_TO_DO not in out:
         raise NotConfirmed(f"after recording the pulled outputs, `snakemake -n` still plans jobs:\n{out}")
+
+
+@contextmanager
+def keeping_modification_times(roots: Iterable[Path]) -> Iterator[None]:
+    """Give every file and directory under `roots` its modification time from before the block back after it.
+
+    `dvc commit` moves each output it has not cached yet into its cache and copies it back, with a new modification
+    time, in an order of its own. An upstream output copied back after a downstream one makes the next `snakemake`
+    rerun everything below it, though nothing changed (seen on the default study: the 400 MB MGS block-input cache
+    copied back last, and the next `make study` retrained every gate set). Contents are DVC's to check; the times
+    stay the ones Snakemake's jobs gave them.
+    """
+    times = {path: path.stat().st_mtime_ns for root in map(Path, roots) if root.exists()
+             for path in [root, *root.rglob("*")] if not path.is_symlink()}
+    try:
+        yield
+    finally:
+        for path, mtime in times.items():
+            try:
+                os.utime(path, ns=(path.stat().st_atime_ns, mtime))
+            except FileNotFoundError:  # removed in the block: nothing to restore
+                pass
 
 
 def main(argv: list[str] | None = None) -> int:
