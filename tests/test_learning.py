@@ -1,5 +1,6 @@
-"""Learning: pretraining a tiny DETR drives its loss down; freezing its batch norm for the saved model changes no
-output; gate training resumed from its checkpoint ends in exactly the tensors of an uninterrupted run."""
+"""Learning: pretraining a tiny DETR drives its loss down, and its activation penalty (a known answer) leaves more
+activations at zero; freezing its batch norm for the saved model changes no output; gate training resumed from its
+checkpoint ends in exactly the tensors of an uninterrupted run."""
 
 from __future__ import annotations
 
