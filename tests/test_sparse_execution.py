@@ -92,6 +92,16 @@ def test_other_group_sizes(group_size):
                                    masked_dense(x, open_groups, fc1, fc2, group_size), **TOLERANCE)
 
 
+@pytest.mark.parametrize("d_model", [8, 20, 40, 264])  # the kernel's fc2 holds y in chunks of 16, 4, 1 vectors
+def test_widths_that_are_no_multiple_of_the_vector(d_model):
+    fc1, fc2 = ffn_pair(d_model, 128)
+    x = torch.randn(29, d_model)
+    open_groups = torch.rand(29, 128 // G) > 0.4
+    with torch.no_grad():
+        torch.testing.assert_close(sparse_ffn(x, open_groups, PackedFFN(fc1, fc2, G)),
+                                   masked_dense(x, open_groups, fc1, fc2, G), **TOLERANCE)
+
+
 def test_detr_r50_block_shape_at_90_percent():
     fc1, fc2 = ffn_pair(256, 2048)
     x = torch.randn(850, 256)
@@ -150,10 +160,10 @@ def test_the_build_is_keyed_by_the_cpus_instruction_set(tmp_path):
     assert cpu_flags(tmp_path / "absent") == frozenset()
     # This machine's name: its capability readable, its flags hashed (where /proc/cpuinfo exists).
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    assert extension_name().startswith(f"detr_sparsity_gated_ffn_v1_{capability}_")
+    assert extension_name().startswith(f"detr_sparsity_gated_ffn_v2_{capability}_")
     if cpu_flags():
         key = build_key(CFLAGS + LDFLAGS, cpu_flags(), __import__("platform").machine())
-        assert extension_name() == f"detr_sparsity_gated_ffn_v1_{capability}_{key}"
+        assert extension_name() == f"detr_sparsity_gated_ffn_v2_{capability}_{key}"
 
 
 @pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler: the PyTorch path runs")

@@ -22,11 +22,12 @@ from torch import nn
 from detr_sparsity.execution.cpu_kernel import KERNEL_GROUP_SIZES, cpu_kernel
 
 EXECUTIONS = ("masked", "sparse")
-# Tokens per tile of the CPU kernel, at most. Per group the kernel runs fc1 for the tile's tokens that open it four
-# at a time, so a tile needs several open tokens per group to fill those chunks: at 90 % sparsity a 16-token tile
-# holds 1.6 per group on average, and a chunk of 4 computes up to 4 rows for one. Larger tiles fill them; 256
-# tokens keep a tile's outputs (256 x d floats) within a core's L2. Measured by benchmarks/kernel_tile.py on the
-# AVX2 class (2026-12-05; R50 shapes, the study's trained gates' masks, both tilings on the same masks in one run):
+# Tokens per tile of the CPU kernel, at most. Per group the kernel runs fc1 for the tile's tokens that open it in
+# chunks (up to 8 today, 4 when this was measured), so a tile needs several open tokens per group to fill them: at
+# 90 % sparsity a 16-token tile holds 1.6 per group on average, and a group's weights are fetched for those few.
+# Larger tiles fill them; 256 tokens keep a tile's outputs (256 x d floats) within a core's L2. Measured by
+# benchmarks/kernel_tile.py on the AVX2 class (2026-12-05, the previous kernel; R50 shapes, the study's trained
+# gates' masks, both tilings on the same masks in one run):
 # against 16-token tiles, kernel_tile was 1.14x to 1.91x faster in all 24 rows (two block kinds, six targets, 1 and
 # 2 threads), R50's encoder at target 0.9 (213 tokens per tile on 2 threads) 1.39x on 2 threads and 1.64x on 1.
 # Tiles as many as the threads, or a multiple: 128 or 256 tokens for the 100 queries would leave a thread idle.
@@ -48,7 +49,9 @@ def check_execution(execution: str) -> str:
 
 
 class PackedFFN:
-    """fc1 and fc2 of one block, laid out for per-group work (one extra copy of each weight)."""
+    """fc1 and fc2 of one block, laid out for per-group work (one extra copy of the weights): per group one
+    contiguous block, fc1 as (d, G) (one k step of the group's fc1 is one G-wide vector), then fc2 as (G, d) (hidden
+    neuron n's contribution to the output is row n). The kernel streams a group's fc1 and fc2 from one place."""
 
     @torch.no_grad()
     def __init__(self, fc1: nn.Linear, fc2: nn.Linear, group_size: int) -> None:
@@ -56,12 +59,21 @@ class PackedFFN:
         if group_size < 1 or hidden % group_size:
             raise ValueError(f"group_size = {group_size} is not allowed: must divide the FFN width {hidden}")
         self.group_size, self.groups, self.d_model = group_size, hidden // group_size, d_model
-        # (groups, d, G): one k step of a group's fc1 is one G-wide vector
-        self.w1g = fc1.weight.detach().view(self.groups, group_size, d_model).transpose(1, 2).contiguous()
+        w1g = fc1.weight.detach().view(self.groups, group_size, d_model).transpose(1, 2)
+        w2g = fc2.weight.detach().t().reshape(self.groups, group_size, fc2.out_features)
+        self.weights = torch.cat([w1g.reshape(self.groups, -1), w2g.reshape(self.groups, -1)], dim=1).contiguous()
         self.b1g = fc1.bias.detach().view(self.groups, group_size).contiguous()
-        # (groups, G, d): hidden neuron n's contribution to the output is row n
-        self.w2g = fc2.weight.detach().t().contiguous().view(self.groups, group_size, fc2.out_features)
         self.b2 = fc2.bias.detach().contiguous()
+
+    @property
+    def w1g(self) -> torch.Tensor:
+        """(groups, d, G): a view into `weights`."""
+        return self.weights[:, : self.d_model * self.group_size].view(self.groups, self.d_model, self.group_size)
+
+    @property
+    def w2g(self) -> torch.Tensor:
+        """(groups, G, d): a view into `weights`."""
+        return self.weights[:, self.d_model * self.group_size:].view(self.groups, self.group_size, -1)
 
 
 def sparse_ffn(x: torch.Tensor, open_groups: torch.Tensor, packed: PackedFFN, tile: int | None = None) -> torch.Tensor:
@@ -74,8 +86,8 @@ def sparse_ffn(x: torch.Tensor, open_groups: torch.Tensor, packed: PackedFFN, ti
     mask = open_groups.reshape(-1, packed.groups).to(torch.bool).contiguous()
     kernel = cpu_kernel() if _kernel_applies(tokens, packed) else None
     if kernel is not None:
-        y = kernel.gated_ffn(tokens, mask, packed.w1g, packed.b1g.view(-1), packed.w2g.view(-1, packed.w2g.shape[-1]),
-                             packed.b2, tile or kernel_tile(tokens.shape[0], torch.get_num_threads()))
+        y = kernel.gated_ffn(tokens, mask, packed.weights, packed.b1g.view(-1), packed.b2,
+                             tile or kernel_tile(tokens.shape[0], torch.get_num_threads()))
     else:
         y = dispatch_ffn(tokens, mask, packed)
     return y.view(*x.shape[:-1], y.shape[-1])
