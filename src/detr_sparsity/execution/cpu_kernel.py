@@ -58,7 +58,9 @@ SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__AVX__)
 #include <immintrin.h>
+#endif
 
 // Vector width and register budget of the instruction set this module is compiled for (-march=native).
 #if defined(__AVX512F__)
