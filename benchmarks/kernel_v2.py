@@ -17,7 +17,10 @@ blocks, interleaved with the order rotated every repeat, after a warm-up; median
 - `study`: the study's own blocks on real activations (the first evaluation batch through the dense model; the
   trained gates' decisions on them), where ReLU zeroes most hidden values.
 The gate is left out of the timing (the same work for both kernels), so the FLOPs bound here is dense MACs / kept
-MACs, and `fraction` is a speed-up over that bound.
+MACs, and `fraction` is a speed-up over that bound. The `trained` rows also time `today_with_gate`: the sparse path
+as the take-away model and the benchmark stage run it (the block's gate computed each call, then the kernel), against
+the bound with the gate's MACs (`flops_bound_with_gate`), with only these three variants in rotation, where the stage
+rotates 22.
 
     python benchmarks/kernel_v2.py                  # writes results/<study>/benchmark/kernel_v2.json
     python benchmarks/kernel_v2.py --repeats 21 --thread-counts 2
@@ -134,9 +137,13 @@ def random_masks(masks: dict[str, torch.Tensor], generator: torch.Generator) -> 
 
 
 def compare(previous, blocks: list[speed.Block], masks: dict[str, torch.Tensor], thread_counts: list[int],
-            repeats: int, warmup: int) -> list[dict]:
-    """Dense, the previous kernel and today's over `blocks`, on the same masks, at each thread count."""
+            repeats: int, warmup: int, target: str | None = None) -> list[dict]:
+    """Dense, the previous kernel and today's over `blocks`, on the same masks, at each thread count. With `target`
+    (R50 blocks with their sampled masks) also today's kernel as the take-away model runs it, its gate computed
+    each call (`execution.benchmark.mgs_sparse`, the stage's sparse variant), against the bound with the gate's MACs."""
     packed = {b.name: PackedFFN(b.fc1, b.fc2, b.group_size) for b in blocks}
+    for b in blocks:
+        b.packed = packed[b.name]
 
     # the previous kernel takes fc1 and fc2 apart; their copies are made once, outside the timing
     layouts = {b.name: (packed[b.name].w1g.contiguous(), packed[b.name].w2g.reshape(-1, b.fc2.out_features).contiguous())
@@ -147,25 +154,36 @@ def compare(previous, blocks: list[speed.Block], masks: dict[str, torch.Tensor],
                                    layouts[b.name][1], packed[b.name].b2,
                                    kernel_tile(b.tokens.shape[0], torch.get_num_threads())) for b in blocks]
 
-    variants = {"dense": lambda: [speed.dense_ffn(b) for b in blocks], "previous": previous_run,
-                "today": lambda: [sparse_ffn(b.tokens, masks[b.name], packed[b.name]) for b in blocks]}
+    # The rotation keeps this cyclic order, so no variant runs right after one that read the same weights (it would
+    # find them in cache): today's kernel with the gate follows dense, the previous kernel follows it.
+    variants = {"dense": lambda: [speed.dense_ffn(b) for b in blocks]}
+    if target is not None:
+        variants["today_with_gate"] = lambda: [speed.mgs_sparse(b, target) for b in blocks]
+    variants["previous"] = previous_run
+    variants["today"] = lambda: [sparse_ffn(b.tokens, masks[b.name], packed[b.name]) for b in blocks]
     rows = []
     with torch.no_grad():
         for a, b in zip(previous_run(), variants["today"]()):  # the same function, summed in another order
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         kept = sum(int(masks[b.name].sum()) * b.group_size for b in blocks)
         positions = sum(b.tokens.shape[0] * b.fc1.out_features for b in blocks)
+        gate_macs = sum(b.gate_macs for b in blocks)
         open_values = torch.cat([torch.relu(b.fc1(b.tokens)).view(b.tokens.shape[0], -1, b.group_size)[masks[b.name]]
                                  .flatten() for b in blocks])
         for threads in thread_counts:
             torch.set_num_threads(threads)
             ms = speed.medians_ms(variants, repeats, warmup)
-            speedup = {n: ms["dense"] / ms[n] for n in ("previous", "today")}
+            speedup = {n: ms["dense"] / ms[n] for n in ms if n != "dense"}
+            bound = {n: positions / kept for n in speedup}
+            if "today_with_gate" in speedup:  # dense MACs over kept MACs plus the gate's (2 d per kept slot, d per gate)
+                d = blocks[0].fc1.in_features
+                bound["today_with_gate"] = 2 * positions * d / (2 * kept * d + gate_macs)
             rows.append({"threads": threads, "tokens_per_block": blocks[0].tokens.shape[0],
                          "induced_sparsity": 1 - kept / positions, "flops_bound": positions / kept,
+                         "flops_bound_with_gate": bound.get("today_with_gate"),
                          "nonzero_in_open_groups": float((open_values > 0).float().mean()),
                          "ms": ms, "speedup": speedup,
-                         "fraction": {n: s * kept / positions for n, s in speedup.items()},
+                         "fraction": {n: s / bound[n] for n, s in speedup.items()},
                          "today_over_previous": ms["previous"] / ms["today"],
                          "load_average_1min": os.getloadavg()[0]})
     return rows
@@ -203,14 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             cases = {}
             if r50:
                 trained = {b.name: b.open_groups[target].contiguous() for b in r50}
-                cases["trained"] = (r50, trained)
-                cases["random"] = (r50, random_masks(trained, generator))
+                cases["trained"] = (r50, trained, target)
+                cases["random"] = (r50, random_masks(trained, generator), None)
             if study:
                 with torch.no_grad():  # the trained gates' own decisions on the real activations
                     cases["study"] = (study, {b.name: b.gates[target].open_groups(b.gates[target](b.tokens))
-                                              .contiguous() for b in study})
-            for masks_from, (blocks, masks) in cases.items():
-                for row in compare(previous, blocks, masks, args.thread_counts, args.repeats, args.warmup):
+                                              .contiguous() for b in study}, None)
+            for masks_from, (blocks, masks, with_gate) in cases.items():
+                for row in compare(previous, blocks, masks, args.thread_counts, args.repeats, args.warmup, with_gate):
                     row = {"kind": kind, "target": target, "masks": masks_from, **row}
                     rows.append(row)
                     print(f"{kind} {masks_from:7s} target {target} ({row['induced_sparsity']:.3f}, "
@@ -218,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row['ms']['dense']:.2f} ms, previous {row['ms']['previous']:.2f}, today "
                           f"{row['ms']['today']:.2f}: {row['today_over_previous']:.2f}x; of the bound "
                           f"{row['flops_bound']:.2f}x: {row['fraction']['previous']:.2f} -> "
-                          f"{row['fraction']['today']:.2f}", flush=True)
+                          f"{row['fraction']['today']:.2f}" + (
+                              f"; with the gate {row['speedup']['today_with_gate']:.2f}x of "
+                              f"{row['flops_bound_with_gate']:.2f}x" if 'today_with_gate' in row['speedup'] else ""),
+                          flush=True)
     ratios = [r["today_over_previous"] for r in rows]
     result = {"benchmark": "kernel_v2", "study": cfg.name, "objective": cfg.benchmark["objective"],
               "repeats": args.repeats, "warmup": args.warmup, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
