@@ -47,3 +47,29 @@ def report(result: dict, out: Path | None, study: str, summary: str) -> int:
     write_json(out, {**result, **environment()})
     print(f"{summary} ({out})")
     return 0
+
+
+def kernel_study_inputs(cfg: StudyConfig):
+    """What the kernel benchmarks measure on: the study's inputs (`execution.benchmark.study_inputs`) with the gate
+    sets of `benchmark.objective`, as (gate files by target, SIBS thresholds, inputs). None, after saying why on
+    stderr, where the C++ kernel cannot be built here or the study has no gates yet."""
+    import sys
+
+    from detr_sparsity.execution import benchmark as speed
+    from detr_sparsity.execution.cpu_kernel import cpu_kernel
+    from detr_sparsity.pipeline import gathered_points
+
+    if cpu_kernel() is None:
+        print("error: the C++ kernel could not be built here (see the log above); nothing to compare",
+              file=sys.stderr)
+        return None
+    gate_files = {str(point["target"]): file for point, file in gathered_points(cfg, "benchmark", "gates")}
+    missing = [str(f) for f in gate_files.values() if not f.is_file()]
+    if missing:
+        print(f"error: no gates at {', '.join(missing)}; run the pipeline first (snakemake --cores 8)",
+              file=sys.stderr)
+        return None
+    thresholds = [str(t) for t in cfg.sibs["thresholds"]]
+    inputs = speed.study_inputs(cfg, path("model", "out", cfg.name), path("data", "out", cfg.name),
+                                path("profile", "neurons", cfg.name), gate_files, thresholds)
+    return gate_files, thresholds, inputs

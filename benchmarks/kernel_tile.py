@@ -21,11 +21,9 @@ from typing import Callable
 import torch
 
 from detr_sparsity.execution import benchmark as speed
-from detr_sparsity.execution.cpu_kernel import cpu_kernel
 from detr_sparsity.execution.gated_ffn import PackedFFN, kernel_tile, sparse_ffn
-from detr_sparsity.pipeline import gathered_points, path
 
-from _common import arguments, parse, report
+from _common import arguments, kernel_study_inputs, parse, report
 
 PREVIOUS_TILE = 16  # tokens per tile before kernel_tile
 
@@ -35,20 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2], help="torch threads, each measured")
     parser.add_argument("--warmup", type=int, default=2)
     args, cfg = parse(parser, argv)
-    kernel = cpu_kernel()
-    if kernel is None:
-        print("error: the C++ kernel could not be built here (see the log above); nothing to compare",
-              file=sys.stderr)
+    found = kernel_study_inputs(cfg)
+    if found is None:
         return 2
-    gate_files = {str(point["target"]): file for point, file in gathered_points(cfg, "benchmark", "gates")}
-    missing = [str(f) for f in gate_files.values() if not f.is_file()]
-    if missing:
-        print(f"error: no gates at {', '.join(missing)}; run the pipeline first (snakemake --cores 8)",
-              file=sys.stderr)
-        return 2
-    thresholds = [str(t) for t in cfg.sibs["thresholds"]]
-    inputs = speed.study_inputs(cfg, path("model", "out", cfg.name), path("data", "out", cfg.name),
-                                path("profile", "neurons", cfg.name), gate_files, thresholds)
+    gate_files, thresholds, inputs = found
     tokens = {"encoder": speed.R50["encoder_tokens"], "decoder": speed.R50["queries"]}
     load_start = list(os.getloadavg())
     rows = []

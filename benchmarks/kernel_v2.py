@@ -34,11 +34,10 @@ import sys
 import torch
 
 from detr_sparsity.execution import benchmark as speed
-from detr_sparsity.execution.cpu_kernel import CFLAGS, LDFLAGS, cpu_kernel, extension_name
+from detr_sparsity.execution.cpu_kernel import CFLAGS, EXTENSION_NAME, LDFLAGS, extension_name
 from detr_sparsity.execution.gated_ffn import PackedFFN, kernel_tile, sparse_ffn
-from detr_sparsity.pipeline import gathered_points, path
 
-from _common import arguments, parse, report
+from _common import arguments, kernel_study_inputs, parse, report
 
 PREVIOUS_SOURCE = r"""
 #include <torch/extension.h>
@@ -126,7 +125,7 @@ def previous_kernel():
     """The previous kernel, built beside today's for the same CPU (its own name, the same flags)."""
     from torch.utils.cpp_extension import load_inline
 
-    name = extension_name().replace("gated_ffn_v2", "gated_ffn_previous")
+    name = extension_name().replace(EXTENSION_NAME, f"{EXTENSION_NAME}_previous")
     return load_inline(name, cpp_sources=PREVIOUS_SOURCE, functions=["gated_ffn"], extra_cflags=list(CFLAGS),
                        extra_ldflags=list(LDFLAGS))
 
@@ -141,17 +140,16 @@ def compare(previous, blocks: list[speed.Block], masks: dict[str, torch.Tensor],
     """Dense, the previous kernel and today's over `blocks`, on the same masks, at each thread count. With `target`
     (R50 blocks with their sampled masks) also today's kernel as the take-away model runs it, its gate computed
     each call (`execution.benchmark.mgs_sparse`, the stage's sparse variant), against the bound with the gate's MACs."""
-    packed = {b.name: PackedFFN(b.fc1, b.fc2, b.group_size) for b in blocks}
-    for b in blocks:
-        b.packed = packed[b.name]
+    for b in blocks:  # as the stage packs them (`mgs_sparse` reads `packed`)
+        b.packed = PackedFFN(b.fc1, b.fc2, b.group_size)
 
     # the previous kernel takes fc1 and fc2 apart; their copies are made once, outside the timing
-    layouts = {b.name: (packed[b.name].w1g.contiguous(), packed[b.name].w2g.reshape(-1, b.fc2.out_features).contiguous())
+    layouts = {b.name: (b.packed.w1g.contiguous(), b.packed.w2g.reshape(-1, b.fc2.out_features).contiguous())
                for b in blocks}
 
     def previous_run() -> list[torch.Tensor]:
-        return [previous.gated_ffn(b.tokens, masks[b.name], layouts[b.name][0], packed[b.name].b1g.view(-1),
-                                   layouts[b.name][1], packed[b.name].b2,
+        return [previous.gated_ffn(b.tokens, masks[b.name], layouts[b.name][0], b.packed.b1g.view(-1),
+                                   layouts[b.name][1], b.packed.b2,
                                    kernel_tile(b.tokens.shape[0], torch.get_num_threads())) for b in blocks]
 
     # The rotation keeps this cyclic order, so no variant runs right after one that read the same weights (it would
@@ -160,14 +158,15 @@ def compare(previous, blocks: list[speed.Block], masks: dict[str, torch.Tensor],
     if target is not None:
         variants["today_with_gate"] = lambda: [speed.mgs_sparse(b, target) for b in blocks]
     variants["previous"] = previous_run
-    variants["today"] = lambda: [sparse_ffn(b.tokens, masks[b.name], packed[b.name]) for b in blocks]
+    variants["today"] = lambda: [sparse_ffn(b.tokens, masks[b.name], b.packed) for b in blocks]
     rows = []
     with torch.no_grad():
         for a, b in zip(previous_run(), variants["today"]()):  # the same function, summed in another order
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         kept = sum(int(masks[b.name].sum()) * b.group_size for b in blocks)
         positions = sum(b.tokens.shape[0] * b.fc1.out_features for b in blocks)
-        gate_macs = sum(b.gate_macs for b in blocks)
+        # dense MACs over kept MACs plus the gate's, as the stage counts them (`execution.benchmark.block_rows`)
+        with_gate = sum(b.macs for b in blocks) / (2 * kept * blocks[0].fc1.in_features + sum(b.gate_macs for b in blocks))
         open_values = torch.cat([torch.relu(b.fc1(b.tokens)).view(b.tokens.shape[0], -1, b.group_size)[masks[b.name]]
                                  .flatten() for b in blocks])
         for threads in thread_counts:
@@ -175,9 +174,8 @@ def compare(previous, blocks: list[speed.Block], masks: dict[str, torch.Tensor],
             ms = speed.medians_ms(variants, repeats, warmup)
             speedup = {n: ms["dense"] / ms[n] for n in ms if n != "dense"}
             bound = {n: positions / kept for n in speedup}
-            if "today_with_gate" in speedup:  # dense MACs over kept MACs plus the gate's (2 d per kept slot, d per gate)
-                d = blocks[0].fc1.in_features
-                bound["today_with_gate"] = 2 * positions * d / (2 * kept * d + gate_macs)
+            if "today_with_gate" in speedup:
+                bound["today_with_gate"] = with_gate
             rows.append({"threads": threads, "tokens_per_block": blocks[0].tokens.shape[0],
                          "induced_sparsity": 1 - kept / positions, "flops_bound": positions / kept,
                          "flops_bound_with_gate": bound.get("today_with_gate"),
@@ -194,20 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2], help="torch threads, each measured")
     parser.add_argument("--warmup", type=int, default=2)
     args, cfg = parse(parser, argv)
-    if cpu_kernel() is None:
-        print("error: the C++ kernel could not be built here (see the log above); nothing to compare",
-              file=sys.stderr)
+    found = kernel_study_inputs(cfg)
+    if found is None:
         return 2
+    gate_files, thresholds, inputs = found
     previous = previous_kernel()
-    gate_files = {str(point["target"]): file for point, file in gathered_points(cfg, "benchmark", "gates")}
-    missing = [str(f) for f in gate_files.values() if not f.is_file()]
-    if missing:
-        print(f"error: no gates at {', '.join(missing)}; run the pipeline first (snakemake --cores 8)",
-              file=sys.stderr)
-        return 2
-    thresholds = [str(t) for t in cfg.sibs["thresholds"]]
-    inputs = speed.study_inputs(cfg, path("model", "out", cfg.name), path("data", "out", cfg.name),
-                                path("profile", "neurons", cfg.name), gate_files, thresholds)
     tokens = {"encoder": speed.R50["encoder_tokens"], "decoder": speed.R50["queries"]}
     generator = torch.Generator().manual_seed(cfg.seed)
     load_start = list(os.getloadavg())
