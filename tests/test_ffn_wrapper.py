@@ -205,6 +205,52 @@ def test_dense_ffn_flop_count_is_the_closed_form(model):
     assert plain.get_total_flops() == flops.total()
 
 
+def _small_batch(seed: int, width: int = 128) -> dict:
+    batch = make_batch(padded=False, seed=seed)
+    return {k: v[..., :width].contiguous() for k, v in batch.items()}
+
+
+def test_flops_counted_per_input_shape_are_those_of_every_batch_counted(model):
+    """`FlopCount.forward` counts an input shape twice and then adds those counts: over batches of two shapes
+    the per-module totals must be FlopCounterMode's own over every forward."""
+    batches = [_small_batch(seed, width) for seed, width in enumerate([128, 128, 96, 128, 96, 96, 128])]
+    with sparse_ffns(model, {name: TopK(0.25) for name in BLOCKS}):
+        flops = FlopCount()
+        for batch in batches:
+            with flops.forward(batch["pixel_values"]):
+                forward(model, batch)
+        with FlopCounterMode(display=False) as every:
+            for batch in batches:
+                forward(model, batch)
+    assert flops.images == 2 * len(batches)
+    assert flops.module_flops == {m: int(sum(ops.values())) for m, ops in every.get_flop_counts().items()}
+    assert flops.total() > 0
+
+
+class _DataShaped(torch.nn.Module):
+    """A matmul over the rows of the input that are positive: its FLOPs follow the data, not the shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[x[:, 0] > 0] @ self.weight
+
+
+def test_flops_that_vary_within_an_input_shape_are_counted_every_batch():
+    module = _DataShaped()
+    batches = [torch.tensor([[1.0] * 4, [-1.0] * 4]), torch.tensor([[1.0] * 4, [1.0] * 4]),
+               torch.tensor([[1.0] * 4, [1.0] * 4]), torch.tensor([[-1.0] * 4, [-1.0] * 4])]
+    flops = FlopCount()
+    with torch.no_grad():
+        for x in batches:
+            with flops.forward(x):
+                module(x)
+    rows = [1, 2, 2, 0]  # positive rows per batch, each a (1 x 4) @ (4 x 3): 2 x 4 x 3 FLOPs per row
+    assert flops.total() == sum(2 * 4 * 3 * r for r in rows)
+
+
 def test_shrunk_ffn_computes_what_the_static_mask_computes(model):
     batch = make_batch(padded=True)
     generator = torch.Generator().manual_seed(3)

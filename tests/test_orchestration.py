@@ -496,6 +496,11 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(study):
                 "mgs_local", "mgs_train-group_activity-0.5", "mgs_train-distillation-0.5",
                 "mgs_evaluate-distillation-0.5", "mgs_single-0.5", "summary", "benchmark"):
         assert (root / f"results/synthetic/logs/{log}.log").stat().st_size > 0
+    # The gate-training chain (the study's longest path after the model) starts before the sweeps beside it.
+    first_run = sorted((root / ".snakemake/log").glob("*.snakemake.log"))[0].read_text()
+    started = [line.split(": ")[1] for line in first_run.splitlines() if re.match(r"Job \d+: \w+:", line)]
+    after_model = started[started.index("model") + 1:]
+    assert after_model.index("mgs_cache") < after_model.index("masking"), after_model
     # The Snakemake report: one self-contained page with the figures (and their captions) and tables.
     run(["snakemake", "--report", "report.html"], root)
     report = (root / "report.html").read_text()

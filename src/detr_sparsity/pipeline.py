@@ -100,6 +100,8 @@ class Stage:
     # Torch threads of a job: 1, or None for every core of the machine (MAX_THREADS in the rules).
     threads: int | None = 1
     exclusive: bool = False  # timings: the job claims the whole machine
+    # Of the jobs ready to run, Snakemake starts those of the highest priority first (DVC runs one at a time).
+    priority: int = 0
     device: bool = False  # runs the detector on the job's device (a GPU where the cluster gives one)
     detections: str | None = None  # evaluating stages: the output a shard job writes its partial evaluation to
     rows: str | None = None  # evaluating stages: the row output, not written by a shard job
@@ -152,6 +154,12 @@ COMPARISONS = f"{RESULTS}/comparisons.json"
 SPEED = f"{RESULTS}/benchmark/speed.json"
 COST = f"{RESULTS}/benchmark/cost.json"
 PAPER = "paper/{study}"
+# The gate-training chain (mgs_cache -> mgs_local -> mgs_train -> benchmark) holds the largest jobs after
+# pretraining (six end-to-end gate trainings of about 2.5 minutes, one thread each) behind two jobs of its own. Its
+# jobs go first and the sweeps beside it (masking, SIBS, the single-block protocol) fill the cores around them;
+# started last, its trainings leave a core idle at the end (the committed run of 2026-12-06: the 21 masking jobs
+# first, then 19 minutes of chain).
+CRITICAL_PATH = 1
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "generate or download the study's splits",
@@ -191,12 +199,13 @@ STAGES: tuple[Stage, ...] = (
           "mgs_cache: backbone features, FFN block inputs and dense outputs of the gate-training images, computed once",
           inputs={"model": MODEL, "data": DATA},
           outputs={"out": f"{MGS_CACHE}/front_end.safetensors", "block_inputs": f"{MGS_CACHE}/block_inputs.safetensors"},
-          sections=("input", "mgs.cache"), threads=None, device=True),
+          sections=("input", "mgs.cache"), threads=None, device=True, priority=CRITICAL_PATH),
     Stage("mgs_local", "train the group_activity gates of every block once, layer-locally, from cached block inputs",
           "mgs_local: group_activity gates of every block, trained once from the cached block inputs",
           inputs={"model": MODEL, "block_inputs": f"{MGS_CACHE}/block_inputs.safetensors"},
           outputs={"gates": LOCAL_GATES, "training": f"{RESULTS}/mgs/local/training.json"},
-          sections=("mgs.local",), keys=("mgs.group_size", "mgs.blocks", "mgs.gate_threshold"), device=True),
+          sections=("mgs.local",), keys=("mgs.group_size", "mgs.blocks", "mgs.gate_threshold"), device=True,
+          priority=CRITICAL_PATH),
     # One producer of every evaluated gate set: for group_activity a job calibrates the layer-local gates to its
     # target; for an end-to-end objective it trains (from the layer-local gates with warm_start) and calibrates.
     # Calibration reads the calibration split through the gated model. Targets train as parallel jobs of one
@@ -207,7 +216,7 @@ STAGES: tuple[Stage, ...] = (
           outputs={"gates": f"{MGS}/gates.safetensors", "training": f"{MGS}/training.json"},
           sweep=(OBJECTIVE, TARGET), sections=("input", "mgs.training"),
           keys=("profile.split", "mgs.group_size", "mgs.blocks", "mgs.gate_threshold", "mgs.calibration"),
-          device=True),
+          device=True, priority=CRITICAL_PATH),
     Stage("mgs_evaluate", "detections, COCO AP, sparsity and FLOPs of one trained gate set",
           "mgs_evaluate: the {objective} gates of target {target} on the evaluation split",
           inputs={"model": MODEL, "data": DATA, "gates": f"{MGS}/gates.safetensors",
@@ -246,7 +255,7 @@ STAGES: tuple[Stage, ...] = (
           outputs={"out": SPEED},
           # the study shapes are timed on the first evaluation batch; which rows are measured, and how
           sections=EVALUATION, keys=("benchmark", "sibs.indicator", "sibs.thresholds", "mgs.targets"),
-          threads=None, exclusive=True),
+          threads=None, exclusive=True, priority=CRITICAL_PATH),
     # After every stage that computes (summary.json follows every evaluation, speed.json the gate training and the
     # profile): it reads the log of each of their jobs, which names the MLflow run that made the job's outputs. The
     # sweeps say which jobs there are.

@@ -30,6 +30,7 @@ for stage in STAGES:
         # Evaluations run on one thread: matmuls split over another thread count round differently, and the sanity
         # points (top-k at keep-ratio 1, SIBS at threshold 0) must reproduce dense bit for bit.
         threads: stage.threads or MAX_THREADS
+        priority: stage.priority
         resources:
             cpu_slots=all_cpu_slots if stage.exclusive else cpu_slots,
             **CFG.job_resources(stage.name),
@@ -59,6 +60,7 @@ for stage in STAGES:
             conda:
                 "../envs/study.yaml"
             threads: 1
+            priority: stage.priority
             resources:
                 cpu_slots=cpu_slots,
                 **CFG.job_resources(stage.name),

@@ -85,8 +85,9 @@ def matches_of(evaluator: COCOeval) -> MatchedDetections:
 
 
 def match_detections(annotations: str | Path, detections: str | Path) -> MatchedDetections:
-    """COCOeval's per-image matching (evaluate(), once) of `detections` against `annotations` (bbox)."""
-    return matches_of(evaluated_images(annotations, detections))
+    """COCOeval's per-image matching (evaluate(), once) of `detections` against `annotations` (bbox), for area
+    'all' only: AP and AP50 read nothing else."""
+    return matches_of(evaluated_images(annotations, detections, area_ranges=("all",)))
 
 
 def resampled_ap(matched: MatchedDetections, image_weights: np.ndarray) -> dict:

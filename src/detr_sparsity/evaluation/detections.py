@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterable
 
 import torch
 from tqdm import tqdm
@@ -17,12 +18,14 @@ def detect(
     total: int | None = None,
     on_batch: Callable[[dict, object], None] | None = None,
     start_batch: Callable[[dict], None] | None = None,
+    around_forward: Callable[[dict], ContextManager] | None = None,
 ) -> list[dict]:
     """COCO results [{image_id, category_id, bbox [x, y, w, h], score}] for every query of every image.
 
     No score threshold and no top-k: as in DETR's evaluation, each of the num_queries slots becomes one
     detection, labelled with its most likely real class, in the original image's pixel coordinates.
-    Batches are moved to the model's device.
+    Batches are moved to the model's device. `around_forward(batch)`, a context manager, encloses each batch's
+    forward pass alone (the FLOP count).
     """
     model.eval()
     device = model.device
@@ -30,7 +33,8 @@ def detect(
     for batch in tqdm(batches, total=total, desc="detect", mininterval=10):
         if start_batch is not None:
             start_batch(batch)
-        outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
+        with nullcontext() if around_forward is None else around_forward(batch):
+            outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
         if on_batch is not None:
             on_batch(batch, outputs)
         # threshold=-1 keeps every query (scores are softmax probabilities, always > 0 anyway).

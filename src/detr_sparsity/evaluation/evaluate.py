@@ -81,11 +81,9 @@ def evaluate_policies(model: DetrForObjectDetection, data: EvaluationSplit, poli
         if data.sharding.gathers:
             detections = gather_partials(data.sharding.partials_for(detections_path), flops, sparsity)
         else:
-            with flops:
-                detections = detect(model, data.processor, data.loader, total=len(data.loader),
-                                    on_batch=lambda batch, _out: flops.add_images(len(batch["image_ids"])),
-                                    start_batch=lambda batch: [p.start_batch(batch["image_ids"])
-                                                               for p in policies.values()])
+            detections = detect(model, data.processor, data.loader, total=len(data.loader),
+                                around_forward=lambda batch: flops.forward(batch["pixel_values"]),
+                                start_batch=lambda batch: [p.start_batch(batch["image_ids"]) for p in policies.values()])
             if check is not None:
                 checked = check(detections)
             if data.sharding.detects_shard:
