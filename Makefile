@@ -45,7 +45,6 @@ benchmark: install
 	$(PYTHON) benchmarks/gate_training_cost.py --repeats 3
 	$(PYTHON) benchmarks/bootstrap_cost.py --repeats 3
 	$(PYTHON) benchmarks/flop_count.py --repeats 3
-	$(PYTHON) benchmarks/pretrain_input.py --steps 300 --images 320 --repeats 2
 	$(PYTHON) benchmarks/kernel_tile.py --repeats 11
 	$(PYTHON) benchmarks/kernel_v2.py --repeats 11
 

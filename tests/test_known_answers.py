@@ -11,14 +11,13 @@ import math
 from fractions import Fraction
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers.models.detr.modeling_detr import DetrObjectDetectionOutput
 
 from detr_sparsity.config import InputSize
-from detr_sparsity.data.dataset import DetrCollate, image_processor, visible_frame
+from detr_sparsity.data.dataset import DetrCollate, image_processor
 from detr_sparsity.evaluation.coco_eval import coco_ap
 from detr_sparsity.evaluation.detections import detect
 from detr_sparsity.mgs.calibration import calibrate_gates
@@ -239,34 +238,6 @@ def test_label_boxes_are_relative_to_the_visible_image_whatever_the_batch():
     together = [labels["boxes"].tolist() for labels in batch["labels"]]
     # (the image processor alone gives [[0.25, 0.25, 0.375, 0.25]] and [[0.25, 0.4375, 0.25, 0.75]]: the canvas)
     assert together == alone
-
-
-def test_images_prepared_alone_then_padded_are_the_processors_own_batch():
-    """DetrCollate prepares each image alone and pads the batch itself (so pretraining can prepare an image once):
-    the pixels and masks must be the image processor's own for the whole batch, bit for bit, and the boxes its
-    boxes taken back to each image's visible frame (known answer: the test above)."""
-    rng = np.random.default_rng(0)
-    images = [(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), _target(i, [4, 6, 20, 10]))
-              for i, (h, w) in enumerate([(64, 128), (100, 70), (64, 128)])]
-    processor = image_processor(InputSize(64, 128))
-    collate = DetrCollate(processor, with_labels=True)
-    batch = collate(images)
-    reference = processor(images=[im for im, _ in images], annotations=[t for _, t in images], return_tensors="pt")
-    assert batch["pixel_values"].shape[0] == 3 and not bool(batch["pixel_mask"].all())  # padded: the general case
-    assert torch.equal(batch["pixel_values"], reference["pixel_values"])
-    assert torch.equal(batch["pixel_mask"], reference["pixel_mask"])
-    for ours, theirs, mask in zip(batch["labels"], reference["labels"], reference["pixel_mask"]):
-        assert torch.equal(ours["class_labels"], theirs["class_labels"])
-        assert torch.equal(ours["boxes"], visible_frame(theirs["boxes"], mask))
-    # Padding a batch leaves the prepared images as they were: pretraining pads the same ones into many batches.
-    prepared = [collate.prepare(im, t) for im, t in images]
-    before = [(p.pixel_values.copy(), p.labels["boxes"].copy()) for p in prepared]
-    for _ in range(2):
-        again = collate.pad(prepared)
-        assert torch.equal(again["pixel_values"], batch["pixel_values"])
-        assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(again["labels"], batch["labels"]))
-    assert all(np.array_equal(p.pixel_values, v) and np.array_equal(p.labels["boxes"], b)
-               for p, (v, b) in zip(prepared, before))
 
 
 # =========================================================================================================

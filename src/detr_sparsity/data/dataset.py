@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from tqdm import tqdm
-from transformers import BatchFeature, DetrImageProcessorPil
+from transformers import DetrImageProcessorPil
 
 from detr_sparsity.config import InputSize
 
@@ -224,70 +223,29 @@ def image_processor(size: InputSize) -> DetrImageProcessorPil:
     return DetrImageProcessorPil(size={"shortest_edge": size.shortest_edge, "longest_edge": size.longest_edge})
 
 
-@dataclass
-class PreparedImage:
-    """One image as DETR's image processor prepares it before a batch pads it: resized, normalised, its boxes in
-    (cx, cy, w, h) relative to its own extent."""
-
-    pixel_values: Any  # numpy float32 (3, h, w)
-    labels: dict | None  # the processor's annotation (numpy arrays), with_labels only
-    image_id: int
-    orig_size: tuple[int, int]  # (h, w) before resizing
-
-    @property
-    def nbytes(self) -> int:
-        return self.pixel_values.nbytes + sum(getattr(v, "nbytes", 0) for v in (self.labels or {}).values())
-
-
 class DetrCollate:
-    """Batch of (image, target) -> pixel_values, pixel_mask, labels, and original sizes (h, w).
-
-    In two steps, each image `prepare`d alone and then the batch padded (`pad`), which is exactly what the
-    processor does with a whole batch (the same per-image transforms, then its own padding), so that pretraining
-    can prepare each image once and pad it into every batch that draws it.
-    """
+    """Batch of (image, target) -> pixel_values, pixel_mask, labels, and original sizes (h, w)."""
 
     def __init__(self, processor: DetrImageProcessorPil, with_labels: bool):
         self.processor = processor
         self.with_labels = with_labels
 
     def __call__(self, batch: list[tuple[Image.Image, dict]]) -> dict:
-        return self.pad([self.prepare(image, target) for image, target in batch])
-
-    def prepare(self, image: Image.Image, target: dict) -> PreparedImage:
-        encoded = self.processor(images=[image], annotations=[target] if self.with_labels else None,
-                                 do_pad=False, return_tensors=None)
-        labels = dict(encoded["labels"][0]) if self.with_labels else None
-        return PreparedImage(encoded["pixel_values"][0], labels, target["image_id"], (image.height, image.width))
-
-    def pad(self, prepared: list[PreparedImage]) -> dict:
-        """The processor's padding of a batch (bottom and right, to the largest image; boxes rescaled to the
-        padded canvas), then the boxes back to each image's visible frame. `prepared` is left as it was."""
-        size = tuple(max(p.pixel_values.shape[d] for p in prepared) for d in (1, 2))
-        images, masks, labels = [], [], []
-        for p in prepared:
-            # The processor rescales a padded image's boxes in place: pad a copy.
-            annotation = None if p.labels is None else {k: v.copy() if hasattr(v, "copy") else v
-                                                         for k, v in p.labels.items()}
-            if p.pixel_values.shape[1:] == size:
-                image, mask = p.pixel_values, np.ones(size, dtype=np.int64)
-            else:
-                image, mask, annotation = self.processor.pad(p.pixel_values, size, annotation=annotation,
-                                                             update_bboxes=True)
-            images.append(image)
-            masks.append(mask)
-            labels.append(annotation)
-        encoded = BatchFeature({"pixel_mask": masks, "pixel_values": images}, tensor_type="pt")
+        images, targets = zip(*batch)
+        encoded = self.processor(
+            images=list(images),
+            annotations=list(targets) if self.with_labels else None,
+            return_tensors="pt",
+        )
         out = {
             "pixel_values": encoded["pixel_values"],
             "pixel_mask": encoded["pixel_mask"],
-            "image_ids": [p.image_id for p in prepared],
-            "orig_sizes": torch.tensor([p.orig_size for p in prepared]),
+            "image_ids": [t["image_id"] for t in targets],
+            "orig_sizes": torch.tensor([[img.height, img.width] for img in images]),
         }
         if self.with_labels:
-            tensors = [BatchFeature(annotation, tensor_type="pt") for annotation in labels]
             out["labels"] = [{"class_labels": lab["class_labels"], "boxes": visible_frame(lab["boxes"], mask)}
-                             for lab, mask in zip(tensors, encoded["pixel_mask"])]
+                             for lab, mask in zip(encoded["labels"], encoded["pixel_mask"])]
         return out
 
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from transformers import DetrForObjectDetection
 
 from detr_sparsity.atomic import atomic_path
-from detr_sparsity.data.dataset import CocoDetection, DetrCollate, PreparedImage
+from detr_sparsity.data.dataset import CocoDetection, DetrCollate
 from detr_sparsity.models.small_detr import freeze_batch_norm, trainable_batch_norm
 from detr_sparsity.sparsity.ffn import ffn_blocks
 
@@ -25,42 +25,23 @@ log = logging.getLogger(__name__)
 StepLogger = Callable[[int, dict[str, float]], None]
 
 
-# What pretraining keeps of its prepared images: the default study's 8,000 train images at 128 px, both
-# orientations, take 3.1 GB. Past it, images are prepared again each time they are drawn.
-PREPARED_BYTES = 4 << 30
-
-
 class HorizontalFlip(Dataset):
-    """Mirror half of the images (seeded per index and epoch), boxes with them; each (image, orientation) prepared
-    for DETR once (`DetrCollate.prepare`) and kept: 5,500 steps of 16 draw each of 8,000 images 11 times, and
-    reading, resizing and normalising a batch took 13-17 % of a step (benchmarks/pretrain_input.py)."""
+    """Mirror half of the images (seeded per index and epoch), boxes with them."""
 
-    def __init__(self, base: CocoDetection, seed: int, collate: DetrCollate):
-        self.base, self.seed, self.collate, self.epoch = base, seed, collate, 0
-        self.prepared: dict[tuple[int, bool], PreparedImage] = {}
-        self.prepared_bytes = 0
+    def __init__(self, base: CocoDetection, seed: int):
+        self.base, self.seed, self.epoch = base, seed, 0
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def mirrored(self, index: int) -> bool:
-        return random.Random(hash((self.seed, self.epoch, index))).random() >= 0.5
-
-    def __getitem__(self, index: int) -> PreparedImage:
-        key = (index, self.mirrored(index))
-        if key in self.prepared:
-            return self.prepared[key]
+    def __getitem__(self, index: int):
         image, target = self.base[index]
-        if key[1]:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            w = image.width
-            anns = [{**a, "bbox": [w - a["bbox"][0] - a["bbox"][2], *a["bbox"][1:]]} for a in target["annotations"]]
-            target = {**target, "annotations": anns}
-        prepared = self.collate.prepare(image, target)
-        if self.prepared_bytes + prepared.nbytes <= PREPARED_BYTES:
-            self.prepared[key] = prepared
-            self.prepared_bytes += prepared.nbytes
-        return prepared
+        if random.Random(hash((self.seed, self.epoch, index))).random() < 0.5:
+            return image, target
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        w = image.width
+        anns = [{**a, "bbox": [w - a["bbox"][0] - a["bbox"][2], *a["bbox"][1:]]} for a in target["annotations"]]
+        return image, {**target, "annotations": anns}
 
 
 def _repeat_targets(labels: list[dict], copies: int) -> list[dict]:
@@ -128,7 +109,7 @@ def pretrain(
     device = model.device  # batches follow the model
     trainable_batch_norm(model)
     steps, batch_size = settings["steps"], settings["batch_size"]
-    data = HorizontalFlip(dataset, seed, collate)
+    data = HorizontalFlip(dataset, seed)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=settings["learning_rate"],
@@ -158,7 +139,7 @@ def pretrain(
         data.epoch, offset = divmod(step, per_epoch)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + data.epoch)).tolist()
         batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(offset, per_epoch)]
-        loader = DataLoader(data, batch_sampler=batches, collate_fn=collate.pad)
+        loader = DataLoader(data, batch_sampler=batches, collate_fn=collate)
         for batch in loader:
             labels = [{k: v.to(device) for k, v in lab.items()} for lab in batch["labels"]]
             if step < settings["one_to_many_fraction"] * steps:
