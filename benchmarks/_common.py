@@ -28,6 +28,15 @@ def arguments(doc: str, name: str, repeats: int | None, threads: str | None = No
     return parser
 
 
+def kernel_arguments(doc: str, name: str) -> argparse.ArgumentParser:
+    """`arguments` of the kernel benchmarks (11 repeats by default), with the thread counts measured and the warm-up
+    runs before each variant's timed ones."""
+    parser = arguments(doc, name, repeats=11)
+    parser.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2], help="torch threads, each measured")
+    parser.add_argument("--warmup", type=int, default=2)
+    return parser
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, StudyConfig]:
     """The parsed arguments and the study's config (--params); torch set to --threads where the benchmark takes it."""
     args = parser.parse_args(argv)

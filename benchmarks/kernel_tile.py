@@ -23,16 +23,13 @@ import torch
 from detr_sparsity.execution import benchmark as speed
 from detr_sparsity.execution.gated_ffn import PackedFFN, kernel_tile, sparse_ffn
 
-from _common import arguments, kernel_study_inputs, parse, report
+from _common import kernel_arguments, kernel_study_inputs, parse, report
 
 PREVIOUS_TILE = 16  # tokens per tile before kernel_tile
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = arguments(__doc__, "kernel_tile", repeats=11)
-    parser.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2], help="torch threads, each measured")
-    parser.add_argument("--warmup", type=int, default=2)
-    args, cfg = parse(parser, argv)
+    args, cfg = parse(kernel_arguments(__doc__, "kernel_tile"), argv)
     found = kernel_study_inputs(cfg)
     if found is None:
         return 2
