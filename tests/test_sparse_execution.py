@@ -112,13 +112,13 @@ def test_detr_r50_block_shape_at_90_percent():
 
 
 @pytest.mark.parametrize(("tokens", "threads", "tile"), [
-    (850, 2, 213),  # R50's encoder: 4 tiles of at most 256, 2 per thread (213 + 213 + 213 + 211)
-    (850, 1, 213),
-    (100, 2, 50),   # R50's decoder queries: one tile per thread
+    (850, 2, 425),  # R50's encoder: one tile per thread
+    (850, 1, 850),
+    (100, 2, 50),   # R50's decoder queries
     (100, 1, 100),
-    (5000, 2, 250),  # 20 tiles, 10 per thread
-    (512, 2, 256),
-    (513, 2, 129),
+    (5000, 2, 834),  # 6 tiles of at most 1024, 3 per thread (834 x 5 + 830)
+    (2048, 2, 1024),
+    (2049, 2, 513),
     (1, 2, 1),
     (0, 2, 1),
 ])

@@ -23,22 +23,21 @@ from detr_sparsity.execution.cpu_kernel import KERNEL_GROUP_SIZES, cpu_kernel
 
 EXECUTIONS = ("masked", "sparse")
 # Tokens per tile of the CPU kernel, at most. Per group the kernel runs fc1 for the tile's tokens that open it in
-# chunks (up to 8 today, 4 when this was measured), so a tile needs several open tokens per group to fill them: at
-# 90 % sparsity a 16-token tile holds 1.6 per group on average, and a group's weights are fetched for those few.
-# Larger tiles fill them; 256 tokens keep a tile's outputs (256 x d floats) within a core's L2. Measured by
-# benchmarks/kernel_tile.py on the AVX2 class (2026-12-05, the previous kernel; R50 shapes, the study's trained
-# gates' masks, both tilings on the same masks in one run):
-# against 16-token tiles, kernel_tile was 1.14x to 1.91x faster in all 24 rows (two block kinds, six targets, 1 and
-# 2 threads), R50's encoder at target 0.9 (213 tokens per tile on 2 threads) 1.39x on 2 threads and 1.64x on 1.
-# Tiles as many as the threads, or a multiple: 128 or 256 tokens for the 100 queries would leave a thread idle.
-KERNEL_MAX_TILE = 256
+# chunks of up to 8, and fetches the group's weights (fc1 and fc2, 2 d G floats) once per tile: the fewer the tiles,
+# the fuller the chunks and the fewer the fetches. So one tile per thread, up to this size (x and y of a tile, d
+# floats per token each, stay within a core's 1 MB L2 at d 256). Measured by benchmarks/kernel_tile.py on the AVX-512
+# class (2026-12-06; R50 shapes, the study's trained gates' masks, every tiling on the same masks in one run;
+# benchmarks/results/kernel_tile.json): against tiles of at most 256 tokens (the rule before, 213 for R50's 850
+# encoder tokens), one tile per thread (425 on 2 threads, 850 on 1) is faster in most rows, see the README. On the
+# AVX2 class (2026-12-05, an earlier kernel) tiles of 256 were 1.14x to 1.91x faster than 16-token tiles.
+KERNEL_MAX_TILE = 1024
 
 
-def kernel_tile(tokens: int, threads: int) -> int:
+def kernel_tile(tokens: int, threads: int, max_tile: int = KERNEL_MAX_TILE) -> int:
     """Tokens per tile: the fewest equal tiles, their number a multiple of `threads` (no thread waits on another's
-    extra tile), of at most KERNEL_MAX_TILE tokens."""
+    extra tile), of at most `max_tile` tokens."""
     threads = max(1, threads)
-    rounds = max(1, math.ceil(tokens / (threads * KERNEL_MAX_TILE)))
+    rounds = max(1, math.ceil(tokens / (threads * max_tile)))
     return max(1, math.ceil(tokens / (threads * rounds)))
 
 
