@@ -47,6 +47,7 @@ benchmark: install
 	$(PYTHON) benchmarks/flop_count.py --repeats 3
 	$(PYTHON) benchmarks/kernel_tile.py --repeats 11
 	$(PYTHON) benchmarks/kernel_v2.py --repeats 11
+	$(PYTHON) benchmarks/kernel_isa.py --repeats 11
 
 # A clone of a study someone pushed to the DVC remote: `dvc pull`, and once `dvc status` confirms that every stage
 # matches dvc.lock, `snakemake --touch` so that Snakemake sees the pulled outputs as up to date too.

@@ -33,6 +33,10 @@ PREVIOUS_MAX_TILE = 256  # kernel_tile's largest tile before one tile per thread
 PREVIOUS = f"max{PREVIOUS_MAX_TILE}"  # the rule kernel_tile is compared against
 
 
+def spread(ratios: list[float]) -> dict:
+    return {"rows": len(ratios), "min": min(ratios), "max": max(ratios)} if ratios else {"rows": 0}
+
+
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse(kernel_arguments(__doc__, "kernel_tile"), argv)
     found = kernel_study_inputs(cfg)
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                        PREVIOUS: lambda n, threads: kernel_tile(n, threads, PREVIOUS_MAX_TILE),
                        "kernel_tile": kernel_tile}
             variants = {"dense": lambda: [speed.dense_ffn(b) for b in blocks],
-                        **{name: sparse(lambda n, of=of: of(n, torch.get_num_threads())) for name, of in tilings.items()}}
+                        **{name: sparse(lambda n, of=of: of(n, torch.get_num_threads()))
+                           for name, of in tilings.items()}}
             with torch.no_grad():
                 # every tile computes the same bits (each token's sums in the same order)
                 outputs = [variants[name]() for name in tilings]
@@ -87,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     # Where both rules give the same tile the two variants run the same code: their ratio is the run's noise.
     differ = [r["kernel_tile_over_previous"] for r in rows if r["tile"][PREVIOUS] != r["tile"]["kernel_tile"]]
     same = [r["kernel_tile_over_previous"] for r in rows if r["tile"][PREVIOUS] == r["tile"]["kernel_tile"]]
-    spread = lambda ratios: {"rows": len(ratios), "min": min(ratios), "max": max(ratios)} if ratios else {"rows": 0}
     result = {"benchmark": "kernel_tile", "study": cfg.name, "objective": cfg.benchmark["objective"],
               "repeats": args.repeats, "warmup": args.warmup, "previous": PREVIOUS,
               "load_average": {"start": load_start, "end": list(os.getloadavg())}, "rows": rows,

@@ -34,7 +34,7 @@ import sys
 import torch
 
 from detr_sparsity.execution import benchmark as speed
-from detr_sparsity.execution.cpu_kernel import CFLAGS, EXTENSION_NAME, LDFLAGS, extension_name
+from detr_sparsity.execution.cpu_kernel import CFLAGS, EXTENSION_NAME, LDFLAGS, cpu_kernel, extension_name
 from detr_sparsity.execution.gated_ffn import PackedFFN, kernel_tile, sparse_ffn
 
 from _common import kernel_arguments, kernel_study_inputs, parse, report
@@ -135,11 +135,12 @@ def random_masks(masks: dict[str, torch.Tensor], generator: torch.Generator) -> 
     return {name: torch.rand(m.shape, generator=generator) < m.float().mean() for name, m in masks.items()}
 
 
-def compare(previous, blocks: list[speed.Block], masks: dict[str, torch.Tensor], thread_counts: list[int],
+def compare(previous, today, blocks: list[speed.Block], masks: dict[str, torch.Tensor], thread_counts: list[int],
             repeats: int, warmup: int, target: str | None = None) -> list[dict]:
-    """Dense, the previous kernel and today's over `blocks`, on the same masks, at each thread count. With `target`
-    (R50 blocks with their sampled masks) also today's kernel as the take-away model runs it, its gate computed
-    each call (`execution.benchmark.mgs_sparse`, the stage's sparse variant), against the bound with the gate's MACs."""
+    """Dense, the `previous` kernel and `today`'s (both called directly, with the same tile) over `blocks`, on the same
+    masks, at each thread count. With `target` (R50 blocks with their sampled masks) also today's kernel as the
+    take-away model runs it, its gate computed each call (`execution.benchmark.mgs_sparse`, the stage's sparse
+    variant), against the bound with the gate's MACs."""
     for b in blocks:  # as the stage packs them (`mgs_sparse` reads `packed`)
         b.packed = PackedFFN(b.fc1, b.fc2, b.group_size)
 
@@ -152,21 +153,30 @@ def compare(previous, blocks: list[speed.Block], masks: dict[str, torch.Tensor],
                                    layouts[b.name][1], b.packed.b2,
                                    kernel_tile(b.tokens.shape[0], torch.get_num_threads())) for b in blocks]
 
+    def today_run() -> list[torch.Tensor]:
+        """Today's kernel called as the previous one is, without `sparse_ffn`'s checks (about 15 us per call, a
+        sixth of a small decoder block's time)."""
+        return [today.gated_ffn(b.tokens, masks[b.name], b.packed.weights, b.packed.b1g.view(-1), b.packed.b2,
+                                kernel_tile(b.tokens.shape[0], torch.get_num_threads())) for b in blocks]
+
     # The rotation keeps this cyclic order, so no variant runs right after one that read the same weights (it would
     # find them in cache): today's kernel with the gate follows dense, the previous kernel follows it.
     variants = {"dense": lambda: [speed.dense_ffn(b) for b in blocks]}
     if target is not None:
         variants["today_with_gate"] = lambda: [speed.mgs_sparse(b, target) for b in blocks]
     variants["previous"] = previous_run
-    variants["today"] = lambda: [sparse_ffn(b.tokens, masks[b.name], b.packed) for b in blocks]
+    variants["today"] = today_run
     rows = []
     with torch.no_grad():
-        for a, b in zip(previous_run(), variants["today"]()):  # the same function, summed in another order
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        through_sparse_ffn = [sparse_ffn(b.tokens, masks[b.name], b.packed) for b in blocks]
+        for old, new, wrapped in zip(previous_run(), today_run(), through_sparse_ffn):
+            torch.testing.assert_close(old, new, rtol=1e-4, atol=1e-4)  # the same function, summed in another order
+            assert torch.equal(new, wrapped)  # today's kernel as the sparse path calls it
         kept = sum(int(masks[b.name].sum()) * b.group_size for b in blocks)
         positions = sum(b.tokens.shape[0] * b.fc1.out_features for b in blocks)
         # dense MACs over kept MACs plus the gate's, as the stage counts them (`execution.benchmark.block_rows`)
-        with_gate = sum(b.macs for b in blocks) / (2 * kept * blocks[0].fc1.in_features + sum(b.gate_macs for b in blocks))
+        with_gate = sum(b.macs for b in blocks) / (2 * kept * blocks[0].fc1.in_features
+                                                   + sum(b.gate_macs for b in blocks))
         open_values = torch.cat([torch.relu(b.fc1(b.tokens)).view(b.tokens.shape[0], -1, b.group_size)[masks[b.name]]
                                  .flatten() for b in blocks])
         for threads in thread_counts:
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if found is None:
         return 2
     gate_files, thresholds, inputs = found
-    previous = previous_kernel()
+    previous, today = previous_kernel(), cpu_kernel()
     tokens = {"encoder": speed.R50["encoder_tokens"], "decoder": speed.R50["queries"]}
     generator = torch.Generator().manual_seed(cfg.seed)
     load_start = list(os.getloadavg())
@@ -214,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     cases["study"] = (study, {b.name: b.gates[target].open_groups(b.gates[target](b.tokens))
                                               .contiguous() for b in study}, None)
             for masks_from, (blocks, masks, with_gate) in cases.items():
-                for row in compare(previous, blocks, masks, args.thread_counts, args.repeats, args.warmup, with_gate):
+                for row in compare(previous, today, blocks, masks, args.thread_counts, args.repeats, args.warmup,
+                                   with_gate):
                     row = {"kind": kind, "target": target, "masks": masks_from, **row}
                     rows.append(row)
                     print(f"{kind} {masks_from:7s} target {target} ({row['induced_sparsity']:.3f}, "

@@ -13,7 +13,8 @@ from detr_sparsity.execution.gated_detr import (GatedFFN, SparseGatedFFN, gated_
                                                 save_gated, set_execution)
 from detr_sparsity.execution.gated_ffn import KERNEL_MAX_TILE, PackedFFN, dispatch_ffn, kernel_tile, sparse_ffn
 from detr_sparsity.execution import benchmark
-from detr_sparsity.execution.cpu_kernel import CFLAGS, LDFLAGS, build_key, cpu_flags, cpu_kernel, extension_name
+from detr_sparsity.execution.cpu_kernel import (CFLAGS, LDFLAGS, build_key, cpu_flags, cpu_kernel, extension_name,
+                                                instruction_sets)
 from detr_sparsity.mgs.gates import make_gates, save_gates
 from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
 from detr_sparsity.sparsity.ffn import ffn_blocks, sparse_ffns
@@ -171,6 +172,34 @@ def test_the_compiled_module_lives_in_the_keyed_build_directory():
     from pathlib import Path
 
     assert Path(cpu_kernel().__file__).parent.name == extension_name()
+
+
+def test_a_cpu_with_avx512_also_runs_the_avx2_build():
+    avx512 = frozenset({"sse2", "avx", "avx2", "fma", "avx512f", "avx512bw"})
+    assert instruction_sets(avx512) == ("native", "avx2")
+    assert instruction_sets(avx512 - {"avx512f", "avx512bw"}) == ("native",)  # native is the AVX2 build there
+    assert instruction_sets(frozenset({"fp", "asimd"})) == ("native",)  # an Arm CPU
+    with pytest.raises(ValueError, match="instruction_set = 'avx9' is not allowed: allowed values: native, avx2"):
+        cpu_kernel("avx9")
+
+
+@pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="no C++ compiler: the PyTorch path runs")
+@pytest.mark.skipif("avx2" not in instruction_sets(), reason="no AVX-512 here: the native build is the AVX2 one")
+def test_the_avx2_build_computes_the_gated_ffn_on_a_cpu_with_avx512():
+    """The code path of the AVX2 machine class (8-float vectors), compiled and checked on a CPU with AVX-512."""
+    from pathlib import Path
+
+    kernel = cpu_kernel("avx2")
+    name = extension_name("avx2")
+    assert Path(kernel.__file__).parent.name == name and name.startswith("detr_sparsity_gated_ffn_v2_avx2_")
+    assert name != extension_name()
+    fc1, fc2 = ffn_pair(256, 2048)
+    packed = PackedFFN(fc1, fc2, 16)
+    x = torch.randn(300, 256)
+    mask = torch.rand(300, 128) > 0.9
+    with torch.no_grad():
+        y = kernel.gated_ffn(x, mask, packed.weights, packed.b1g.view(-1), packed.b2, 150)
+        torch.testing.assert_close(y, masked_dense(x, mask, fc1, fc2, 16), rtol=1e-4, atol=1e-4)
 
 
 def test_a_mask_that_does_not_fit_is_refused():

@@ -318,18 +318,41 @@ torch::Tensor gated_ffn(torch::Tensor x, torch::Tensor mask, torch::Tensor weigh
 # Group sizes with a compiled specialisation (the inner loop is one G-wide vector).
 KERNEL_GROUP_SIZES = (8, 16, 32, 64)
 
+# Builds below the CPU's own instruction set, by the compile flags they add to CFLAGS. "avx2" on a CPU with AVX-512
+# compiles the AVX2 code path (8-float vectors, 16 registers), the one the project's other machine class runs, so
+# that it is tested and timed on either class (benchmarks/kernel_isa.py). "native" is -march=native as it is.
+REDUCED_BUILDS = {"avx2": ("-mno-avx512f",)}
 
-@lru_cache(maxsize=1)
-def cpu_kernel():
-    """The compiled extension, or None (logged once) where it cannot be built here."""
+
+def instruction_sets(flags: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The builds this CPU (its `flags`, default /proc/cpuinfo's) runs: "native", and "avx2" where it has AVX-512
+    too (without AVX-512 the native build is the AVX2 one)."""
+    flags = cpu_flags() if flags is None else flags
+    return ("native",) + (("avx2",) if {"avx2", "avx512f"} <= flags else ())
+
+
+def compile_flags(instruction_set: str = "native") -> tuple[str, ...]:
+    if instruction_set == "native":
+        return CFLAGS
+    if instruction_set not in REDUCED_BUILDS:
+        raise ValueError(f"instruction_set = {instruction_set!r} is not allowed: allowed values: native, "
+                         f"{', '.join(REDUCED_BUILDS)}")
+    return CFLAGS + REDUCED_BUILDS[instruction_set]
+
+
+@lru_cache(maxsize=None)
+def cpu_kernel(instruction_set: str = "native"):
+    """The compiled extension for `instruction_set` (see REDUCED_BUILDS), or None (logged once) where it cannot be
+    built here."""
+    flags = compile_flags(instruction_set)
     if os.environ.get("DETR_SPARSITY_NO_KERNEL"):
         log.info("sparse FFN: DETR_SPARSITY_NO_KERNEL is set; using the PyTorch dispatch path")
         return None
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(extension_name(), cpp_sources=SOURCE, functions=["gated_ffn"],
-                           extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), verbose=False)
+        return load_inline(extension_name(instruction_set), cpp_sources=SOURCE, functions=["gated_ffn"],
+                           extra_cflags=list(flags), extra_ldflags=list(LDFLAGS), verbose=False)
     except Exception as err:  # no compiler, no ninja, or a failed build: the PyTorch path still works
         log.warning("sparse FFN: the C++ kernel could not be built (%s: %s); using the slower PyTorch "
                     "dispatch path", type(err).__name__, str(err).strip().splitlines()[-1] if str(err).strip() else "")
@@ -355,12 +378,15 @@ def build_key(cflags: tuple[str, ...], flags: frozenset[str], machine: str = "")
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def extension_name() -> str:
+def extension_name(instruction_set: str = "native") -> str:
     """The compiled module's name, and so its build directory: `<EXTENSION_NAME>_<capability>_<key>`, e.g.
-    `detr_sparsity_gated_ffn_v2_avx512_3f9c2a1b7d`. Where the CPU's flags cannot be read (no /proc/cpuinfo),
-    the processor's name stands in for them."""
+    `detr_sparsity_gated_ffn_v2_avx512_3f9c2a1b7d`; a reduced build names its instruction set instead of torch's
+    capability (`..._avx2_<key>`). Where the CPU's flags cannot be read (no /proc/cpuinfo), the processor's name
+    stands in for them."""
     import torch
 
-    capability = re.sub(r"[^a-z0-9]+", "", torch.backends.cpu.get_cpu_capability().lower()) or "cpu"
+    capability = instruction_set if instruction_set != "native" else (
+        re.sub(r"[^a-z0-9]+", "", torch.backends.cpu.get_cpu_capability().lower()) or "cpu")
     flags = cpu_flags() or frozenset({platform.processor() or "unknown"})
-    return f"{EXTENSION_NAME}_{capability}_{build_key(CFLAGS + LDFLAGS, flags, platform.machine())}"
+    key = build_key(compile_flags(instruction_set) + LDFLAGS, flags, platform.machine())
+    return f"{EXTENSION_NAME}_{capability}_{key}"
