@@ -24,12 +24,14 @@ from detr_sparsity.execution.cpu_kernel import KERNEL_GROUP_SIZES, cpu_kernel
 EXECUTIONS = ("masked", "sparse")
 # Tokens per tile of the CPU kernel, at most. Per group the kernel runs fc1 for the tile's tokens that open it in
 # chunks of up to 8, and fetches the group's weights (fc1 and fc2, 2 d G floats) once per tile: the fewer the tiles,
-# the fuller the chunks and the fewer the fetches. So one tile per thread, up to this size (x and y of a tile, d
-# floats per token each, stay within a core's 1 MB L2 at d 256). Measured by benchmarks/kernel_tile.py on the AVX-512
-# class (2026-12-06; R50 shapes, the study's trained gates' masks, every tiling on the same masks in one run;
-# benchmarks/results/kernel_tile.json): against tiles of at most 256 tokens (the rule before, 213 for R50's 850
-# encoder tokens), one tile per thread (425 on 2 threads, 850 on 1) is faster in most rows, see the README. On the
-# AVX2 class (2026-12-05, an earlier kernel) tiles of 256 were 1.14x to 1.91x faster than 16-token tiles.
+# the fuller the chunks and the fewer the fetches. So one tile per thread, up to this size, beyond which a tile's
+# inputs and outputs (2 d floats per token: 2 MB for 1,024 tokens at d 256) outgrow a core's L2 (1 MB here) by more
+# than measured. Measured by benchmarks/kernel_tile.py on the AVX-512 class (2026-12-06; R50 shapes, the study's
+# trained gates' masks, every tiling on the same masks in one run; benchmarks/results/kernel_tile.json): against
+# tiles of at most 256 tokens (the rule before, 213 for R50's 850 encoder tokens), one tile per thread (425 on 2
+# threads, 850 on 1) was faster in all 12 R50 encoder rows, 1.02x to 1.24x; ad hoc, tiles of 850 were also the
+# fastest for 1,700 tokens on 2 threads. Larger tiles were not measured. On the AVX2 class (2026-12-05, an earlier
+# kernel) tiles of 256 were 1.14x to 1.91x faster than 16-token tiles.
 KERNEL_MAX_TILE = 1024
 
 
