@@ -340,10 +340,14 @@ def compile_flags(instruction_set: str = "native") -> tuple[str, ...]:
     return CFLAGS + REDUCED_BUILDS[instruction_set]
 
 
-@lru_cache(maxsize=None)
 def cpu_kernel(instruction_set: str = "native"):
     """The compiled extension for `instruction_set` (see REDUCED_BUILDS), or None (logged once) where it cannot be
     built here."""
+    return _built(instruction_set)
+
+
+@lru_cache(maxsize=None)
+def _built(instruction_set: str):  # one cache entry per build, however cpu_kernel was called
     flags = compile_flags(instruction_set)
     if os.environ.get("DETR_SPARSITY_NO_KERNEL"):
         log.info("sparse FFN: DETR_SPARSITY_NO_KERNEL is set; using the PyTorch dispatch path")
