@@ -82,3 +82,29 @@ def kernel_study_inputs(cfg: StudyConfig):
     inputs = speed.study_inputs(cfg, path("model", "out", cfg.name), path("data", "out", cfg.name),
                                 path("profile", "neurons", cfg.name), gate_files, thresholds)
     return gate_files, thresholds, inputs
+
+
+def r50_trained_masks(cfg: StudyConfig, gate_files: dict, thresholds: list[str], inputs):
+    """DETR-R50's FFN blocks as the benchmark stage builds them, with the study's trained gates' masks: per block kind
+    (skipping a kind `mgs.blocks` gates no block of) and per target, (kind, tokens per block, target, blocks, packed
+    weights by block, masks by block)."""
+    from detr_sparsity.execution import benchmark as speed
+    from detr_sparsity.execution.gated_ffn import PackedFFN
+
+    tokens = {"encoder": speed.R50["encoder_tokens"], "decoder": speed.R50["queries"]}
+    for kind in speed.KINDS:
+        blocks = [b for b in speed.r50_blocks(kind, tokens[kind], speed.study_blocks(inputs, kind), list(gate_files),
+                                              thresholds, cfg.seed) if b.gates]
+        if not blocks:
+            continue
+        packed = {b.name: PackedFFN(b.fc1, b.fc2, b.group_size) for b in blocks}
+        for target in gate_files:
+            yield kind, tokens[kind], target, blocks, packed, {b.name: b.open_groups[target].contiguous()
+                                                               for b in blocks}
+
+
+def flops_bound(blocks, masks: dict) -> tuple[float, float]:
+    """(induced sparsity, FLOPs bound) of `blocks` under `masks`, the gate left out: dense MACs / kept MACs."""
+    kept = sum(int(masks[b.name].sum()) * b.group_size for b in blocks)
+    positions = sum(b.tokens.shape[0] * b.fc1.out_features for b in blocks)
+    return 1 - kept / positions, positions / kept

@@ -23,9 +23,9 @@ import torch
 
 from detr_sparsity.execution import benchmark as speed
 from detr_sparsity.execution.cpu_kernel import cpu_kernel, extension_name, instruction_sets
-from detr_sparsity.execution.gated_ffn import PackedFFN, kernel_tile
+from detr_sparsity.execution.gated_ffn import kernel_tile
 
-from _common import kernel_arguments, kernel_study_inputs, parse, report
+from _common import flops_bound, kernel_arguments, kernel_study_inputs, parse, r50_trained_masks, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,49 +39,38 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: the {', '.join(missing)} build could not be made here (see the log above)", file=sys.stderr)
         return 2
-    tokens = {"encoder": speed.R50["encoder_tokens"], "decoder": speed.R50["queries"]}
     load_start = list(os.getloadavg())
     rows = []
-    for kind in speed.KINDS:
-        blocks = [b for b in speed.r50_blocks(kind, tokens[kind], speed.study_blocks(inputs, kind), list(gate_files),
-                                              thresholds, cfg.seed) if b.gates]
-        if not blocks:  # `mgs.blocks` gates no block of this kind
-            continue
-        packed = {b.name: PackedFFN(b.fc1, b.fc2, b.group_size) for b in blocks}
-        for target in gate_files:
-            masks = {b.name: b.open_groups[target].contiguous() for b in blocks}
+    for kind, tokens, target, blocks, packed, masks in r50_trained_masks(cfg, gate_files, thresholds, inputs):
+        def run(kernel):
+            return lambda: [kernel.gated_ffn(b.tokens, masks[b.name], packed[b.name].weights,
+                                             packed[b.name].b1g.view(-1), packed[b.name].b2,
+                                             kernel_tile(b.tokens.shape[0], torch.get_num_threads()))
+                            for b in blocks]
 
-            def run(kernel):
-                return lambda: [kernel.gated_ffn(b.tokens, masks[b.name], packed[b.name].weights,
-                                                 packed[b.name].b1g.view(-1), packed[b.name].b2,
-                                                 kernel_tile(b.tokens.shape[0], torch.get_num_threads()))
-                                for b in blocks]
-
-            variants = {"dense": lambda: [speed.dense_ffn(b) for b in blocks],
-                        **{isa: run(kernel) for isa, kernel in builds.items()}}
-            with torch.no_grad():
-                # the same function: the vector widths differ, so the sums run in another order
-                outputs = {isa: variants[isa]() for isa in builds}
-                for isa in builds:
-                    for a, b in zip(outputs["native"], outputs[isa]):
-                        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-                kept = sum(int(masks[b.name].sum()) * b.group_size for b in blocks)
-                positions = sum(b.tokens.shape[0] * b.fc1.out_features for b in blocks)
-                bound = positions / kept
-                for threads in args.thread_counts:
-                    torch.set_num_threads(threads)
-                    ms = speed.medians_ms(variants, args.repeats, args.warmup)
-                    speedup = {isa: ms["dense"] / ms[isa] for isa in builds}
-                    row = {"kind": kind, "target": target, "tokens_per_block": tokens[kind], "threads": threads,
-                           "induced_sparsity": 1 - kept / positions, "flops_bound": bound,
-                           "tile": kernel_tile(tokens[kind], threads), "ms": ms, "speedup": speedup,
-                           "fraction": {isa: s / bound for isa, s in speedup.items()},
-                           "load_average_1min": os.getloadavg()[0]}
-                    rows.append(row)
-                    print(f"{kind} target {target} ({row['induced_sparsity']:.3f}) {threads} thread(s): dense "
-                          f"{ms['dense']:.2f} ms, " + ", ".join(
-                              f"{isa} {ms[isa]:.2f} ms ({speedup[isa]:.2f}x, {row['fraction'][isa]:.2f} of "
-                              f"{bound:.2f}x)" for isa in builds), flush=True)
+        variants = {"dense": lambda: [speed.dense_ffn(b) for b in blocks],
+                    **{isa: run(kernel) for isa, kernel in builds.items()}}
+        with torch.no_grad():
+            # the same function: the vector widths differ, so the sums run in another order
+            outputs = {isa: variants[isa]() for isa in builds}
+            for isa in builds:
+                for a, b in zip(outputs["native"], outputs[isa]):
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            induced, bound = flops_bound(blocks, masks)
+            for threads in args.thread_counts:
+                torch.set_num_threads(threads)
+                ms = speed.medians_ms(variants, args.repeats, args.warmup)
+                speedup = {isa: ms["dense"] / ms[isa] for isa in builds}
+                row = {"kind": kind, "target": target, "tokens_per_block": tokens, "threads": threads,
+                       "induced_sparsity": induced, "flops_bound": bound,
+                       "tile": kernel_tile(tokens, threads), "ms": ms, "speedup": speedup,
+                       "fraction": {isa: s / bound for isa, s in speedup.items()},
+                       "load_average_1min": os.getloadavg()[0]}
+                rows.append(row)
+                print(f"{kind} target {target} ({row['induced_sparsity']:.3f}) {threads} thread(s): dense "
+                      f"{ms['dense']:.2f} ms, " + ", ".join(
+                          f"{isa} {ms[isa]:.2f} ms ({speedup[isa]:.2f}x, {row['fraction'][isa]:.2f} of "
+                          f"{bound:.2f}x)" for isa in builds), flush=True)
     result = {"benchmark": "kernel_isa", "study": cfg.name, "objective": cfg.benchmark["objective"],
               "repeats": args.repeats, "warmup": args.warmup,
               "builds": {isa: extension_name(isa) for isa in builds},

@@ -24,9 +24,9 @@ from typing import Callable
 import torch
 
 from detr_sparsity.execution import benchmark as speed
-from detr_sparsity.execution.gated_ffn import PackedFFN, kernel_tile, sparse_ffn
+from detr_sparsity.execution.gated_ffn import kernel_tile, sparse_ffn
 
-from _common import kernel_arguments, kernel_study_inputs, parse, report
+from _common import flops_bound, kernel_arguments, kernel_study_inputs, parse, r50_trained_masks, report
 
 FIXED_TILE = 16  # tokens per tile before tiles were sized to the block
 PREVIOUS_MAX_TILE = 256  # kernel_tile's largest tile before one tile per thread
@@ -43,52 +43,41 @@ def main(argv: list[str] | None = None) -> int:
     if found is None:
         return 2
     gate_files, thresholds, inputs = found
-    tokens = {"encoder": speed.R50["encoder_tokens"], "decoder": speed.R50["queries"]}
     load_start = list(os.getloadavg())
     rows = []
-    for kind in speed.KINDS:
-        blocks = [b for b in speed.r50_blocks(kind, tokens[kind], speed.study_blocks(inputs, kind), list(gate_files),
-                                              thresholds, cfg.seed) if b.gates]
-        if not blocks:  # `mgs.blocks` gates no block of this kind
-            continue
-        packed = {b.name: PackedFFN(b.fc1, b.fc2, b.group_size) for b in blocks}
-        for target in gate_files:
-            masks = {b.name: b.open_groups[target].contiguous() for b in blocks}
+    for kind, tokens, target, blocks, packed, masks in r50_trained_masks(cfg, gate_files, thresholds, inputs):
+        def sparse(tile_of: Callable[[int], int]) -> Callable[[], list[torch.Tensor]]:
+            """The six blocks through the kernel, each with `tile_of(its tokens)` tokens per tile."""
+            return lambda: [sparse_ffn(b.tokens, masks[b.name], packed[b.name], tile=tile_of(b.tokens.shape[0]))
+                            for b in blocks]
 
-            def sparse(tile_of: Callable[[int], int]) -> Callable[[], list[torch.Tensor]]:
-                """The six blocks through the kernel, each with `tile_of(its tokens)` tokens per tile."""
-                return lambda: [sparse_ffn(b.tokens, masks[b.name], packed[b.name], tile=tile_of(b.tokens.shape[0]))
-                                for b in blocks]
-
-            tilings = {f"tile{FIXED_TILE}": lambda n, threads: FIXED_TILE,
-                       PREVIOUS: lambda n, threads: kernel_tile(n, threads, PREVIOUS_MAX_TILE),
-                       "kernel_tile": kernel_tile}
-            variants = {"dense": lambda: [speed.dense_ffn(b) for b in blocks],
-                        **{name: sparse(lambda n, of=of: of(n, torch.get_num_threads()))
-                           for name, of in tilings.items()}}
-            with torch.no_grad():
-                # every tile computes the same bits (each token's sums in the same order)
-                outputs = [variants[name]() for name in tilings]
-                assert all(torch.equal(a, b) for other in outputs[1:] for a, b in zip(outputs[0], other))
-                kept = sum(int(masks[b.name].sum()) * b.group_size for b in blocks)
-                positions = sum(b.tokens.shape[0] * b.fc1.out_features for b in blocks)
-                bound = positions / kept
-                for threads in args.thread_counts:
-                    torch.set_num_threads(threads)
-                    ms = speed.medians_ms(variants, args.repeats, args.warmup)
-                    row = {"kind": kind, "target": target, "tokens_per_block": tokens[kind], "threads": threads,
-                           "induced_sparsity": 1 - kept / positions, "flops_bound": bound,
-                           "tile": {name: of(tokens[kind], threads) for name, of in tilings.items()},
-                           "ms": ms, "load_average_1min": os.getloadavg()[0],
-                           "speedup": {n: ms["dense"] / ms[n] for n in ms if n != "dense"},
-                           "kernel_tile_over_previous": ms[PREVIOUS] / ms["kernel_tile"]}
-                    row["fraction"] = {n: s / bound for n, s in row["speedup"].items()}
-                    rows.append(row)
-                    print(f"{kind} target {target} ({row['induced_sparsity']:.3f}) {threads} thread(s): dense "
-                          f"{ms['dense']:.2f} ms, " + ", ".join(f"{name} ({row['tile'][name]}) {ms[name]:.2f} ms"
-                                                               for name in tilings)
-                          + f": {row['kernel_tile_over_previous']:.2f}x over {PREVIOUS}; of the bound {bound:.2f}x: "
-                          f"{row['fraction'][PREVIOUS]:.2f} -> {row['fraction']['kernel_tile']:.2f}", flush=True)
+        tilings = {f"tile{FIXED_TILE}": lambda n, threads: FIXED_TILE,
+                   PREVIOUS: lambda n, threads: kernel_tile(n, threads, PREVIOUS_MAX_TILE),
+                   "kernel_tile": kernel_tile}
+        variants = {"dense": lambda: [speed.dense_ffn(b) for b in blocks],
+                    **{name: sparse(lambda n, of=of: of(n, torch.get_num_threads()))
+                       for name, of in tilings.items()}}
+        with torch.no_grad():
+            # every tile computes the same bits (each token's sums in the same order)
+            outputs = [variants[name]() for name in tilings]
+            assert all(torch.equal(a, b) for other in outputs[1:] for a, b in zip(outputs[0], other))
+            induced, bound = flops_bound(blocks, masks)
+            for threads in args.thread_counts:
+                torch.set_num_threads(threads)
+                ms = speed.medians_ms(variants, args.repeats, args.warmup)
+                row = {"kind": kind, "target": target, "tokens_per_block": tokens, "threads": threads,
+                       "induced_sparsity": induced, "flops_bound": bound,
+                       "tile": {name: of(tokens, threads) for name, of in tilings.items()},
+                       "ms": ms, "load_average_1min": os.getloadavg()[0],
+                       "speedup": {n: ms["dense"] / ms[n] for n in ms if n != "dense"},
+                       "kernel_tile_over_previous": ms[PREVIOUS] / ms["kernel_tile"]}
+                row["fraction"] = {n: s / bound for n, s in row["speedup"].items()}
+                rows.append(row)
+                print(f"{kind} target {target} ({row['induced_sparsity']:.3f}) {threads} thread(s): dense "
+                      f"{ms['dense']:.2f} ms, " + ", ".join(f"{name} ({row['tile'][name]}) {ms[name]:.2f} ms"
+                                                           for name in tilings)
+                      + f": {row['kernel_tile_over_previous']:.2f}x over {PREVIOUS}; of the bound {bound:.2f}x: "
+                      f"{row['fraction'][PREVIOUS]:.2f} -> {row['fraction']['kernel_tile']:.2f}", flush=True)
     # Where both rules give the same tile the two variants run the same code: their ratio is the run's noise.
     differ = [r["kernel_tile_over_previous"] for r in rows if r["tile"][PREVIOUS] != r["tile"]["kernel_tile"]]
     same = [r["kernel_tile_over_previous"] for r in rows if r["tile"][PREVIOUS] == r["tile"]["kernel_tile"]]
