@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
+from detr_sparsity.data.dataset import CocoDetection, image_processor, load_split
 from detr_sparsity.evaluation.evaluate import evaluate_policies, evaluation_split
 from detr_sparsity.machine import machine
 from detr_sparsity.models.pretrain import pretrain
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     at_start = machine()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        pretrain(model, train, DetrCollate(image_processor(cfg.input), with_labels=True), settings, cfg.seed,
+        pretrain(model, train, image_processor(cfg.input), settings, cfg.seed,
                  Path(scratch) / "checkpoint.pt", lambda step, metrics: None)
         seconds = time.perf_counter() - start
         measured = evaluate_policies(model, evaluation_split(cfg, data), {}, Path(scratch) / "detections.json")

@@ -59,7 +59,7 @@ def test_pretraining_overfits_a_fixed_set_of_four_images(four_images, tmp_path):
                 "warmup_steps": 1, "grad_clip": 0.1, "target_copies": 1, "one_to_many_fraction": 0.0,
                 "activation_l1": 0.0, "checkpoint_every": 10 ** 6}
     losses = {}
-    pretrain(model, four_images, DetrCollate(image_processor(InputSize(64, 64)), with_labels=True), settings, 0,
+    pretrain(model, four_images, image_processor(InputSize(64, 64)), settings, 0,
              tmp_path / "pretrain.pt", lambda step, metrics: losses.__setitem__(step, metrics["loss"]))
     assert sorted(losses) == list(range(1, OVERFIT_STEPS + 1))
     first = losses[1]  # computed before any update
@@ -118,7 +118,7 @@ def test_pretraining_with_the_activation_penalty_leaves_more_activations_at_zero
                     "grad_clip": 0.1, "target_copies": 1, "one_to_many_fraction": 0.0, "activation_l1": weight,
                     "checkpoint_every": 10 ** 6}
         logged = {}
-        pretrain(model, four_images, collate, settings, 0, tmp_path / f"{weight}.pt",
+        pretrain(model, four_images, collate.processor, settings, 0, tmp_path / f"{weight}.pt",
                  lambda step, metrics: logged.update(metrics))
         assert ("activation_l1" in logged) == (weight > 0)  # the penalty is logged beside DETR's own loss
         zeros[weight] = _natural_zeros(model, four_images, collate)

@@ -4,44 +4,24 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import DetrForObjectDetection
+from transformers import DetrForObjectDetection, DetrImageProcessorPil
 
 from detr_sparsity.atomic import atomic_path
-from detr_sparsity.data.dataset import CocoDetection, DetrCollate
+from detr_sparsity.data.dataset import CocoDetection
+from detr_sparsity.data.train_images import TrainImages
 from detr_sparsity.models.small_detr import freeze_batch_norm, trainable_batch_norm
 from detr_sparsity.sparsity.ffn import ffn_blocks
 
 log = logging.getLogger(__name__)
 
 StepLogger = Callable[[int, dict[str, float]], None]
-
-
-class HorizontalFlip(Dataset):
-    """Mirror half of the images (seeded per index and epoch), boxes with them."""
-
-    def __init__(self, base: CocoDetection, seed: int):
-        self.base, self.seed, self.epoch = base, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        image, target = self.base[index]
-        if random.Random(hash((self.seed, self.epoch, index))).random() < 0.5:
-            return image, target
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        w = image.width
-        anns = [{**a, "bbox": [w - a["bbox"][0] - a["bbox"][2], *a["bbox"][1:]]} for a in target["annotations"]]
-        return image, {**target, "annotations": anns}
 
 
 def _repeat_targets(labels: list[dict], copies: int) -> list[dict]:
@@ -97,19 +77,20 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 def pretrain(
     model: DetrForObjectDetection,
     dataset: CocoDetection,
-    collate: DetrCollate,
+    processor: DetrImageProcessorPil,
     settings: dict[str, Any],
     seed: int,
     checkpoint: Path,
     log_step: StepLogger,
 ) -> dict[str, float]:
     """Train `model` in place with DETR's set-prediction loss, plus `settings["activation_l1"]` times the FFN
-    activations' L1 penalty (`ActivationL1`); resumes from `checkpoint` if present."""
+    activations' L1 penalty (`ActivationL1`); resumes from `checkpoint` if present. `processor` prepares the
+    images of `dataset` once, before the first step (`TrainImages`); every image is mirrored in half of its draws."""
     torch.manual_seed(seed)
     device = model.device  # batches follow the model
     trainable_batch_norm(model)
     steps, batch_size = settings["steps"], settings["batch_size"]
-    data = HorizontalFlip(dataset, seed)
+    data = TrainImages(dataset, processor, seed)  # read, decoded and resized once, not every step
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=settings["learning_rate"],
@@ -139,7 +120,7 @@ def pretrain(
         data.epoch, offset = divmod(step, per_epoch)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + data.epoch)).tolist()
         batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(offset, per_epoch)]
-        loader = DataLoader(data, batch_sampler=batches, collate_fn=collate)
+        loader = DataLoader(data, batch_sampler=batches, collate_fn=data.collate)
         for batch in loader:
             labels = [{k: v.to(device) for k, v in lab.items()} for lab in batch["labels"]]
             if step < settings["one_to_many_fraction"] * steps:

@@ -10,7 +10,7 @@ import torch
 
 from detr_sparsity.atomic import atomic_dir, write_json
 from detr_sparsity.config import StudyConfig
-from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
+from detr_sparsity.data.dataset import CocoDetection, image_processor, load_split
 from detr_sparsity.device import job_device
 from detr_sparsity.models.load import MODEL_INFO, WEIGHTS_DIGESTS, is_local, load_detr, record_weights
 from detr_sparsity.models.pretrain import pretrain
@@ -32,7 +32,7 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, data: Path, out: Path) -> 
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         log.info("pretraining a DETR of %.2fM parameters on %d images for %d steps",
                  sum(p.numel() for p in model.parameters()) / 1e6, len(train), model_cfg["pretrain"]["steps"])
-        info = pretrain(model, train, DetrCollate(processor, with_labels=True), model_cfg["pretrain"],
+        info = pretrain(model, train, processor, model_cfg["pretrain"],
                         cfg.seed, checkpoint, lambda step, m: tracked.log_metrics(m, step=step))
     else:
         name = model_cfg["name_or_path"]
