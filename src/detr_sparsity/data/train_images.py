@@ -4,7 +4,7 @@ padded, the arithmetic of DETR's processor done in torch.
 
 Pretraining draws every image about eleven times (5,500 steps of 16 over 8,000 images); reading, decoding and
 resizing each batch in the training process took 34 ms of a 262 ms step (AVX-512 class), on the step's critical
-path. Prepared once, a batch takes about a millisecond (`benchmarks/pretrain_input.py`). The inputs are the
+path. Prepared once (3.5 ms per image, both orientations), a batch takes 1.8 ms (`benchmarks/train_images.py`). The inputs are the
 processor's own bit for bit: pixel values and masks for any image sizes, labels too where a batch needs no padding
 (the default study's square images never do). Where it does, DETR's processor scales a padded image's boxes to the
 batch's canvas and `visible_frame` scales them back, which can move them by a rounding error; here they are the

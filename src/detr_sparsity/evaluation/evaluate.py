@@ -24,7 +24,7 @@ from detr_sparsity.evaluation.coco_eval import AP_METRICS, GroundTruthError, coc
 from detr_sparsity.evaluation.detections import detect
 from detr_sparsity.evaluation.flops import FLOPS_CONVENTION, FlopCount, flops_per_image
 from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding, gather_partials, shard_batches, write_partial
-from detr_sparsity.sparsity.ffn import sparse_ffns
+from detr_sparsity.sparsity.ffn import FFNSparsity, Observer, sparse_ffns
 from detr_sparsity.sparsity.policies import Policy
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,21 @@ def evaluate_policies(model: DetrForObjectDetection, data: EvaluationSplit, poli
     anything is written, so a check that raises leaves no output. What it returns joins the row, or is attached
     to a shard's partial evaluation for the gather job.
     """
+    counted = run_evaluation(model, data, policies, detections_path, check)
+    return None if counted is None else measured_row(data, detections_path, *counted)
+
+
+def run_evaluation(model: DetrForObjectDetection, data: EvaluationSplit, policies: Mapping[str, Policy],
+                   detections_path: Path, check: Callable[[list[dict]], dict] | None = None,
+                   observer: Observer | None = None) -> tuple[FlopCount, FFNSparsity, dict] | None:
+    """`evaluate_policies` up to the row: the detections written at `detections_path`; returns what was counted
+    (FLOPs, the wrappers' counts, the check's result), or None for a shard job. `observer` sees every block's
+    activations (`sparsity.ffn.Observer`)."""
     flops = FlopCount()
     checked: dict = {}
     with sparse_ffns(model, policies) as sparsity:
+        if observer is not None:
+            sparsity.add_observer(observer)
         if data.sharding.gathers:
             detections = gather_partials(data.sharding.partials_for(detections_path), flops, sparsity)
         else:
@@ -92,6 +104,12 @@ def evaluate_policies(model: DetrForObjectDetection, data: EvaluationSplit, poli
     if flops.images != data.images:
         raise RuntimeError(f"{flops.images} images were evaluated, the {data.split.name} split holds {data.images}")
     write_json(detections_path, detections, indent=None)
+    return flops, sparsity, checked
+
+
+def measured_row(data: EvaluationSplit, detections_path: Path, flops: FlopCount, sparsity: FFNSparsity,
+                 checked: dict) -> dict:
+    """The measured part of a row, from the detections at `detections_path` and the counts of their evaluation."""
     per_image = flops_per_image(flops, sparsity)
     return {
         **coco_ap(data.split.annotations, detections_path),

@@ -5,7 +5,8 @@ and all blocks at once at that overall sparsity, allocated across the blocks as 
 says (`sparsity.thresholds`).
 
 One job per (method, keep-ratio) point of the sweep. It evaluates every scope at that point: each FFN block
-masked alone, and all blocks at once, so a figure can show the curve of every block.
+masked alone, and all blocks at once, so a figure can show the curve of every block. The scopes whose masks drop
+no nonzero activation come from one dense pass, with the rows their own passes would give (`evaluation.scopes`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.device import job_device
 from detr_sparsity.evaluation import shards
-from detr_sparsity.evaluation.evaluate import evaluate_policies, evaluation_split, row_metrics
+from detr_sparsity.evaluation.evaluate import evaluation_split, row_metrics
+from detr_sparsity.evaluation.scopes import evaluate_scopes
 from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.blocks import ALL_BLOCKS
@@ -100,15 +102,20 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, method: str, keep_ratio: f
                        else calibration_record(cfg, detr, data, keep_ratio))
         if sharding.detects_shard:
             attach = lambda _detections: {CALIBRATION: calibration}  # noqa: E731
-    found, metrics = {}, {}
-    for scope in [ALL_BLOCKS, *blocks]:
-        masked = blocks if scope == ALL_BLOCKS else [scope]
+
+    def policies_for(scope: str) -> dict:
         thresholds = ({n: b["threshold"] for n, b in scope_thresholds(calibration, scope).items()}
                       if calibration else None)
-        policies = {name: masking_policy(method, keep_ratio, cfg.seed, name, thresholds) for name in masked}
-        measured = evaluate_policies(detr, split, policies, detections / f"{scope}.json", check=attach)
+        return {name: masking_policy(method, keep_ratio, cfg.seed, name, thresholds)
+                for name in (blocks if scope == ALL_BLOCKS else [scope])}
+
+    scopes = [ALL_BLOCKS, *blocks]
+    evaluated = evaluate_scopes(detr, split, scopes, policies_for, detections, check=attach)
+    found, metrics = {}, {}
+    for scope, measured in evaluated.items():
         if measured is None:  # a shard job: the scope's partial evaluation is written
             continue
+        masked = blocks if scope == ALL_BLOCKS else [scope]
         if calibration is None:
             setting = {"keep_ratio": keep_ratio, "k": keep_count(keep_ratio, hidden), "scope": scope}
         else:  # no k: the number kept varies per token

@@ -6,9 +6,9 @@ two alternating --repeats times, on the same machine in one run. Reported per va
 median over repeats; the loop only, from the first step's start), seconds from the call to the first step (the
 preparation), and a digest of the trained weights: equal digests mean the two trained on the same inputs.
 
-    python benchmarks/pretrain_input.py --before e735355 --steps 300
+    python benchmarks/train_images.py --before e735355 --steps 300
 
-Needs the study's data stage (results/<study>/data) and git. Writes results/<study>/benchmark/pretrain_input.json
+Needs the study's data stage (results/<study>/data) and git. Writes results/<study>/benchmark/train_images.json
 (or --out).
 """
 
@@ -66,7 +66,7 @@ def train_once(params: Path, steps: int, threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = arguments(__doc__, "pretrain_input", repeats=3)
+    parser = arguments(__doc__, "train_images", repeats=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the model stage runs on every core)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--before", required=True, help="the git revision before the change")
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     median = {v: statistics.median(r["seconds_per_step"] for r in runs[v]) for v in runs}
     identical = len({r["weights_sha256"] for v in runs for r in runs[v]}) == 1
     result = {
-        "benchmark": "pretrain_input", "before": args.before, "steps": args.steps, "threads": args.threads,
+        "benchmark": "train_images", "before": args.before, "steps": args.steps, "threads": args.threads,
         "repeats": args.repeats, "runs": runs, "median_seconds_per_step": median,
         "speedup": median["before"] / median["after"], "same_weights": identical,
         "pretraining_minutes_at_study_steps": {v: median[v] * cfg.model["pretrain"]["steps"] / 60 for v in median},
