@@ -4,11 +4,11 @@ padded, the arithmetic of DETR's processor done in torch.
 
 Pretraining draws every image about eleven times (5,500 steps of 16 over 8,000 images); reading, decoding and
 resizing each batch in the training process took 34 ms of a 262 ms step (AVX-512 class), on the step's critical
-path. Prepared once (3.5 ms per image, both orientations), a batch takes 1.8 ms (`benchmarks/train_images.py`). The inputs are the
-processor's own bit for bit: pixel values and masks for any image sizes, labels too where a batch needs no padding
-(the default study's square images never do). Where it does, DETR's processor scales a padded image's boxes to the
-batch's canvas and `visible_frame` scales them back, which can move them by a rounding error; here they are the
-image's own, never scaled.
+path. Prepared once (3.5 ms per image, both orientations), a batch takes 1.8 ms; the loop's gain, side by side:
+`benchmarks/train_images.py`. The inputs are the processor's own bit for bit: pixel values and masks for any image
+sizes, labels too where a batch needs no padding (the default study's square images never do). Where it does,
+DETR's processor scales a padded image's boxes to the batch's canvas and `visible_frame` scales them back, which can
+move them by a rounding error; here they are the image's own, never scaled.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class TrainImages(Dataset):
             image, target = dataset[index]
             self.image_ids.append(target["image_id"])
             self.orig_sizes.append((image.height, image.width))
-            self.prepared.append((self._prepare(processor, image, target), self._prepare(processor, *mirrored(image, target))))
+            self.prepared.append((self._prepare(processor, image, target),
+                                  self._prepare(processor, *mirrored(image, target))))
         held = sum(p.numel() for pair in self.prepared for p, _labels in pair)
         log.info("prepared %d train images in both orientations at the model's input size (%.0f MB)", len(self),
                  held / 2 ** 20)
