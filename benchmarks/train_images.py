@@ -1,108 +1,86 @@
-"""Pretraining's input, prepared once against read and processed every step: the pipeline's `pretrain()` of a git
-revision before the change and of this checkout, side by side, on the study's train split.
+"""Pretraining's batches, prepared once (`TrainImages`, what `pretrain()` reads) against read, decoded, mirrored and
+processed by DETR's processor at every step (what it read before), on the study's train split.
 
-Each variant trains a fresh small DETR (seed 0) for --steps steps of the study's recipe in its own process, the
-two alternating --repeats times, on the same machine in one run. Reported per variant: seconds per step (the
-median over repeats; the loop only, from the first step's start), seconds from the call to the first step (the
-preparation), and a digest of the trained weights: equal digests mean the two trained on the same inputs.
+Both make the batches of the first --batches steps of the study's recipe (epoch 0's seeded order, each image
+mirrored where `is_flipped` says), alternating in blocks of 10 batches, --repeats times; every batch of the two must
+be equal (pixel values, masks, labels). The step itself does not change: the loading time saved per step is the
+pretraining time saved, less the preparation, which is timed once.
 
-    python benchmarks/train_images.py --before e735355 --steps 300
+    python benchmarks/train_images.py --batches 200 --repeats 3
 
-Needs the study's data stage (results/<study>/data) and git. Writes results/<study>/benchmark/train_images.json
-(or --out).
+Writes results/<study>/benchmark/train_images.json (or --out).
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import inspect
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+import torch
+
+from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
+from detr_sparsity.data.train_images import TrainImages, is_flipped, mirrored
+from detr_sparsity.pipeline import path
 
 from _common import arguments, parse, report
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def train_once(params: Path, steps: int, threads: int) -> dict:
-    """One variant's run, in the process of the checkout whose `src` is first on the import path."""
-    import torch
-
-    from detr_sparsity.config import load_config
-    from detr_sparsity.data.dataset import CocoDetection, DetrCollate, image_processor, load_split
-    from detr_sparsity.models.pretrain import pretrain
-    from detr_sparsity.models.small_detr import build_small_detr, small_detr_config
-    from detr_sparsity.pipeline import path
-
-    torch.set_num_threads(threads)
-    cfg = load_config(params)
-    train = CocoDetection(load_split(path("data", "out", cfg.name), "train"))
-    torch.manual_seed(cfg.seed)
-    model = build_small_detr(small_detr_config(cfg.model["architecture"], train.categories))
-    settings = {**cfg.model["pretrain"], "steps": steps, "checkpoint_every": steps + 1}
-    processor = image_processor(cfg.input)
-    # Before the change pretrain() took the collate function; now the processor.
-    inputs = (processor if "processor" in inspect.signature(pretrain).parameters
-              else DetrCollate(processor, with_labels=True))
-    first_step = []
-    call = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:
-        pretrain(model, train, inputs, settings, cfg.seed, Path(scratch) / "checkpoint.pt",
-                 lambda step, metrics: first_step.append(time.perf_counter()) if step == 1 else None)
-    end = time.perf_counter()
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode() + tensor.contiguous().numpy().tobytes())
-    # The first step's own time is not known before its end: the loop's steps after it, per step.
-    return {"seconds_per_step": (end - first_step[0]) / (steps - 1), "seconds_to_first_step": first_step[0] - call,
-            "weights_sha256": digest.hexdigest()}
+BLOCK = 10  # batches per timed block
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = arguments(__doc__, "train_images", repeats=3)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the model stage runs on every core)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--before", required=True, help="the git revision before the change")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser = arguments(__doc__, "train_images", repeats=3, threads="pretraining's loading (in its process)")
+    parser.add_argument("--batches", type=int, default=200)
     args, cfg = parse(parser, argv)
-    if args.child:
-        print(json.dumps(train_once(args.params, args.steps, args.threads)))
-        return 0
-    runs: dict[str, list[dict]] = {"before": [], "after": []}
-    with tempfile.TemporaryDirectory() as scratch:
-        before = Path(scratch) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before], check=True,
-                       capture_output=True)
-        try:
-            sources = {"before": before / "src", "after": ROOT / "src"}
-            for _ in range(args.repeats):
-                for variant, source in sources.items():
-                    env = {**os.environ, "PYTHONPATH": str(source)}
-                    out = subprocess.run([sys.executable, __file__, "--child", "--before", args.before, "--params",
-                                          str(args.params), "--steps", str(args.steps), "--threads", str(args.threads)],
-                                         env=env, check=True, capture_output=True, text=True).stdout
-                    runs[variant].append(json.loads(out.strip().splitlines()[-1]))
-                    print(f"{variant}: {runs[variant][-1]['seconds_per_step'] * 1e3:.1f} ms per step", file=sys.stderr)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=True)
-    median = {v: statistics.median(r["seconds_per_step"] for r in runs[v]) for v in runs}
-    identical = len({r["weights_sha256"] for v in runs for r in runs[v]}) == 1
+    train = CocoDetection(load_split(path("data", "out", cfg.name), "train"))
+    processor = image_processor(cfg.input)
+    recipe = cfg.model["pretrain"]
+    batch_size = recipe["batch_size"]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(args.batches)]
+
+    start = time.perf_counter()
+    prepared = TrainImages(train, processor, cfg.seed)
+    preparation = time.perf_counter() - start
+    collate = DetrCollate(processor, with_labels=True)
+
+    def read_each_step(indices: list[int]) -> dict:
+        return collate([mirrored(*train[i]) if is_flipped(cfg.seed, 0, i) else train[i] for i in indices])
+
+    def from_prepared(indices: list[int]) -> dict:
+        return prepared.collate([prepared[i] for i in indices])
+
+    variants = {"read_each_step": read_each_step, "prepared": from_prepared}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    made: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for first in range(0, len(batches), BLOCK):
+            for name, make in variants.items():
+                start = time.perf_counter()
+                block = [make(indices) for indices in batches[first:first + BLOCK]]
+                seconds[name].append(time.perf_counter() - start)
+                if len(made[name]) < len(batches):
+                    made[name].extend(block)
+    for ours, theirs in zip(made["prepared"], made["read_each_step"], strict=True):
+        same = all(torch.equal(ours[key], theirs[key]) for key in ("pixel_values", "pixel_mask", "orig_sizes")) and \
+            all(torch.equal(a[k], b[k]) for a, b in zip(ours["labels"], theirs["labels"]) for k in a)
+        if not same:
+            print("error: the prepared batches differ from DETR's processor's", file=sys.stderr)
+            return 1
+    per_batch = {name: statistics.median(s) / BLOCK for name, s in seconds.items()}
+    steps = recipe["steps"]
+    saved = (per_batch["read_each_step"] - per_batch["prepared"]) * steps - preparation
     result = {
-        "benchmark": "train_images", "before": args.before, "steps": args.steps, "threads": args.threads,
-        "repeats": args.repeats, "runs": runs, "median_seconds_per_step": median,
-        "speedup": median["before"] / median["after"], "same_weights": identical,
-        "pretraining_minutes_at_study_steps": {v: median[v] * cfg.model["pretrain"]["steps"] / 60 for v in median},
+        "benchmark": "train_images", "study": cfg.name, "batch_size": batch_size, "batches": args.batches,
+        "block": BLOCK, "repeats": args.repeats, "threads": args.threads, "block_seconds": seconds,
+        "median_seconds_per_batch": per_batch, "speedup": per_batch["read_each_step"] / per_batch["prepared"],
+        "preparation_seconds": preparation, "images": len(train), "same_batches": True,
+        "pretraining_seconds_saved": {"steps": steps, "seconds": saved},
     }
     return report(result, args.out, cfg.name,
-                  f"pretraining step {median['before'] * 1e3:.1f} ms before, {median['after'] * 1e3:.1f} ms after "
-                  f"({result['speedup']:.2f}x); same weights: {identical}")
+                  f"a batch of {batch_size}: {per_batch['read_each_step'] * 1e3:.1f} ms read each step, "
+                  f"{per_batch['prepared'] * 1e3:.1f} ms prepared (preparing {len(train)} images: {preparation:.0f} s); "
+                  f"over {steps} steps {saved / 60:.1f} min saved")
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ def test_scopes_that_drop_nothing_have_the_rows_and_detections_of_their_own_eval
         hook.remove()
     batches = len(split.loader)
     assert passes_alone == len(SCOPES) * batches
-    # one dense pass, then only the scopes that drop activations
-    assert passes_together == (1 + len(SCOPES) - len(DROP_NOTHING)) * batches
+    # the first batch (every scope dropping there would mean no dense pass), one dense pass, then only the scopes
+    # that drop activations
+    assert passes_together == 1 + (1 + len(SCOPES) - len(DROP_NOTHING)) * batches
 
     assert list(together) == SCOPES
     for scope in SCOPES:
@@ -83,6 +84,23 @@ def test_scopes_that_drop_nothing_have_the_rows_and_detections_of_their_own_eval
     for scope in set(SCOPES) - DROP_NOTHING:
         row = alone[scope]
         assert row["effective_sparsity"]["overall"] > row["natural_sparsity"]["overall"], scope
+
+
+def test_where_every_scope_drops_on_the_first_batch_there_is_no_dense_pass(tiny, tmp_path):
+    cfg, work, detr = tiny
+    split = evaluation_split(cfg, work / "data")
+    blocks = list(ffn_blocks(detr))
+    scopes = ["random-0.5", "threshold-high-all"]
+    forwards = []
+    hook = detr.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        together = evaluate_scopes(detr, split, scopes, lambda scope: _policies(scope, blocks), tmp_path / "together")
+    finally:
+        hook.remove()
+    assert len(forwards) == 1 + len(scopes) * len(split.loader)
+    for scope in scopes:
+        alone = evaluate_policies(detr, split, _policies(scope, blocks), tmp_path / "alone" / f"{scope}.json")
+        assert {**together[scope], "detections": None} == {**alone, "detections": None}, scope
 
 
 def test_a_sharded_evaluation_evaluates_every_scope(tiny, tmp_path):

@@ -108,11 +108,12 @@ def run_evaluation(model: DetrForObjectDetection, data: EvaluationSplit, policie
 
 
 def measured_row(data: EvaluationSplit, detections_path: Path, flops: FlopCount, sparsity: FFNSparsity,
-                 checked: dict) -> dict:
-    """The measured part of a row, from the detections at `detections_path` and the counts of their evaluation."""
+                 checked: dict, ap: dict | None = None) -> dict:
+    """The measured part of a row, from the detections at `detections_path` and the counts of their evaluation;
+    `ap`: their COCO AP where already scored (the same detections in another file)."""
     per_image = flops_per_image(flops, sparsity)
     return {
-        **coco_ap(data.split.annotations, detections_path),
+        **(ap if ap is not None else coco_ap(data.split.annotations, detections_path)),
         "natural_sparsity": sparsity.natural_sparsity(),
         "induced_sparsity": sparsity.induced_sparsity(),
         "effective_sparsity": sparsity.effective_sparsity(),

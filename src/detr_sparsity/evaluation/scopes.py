@@ -7,7 +7,8 @@ drop no nonzero activation of any token of any batch, each block it masks gets t
 before it ran dense, or dropped nothing: by induction, block by block) and returns the dense output: the scope's
 forward passes are the dense ones, its detections are the dense detections, and its counts are the dense pass's
 but for what its masks keep, asked there too. One dense pass, its policies' masks computed beside it on every
-block, finds those scopes and gives their rows; only the other scopes run.
+block, finds those scopes and gives their rows; only the other scopes run. Where the first batch already shows
+every scope dropping activations (random masks), there is no dense pass.
 
 The default study's stand-in leaves about 98 % of its FFN activations at zero. In its committed sweep the threshold
 oracle (every calibrated threshold is 0), top-k at keep 1.0, 0.5 and 0.3 and random at 1.0 drop nothing, and so do
@@ -25,8 +26,9 @@ from typing import Callable, Mapping
 import torch
 from transformers import DetrForObjectDetection
 
+from detr_sparsity.evaluation.coco_eval import AP_METRICS
 from detr_sparsity.evaluation.evaluate import EvaluationSplit, evaluate_policies, measured_row, run_evaluation
-from detr_sparsity.sparsity.ffn import BlockCounts, FFNSparsity, SparseFFN, ffn_blocks
+from detr_sparsity.sparsity.ffn import BlockCounts, FFNSparsity, SparseFFN, ffn_blocks, sparse_ffns
 from detr_sparsity.sparsity.policies import Policy
 
 log = logging.getLogger(__name__)
@@ -80,15 +82,16 @@ def evaluate_scopes(model: DetrForObjectDetection, data: EvaluationSplit, scopes
     if data.sharding.detects_shard or data.sharding.gathers:
         return {scope: evaluate_policies(model, data, policies_for(scope), paths[scope], check) for scope in scopes}
     blocks = list(ffn_blocks(model))
-    asked = {scope: dict(policies_for(scope)) for scope in scopes}
-    probes = {name: _Probe({scope: policies[name] for scope, policies in asked.items() if name in policies})
-              for name in blocks}
+    if _every_scope_drops_on_the_first_batch(model, data, scopes, policies_for, blocks):  # random masks: no dense pass
+        return {scope: evaluate_policies(model, data, policies_for(scope), paths[scope], check) for scope in scopes}
+    probes = _probes(scopes, policies_for, blocks)
     rows: dict[str, dict | None] = {}
     with tempfile.TemporaryDirectory() as scratch:
         dense_path = Path(scratch) / "dense.json"
         flops, dense, checked = run_evaluation(
             model, data, probes, dense_path, check, observer=lambda name, activations, real, _nonzero:
             probes[name].count_kept(activations, real))
+        dense_ap = None  # scored once, for the first scope that takes the dense detections
         for scope in scopes:
             if any(probe.drops.get(scope, False) for probe in probes.values()):
                 continue
@@ -99,13 +102,35 @@ def evaluate_scopes(model: DetrForObjectDetection, data: EvaluationSplit, scopes
                                     for name in blocks})
             paths[scope].parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(dense_path, paths[scope])
-            rows[scope] = measured_row(data, paths[scope], flops, sparsity, checked)
+            rows[scope] = measured_row(data, paths[scope], flops, sparsity, checked, dense_ap)
+            dense_ap = {key: rows[scope][key] for key in AP_METRICS}
             log.info("%s: its masks drop no nonzero activation on the %s split: the dense pass's detections",
                      scope, data.split.name)
     for scope in scopes:
         if scope not in rows:
             rows[scope] = evaluate_policies(model, data, policies_for(scope), paths[scope], check)
     return {scope: rows[scope] for scope in scopes}
+
+
+def _probes(scopes: list[str], policies_for: PolicyFactory, blocks: list[str]) -> dict[str, _Probe]:
+    """A probe on every block, asking the block's policy of each scope that masks it."""
+    asked = {scope: dict(policies_for(scope)) for scope in scopes}
+    return {name: _Probe({scope: policies[name] for scope, policies in asked.items() if name in policies})
+            for name in blocks}
+
+
+def _every_scope_drops_on_the_first_batch(model: DetrForObjectDetection, data: EvaluationSplit, scopes: list[str],
+                                          policies_for: PolicyFactory, blocks: list[str]) -> bool:
+    """Whether the first batch alone shows that every scope drops an activation, so that a dense pass would find
+    none to take from it (one batch's forward, not the split's)."""
+    probes = _probes(scopes, policies_for, blocks)
+    batch = next(iter(data.loader))
+    model.eval()
+    with torch.no_grad(), sparse_ffns(model, probes):
+        for probe in probes.values():
+            probe.start_batch(batch["image_ids"])
+        model(pixel_values=batch["pixel_values"].to(model.device), pixel_mask=batch["pixel_mask"].to(model.device))
+    return all(any(probe.drops.get(scope, False) for probe in probes.values()) for scope in scopes)
 
 
 def _counts_with_kept(dense: BlockCounts, kept: int | None) -> BlockCounts:
