@@ -2,13 +2,13 @@
 orientations, and kept at the model's input size (uint8); a batch is then only stacked, rescaled, normalised and
 padded, the arithmetic of DETR's processor done in torch.
 
-Pretraining draws every image about eleven times (5,500 steps of 16 over 8,000 images); reading, decoding and
-resizing each batch in the training process took 34 ms of a 262 ms step (AVX-512 class), on the step's critical
-path. Prepared once (3.5 ms per image, both orientations), a batch takes 1.8 ms; the loop's gain, side by side:
-`benchmarks/train_images.py`. The inputs are the processor's own bit for bit: pixel values and masks for any image
-sizes, labels too where a batch needs no padding (the default study's square images never do). Where it does,
-DETR's processor scales a padded image's boxes to the batch's canvas and `visible_frame` scales them back, which can
-move them by a rounding error; here they are the image's own, never scaled.
+Pretraining draws every image about eleven times (5,500 steps of 16 over 8,000 images). Read, decoded, mirrored
+and processed at every step, a batch took 30 ms of each 230-260 ms step, on the step's critical path; prepared once
+(22 s for the 8,000 images, both orientations) it takes 3 ms (`benchmarks/train_images.py`, AVX-512 class). The
+inputs are the processor's own bit for bit: pixel values and masks for any image sizes, labels too where a batch
+needs no padding (the default study's square images never do). Where it does, DETR's processor scales a padded
+image's boxes to the batch's canvas and `visible_frame` scales them back, which can move them by a rounding error;
+here they are the image's own, never scaled.
 """
 
 from __future__ import annotations
