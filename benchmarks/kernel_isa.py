@@ -25,7 +25,8 @@ from detr_sparsity.execution import benchmark as speed
 from detr_sparsity.execution.cpu_kernel import cpu_kernel, extension_name, instruction_sets
 from detr_sparsity.execution.gated_ffn import kernel_tile
 
-from _common import flops_bound, kernel_arguments, kernel_study_inputs, parse, r50_trained_masks, report
+from _common import (flops_bound, kernel_arguments, kernel_direct, kernel_study_inputs, parse, r50_trained_masks,
+                     report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,14 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = list(os.getloadavg())
     rows = []
     for kind, tokens, target, blocks, packed, masks in r50_trained_masks(cfg, gate_files, thresholds, inputs):
-        def run(kernel):
-            return lambda: [kernel.gated_ffn(b.tokens, masks[b.name], packed[b.name].weights,
-                                             packed[b.name].b1g.view(-1), packed[b.name].b2,
-                                             kernel_tile(b.tokens.shape[0], torch.get_num_threads()))
-                            for b in blocks]
-
         variants = {"dense": lambda: [speed.dense_ffn(b) for b in blocks],
-                    **{isa: run(kernel) for isa, kernel in builds.items()}}
+                    **{isa: kernel_direct(kernel, blocks, masks, packed) for isa, kernel in builds.items()}}
         with torch.no_grad():
             # the same function: the vector widths differ, so the sums run in another order
             outputs = {isa: variants[isa]() for isa in builds}

@@ -37,7 +37,7 @@ from detr_sparsity.execution import benchmark as speed
 from detr_sparsity.execution.cpu_kernel import CFLAGS, EXTENSION_NAME, LDFLAGS, cpu_kernel, extension_name
 from detr_sparsity.execution.gated_ffn import PackedFFN, kernel_tile, sparse_ffn
 
-from _common import kernel_arguments, kernel_study_inputs, parse, report
+from _common import kernel_arguments, kernel_direct, kernel_study_inputs, parse, report
 
 PREVIOUS_SOURCE = r"""
 #include <torch/extension.h>
@@ -153,11 +153,7 @@ def compare(previous, today, blocks: list[speed.Block], masks: dict[str, torch.T
                                    layouts[b.name][1], b.packed.b2,
                                    kernel_tile(b.tokens.shape[0], torch.get_num_threads())) for b in blocks]
 
-    def today_run() -> list[torch.Tensor]:
-        """Today's kernel called as the previous one is, without `sparse_ffn`'s checks (about 15 us per call, a
-        sixth of a small decoder block's time)."""
-        return [today.gated_ffn(b.tokens, masks[b.name], b.packed.weights, b.packed.b1g.view(-1), b.packed.b2,
-                                kernel_tile(b.tokens.shape[0], torch.get_num_threads())) for b in blocks]
+    today_run = kernel_direct(today, blocks, masks, {b.name: b.packed for b in blocks})  # called as the previous is
 
     # The rotation keeps this cyclic order, so no variant runs right after one that read the same weights (it would
     # find them in cache): today's kernel with the gate follows dense, the previous kernel follows it.

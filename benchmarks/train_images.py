@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     return report(result, args.out, cfg.name,
                   f"a batch of {batch_size}: {per_batch['read_each_step'] * 1e3:.1f} ms read each step, "
-                  f"{per_batch['prepared'] * 1e3:.1f} ms prepared (preparing {len(train)} images: {preparation:.0f} s); "
-                  f"over {steps} steps {saved / 60:.1f} min saved")
+                  f"{per_batch['prepared'] * 1e3:.1f} ms prepared (preparing {len(train)} images: "
+                  f"{preparation:.0f} s); over {steps} steps {saved / 60:.1f} min saved")
 
 
 if __name__ == "__main__":
