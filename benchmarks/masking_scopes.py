@@ -25,8 +25,7 @@ from detr_sparsity.models.load import load_detr
 from detr_sparsity.pipeline import path
 from detr_sparsity.sparsity.blocks import ALL_BLOCKS
 from detr_sparsity.sparsity.ffn import ffn_blocks
-from detr_sparsity.sparsity.policies import masking_policy
-from detr_sparsity.stages.masking import calibration_record, scope_thresholds
+from detr_sparsity.stages.masking import calibration_record, scope_policies
 
 from _common import arguments, parse, report
 
@@ -46,12 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         method, keep_ratio = point.split(":")
         keep_ratio = float(keep_ratio)
         calibration = calibration_record(cfg, model, data_dir, keep_ratio) if method == "threshold" else None
-
-        def policies_for(scope: str, method=method, keep_ratio=keep_ratio, calibration=calibration) -> dict:
-            thresholds = ({n: b["threshold"] for n, b in scope_thresholds(calibration, scope).items()}
-                          if calibration else None)
-            return {name: masking_policy(method, keep_ratio, cfg.seed, name, thresholds)
-                    for name in (blocks if scope == ALL_BLOCKS else [scope])}
+        policies_for = scope_policies(method, keep_ratio, cfg.seed, blocks, calibration)
 
         seconds: dict[str, list[float]] = {"each_scope_alone": [], "together": []}
         rows = {}

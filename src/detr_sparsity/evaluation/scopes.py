@@ -10,6 +10,10 @@ but for what its masks keep, asked there too. One dense pass, its policies' mask
 block, finds those scopes and gives their rows; only the other scopes run. Where the first batch already shows
 every scope dropping activations (random masks), there is no dense pass.
 
+The masks are asked inside the dense pass's FLOP count, so this is for policies whose masks run no op the counter
+counts (top-k, random, threshold: a comparison, a sort, draws); a gate's matmul would be counted once per scope
+asking it.
+
 The default study's stand-in leaves about 98 % of its FFN activations at zero. In its committed sweep the threshold
 oracle (every calibrated threshold is 0), top-k at keep 1.0, 0.5 and 0.3 and random at 1.0 drop nothing, and so do
 5 single-block scopes of top-k at 0.2, 0.15 and 0.1: 82 of the 147 scopes, in 14 of the 21 jobs.
@@ -79,13 +83,23 @@ def evaluate_scopes(model: DetrForObjectDetection, data: EvaluationSplit, scopes
     the same rows and detections, with the scopes whose masks drop nothing taken from one dense pass. Sharded
     evaluations (a shard job, a gather job) evaluate every scope as `evaluate_policies` does."""
     paths = {scope: detections_dir / f"{scope}.json" for scope in scopes}
-    if data.sharding.detects_shard or data.sharding.gathers:
-        return {scope: evaluate_policies(model, data, policies_for(scope), paths[scope], check) for scope in scopes}
+    sharded = data.sharding.detects_shard or data.sharding.gathers
     blocks = list(ffn_blocks(model))
-    if _every_scope_drops_on_the_first_batch(model, data, scopes, policies_for, blocks):  # random masks: no dense pass
-        return {scope: evaluate_policies(model, data, policies_for(scope), paths[scope], check) for scope in scopes}
-    probes = _probes(scopes, policies_for, blocks)
     rows: dict[str, dict | None] = {}
+    if not (sharded or _every_scope_drops_on_the_first_batch(model, data, scopes, policies_for, blocks)):
+        rows = _from_the_dense_pass(model, data, scopes, policies_for, blocks, paths, check)
+    for scope in scopes:
+        if scope not in rows:
+            rows[scope] = evaluate_policies(model, data, policies_for(scope), paths[scope], check)
+    return {scope: rows[scope] for scope in scopes}
+
+
+def _from_the_dense_pass(model: DetrForObjectDetection, data: EvaluationSplit, scopes: list[str],
+                         policies_for: PolicyFactory, blocks: list[str], paths: dict[str, Path],
+                         check: Callable[[list[dict]], dict] | None) -> dict[str, dict]:
+    """One dense pass asking every scope's masks; the rows of the scopes that drop nothing, their detections written."""
+    probes = _probes(scopes, policies_for, blocks)
+    rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         dense_path = Path(scratch) / "dense.json"
         flops, dense, checked = run_evaluation(
@@ -106,10 +120,7 @@ def evaluate_scopes(model: DetrForObjectDetection, data: EvaluationSplit, scopes
             dense_ap = {key: rows[scope][key] for key in AP_METRICS}
             log.info("%s: its masks drop no nonzero activation on the %s split: the dense pass's detections",
                      scope, data.split.name)
-    for scope in scopes:
-        if scope not in rows:
-            rows[scope] = evaluate_policies(model, data, policies_for(scope), paths[scope], check)
-    return {scope: rows[scope] for scope in scopes}
+    return rows
 
 
 def _probes(scopes: list[str], policies_for: PolicyFactory, blocks: list[str]) -> dict[str, _Probe]:

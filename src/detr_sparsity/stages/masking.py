@@ -84,6 +84,18 @@ def calibration_setting(calibration: dict, scope: str, masked: list[str]) -> dic
                                   ("calibration_natural_sparsity", "natural_sparsity"))}}
 
 
+def scope_policies(method: str, keep_ratio: float, seed: int, blocks: list[str], calibration: dict | None):
+    """The masking policies of each scope at one point of the sweep (a `PolicyFactory`: new objects per call): all
+    blocks, or one block alone; the threshold oracle with its calibrated thresholds for that scope."""
+    def policies_for(scope: str) -> dict:
+        thresholds = ({n: b["threshold"] for n, b in scope_thresholds(calibration, scope).items()}
+                      if calibration else None)
+        return {name: masking_policy(method, keep_ratio, seed, name, thresholds)
+                for name in (blocks if scope == ALL_BLOCKS else [scope])}
+
+    return policies_for
+
+
 def run_stage(cfg: StudyConfig, tracked: StageRun, *, method: str, keep_ratio: float, model: Path, data: Path,
               detections: Path, rows: Path | None, sharding: Sharding = WHOLE_SPLIT) -> None:
     """Rows for every scope (all blocks, then each block alone) at one point of the sweep, keyed by scope (a
@@ -102,15 +114,9 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, method: str, keep_ratio: f
                        else calibration_record(cfg, detr, data, keep_ratio))
         if sharding.detects_shard:
             attach = lambda _detections: {CALIBRATION: calibration}  # noqa: E731
-
-    def policies_for(scope: str) -> dict:
-        thresholds = ({n: b["threshold"] for n, b in scope_thresholds(calibration, scope).items()}
-                      if calibration else None)
-        return {name: masking_policy(method, keep_ratio, cfg.seed, name, thresholds)
-                for name in (blocks if scope == ALL_BLOCKS else [scope])}
-
     scopes = [ALL_BLOCKS, *blocks]
-    evaluated = evaluate_scopes(detr, split, scopes, policies_for, detections, check=attach)
+    evaluated = evaluate_scopes(detr, split, scopes, scope_policies(method, keep_ratio, cfg.seed, blocks, calibration),
+                                detections, check=attach)
     found, metrics = {}, {}
     for scope, measured in evaluated.items():
         if measured is None:  # a shard job: the scope's partial evaluation is written
