@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from detr_sparsity.evaluation.flops import FlopCount, flops_per_image
-from detr_sparsity.sparsity.ffn import SparseFFN, ffn_blocks, sparse_ffns
+from detr_sparsity.sparsity.ffn import SparseFFN, ffn_blocks, nonzero_per_token, sparse_ffns
 from detr_sparsity.sparsity.policies import Policy, RandomKeep, StaticMask, TopK, keep_count
 from detr_sparsity.sparsity.profile import profile_activations
 from detr_sparsity.sparsity.shrink import shrink_ffns
@@ -126,6 +126,19 @@ def test_natural_sparsity_counts_real_tokens_only(model):
     # dense: nothing skipped, effective == natural
     assert sparsity.induced_sparsity()["overall"] == 0.0
     assert sparsity.effective_sparsity() == sparsity.natural_sparsity()
+
+
+def test_nonzero_per_token_is_count_nonzero_of_non_negative_values():
+    values = torch.tensor([[0.0, 0.0, 0.0, 0.0],
+                           [1.0, 0.0, 2.5, 0.0],
+                           [float("nan"), 0.0, float("inf"), 1e-42],  # NaN counts as nonzero, as does a subnormal
+                           [3.0, 3.0, 3.0, 3.0]])
+    assert nonzero_per_token(values).tolist() == [0, 2, 3, 4]
+    assert nonzero_per_token(values).dtype == torch.int64
+    generator = torch.Generator().manual_seed(0)
+    activations = torch.relu(torch.randn(3, 50, 2048, generator=generator))
+    activations[torch.rand(activations.shape, generator=generator) < 0.9] = 0.0
+    assert torch.equal(nonzero_per_token(activations), torch.count_nonzero(activations, dim=-1))
 
 
 @pytest.mark.parametrize("policy_class", [TopK, RandomKeep])

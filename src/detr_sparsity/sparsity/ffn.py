@@ -43,6 +43,17 @@ def ffn_blocks(model: DetrForObjectDetection) -> dict[str, nn.Module]:
     return {name: layer.mlp for name, layer in ffn_layers(model).items()}
 
 
+def nonzero_per_token(values: torch.Tensor) -> torch.Tensor:
+    """`torch.count_nonzero(values, dim=-1)` of values that are never negative (post-ReLU activations, masked or
+    not), as the FFN wrapper counts every block on every batch.
+
+    Equal to it there, NaN and inf included (NaN counts as nonzero): with NaN made 1, sign() is 1 for a nonzero
+    value and 0 for a zero, and the float32 sum of a token's signs is exact (far fewer than 2^24 values). On the
+    CPU it is about 4x faster: count_nonzero compares into a boolean tensor and converts all of it to int64 before
+    summing, which took 11 % of a gate-training step of the default study (`benchmarks/ffn_counting.py`)."""
+    return torch.nan_to_num(values, nan=1.0).sign_().sum(dim=-1, dtype=torch.float32).to(torch.int64)
+
+
 @dataclass
 class BlockCounts:
     """Running totals of one block. They become tensors on the model's device at the first count, so that
@@ -82,8 +93,7 @@ class SparseFFN(nn.Module):
         output = nn.functional.dropout(block.fc2(masked), p=block.dropout, training=self.training)
         with torch.no_grad():
             real = self._real_tokens(activations)
-            # Per-token counts along the contiguous hidden axis: one cheap pass, no boolean copy.
-            nonzero = torch.count_nonzero(activations, dim=-1)
+            nonzero = nonzero_per_token(activations)
             for observe in self.observers:
                 observe(self.name, activations, real, nonzero)
             self._count(activations, keep, masked, real, nonzero)
@@ -111,7 +121,7 @@ class SparseFFN(nn.Module):
             kept, effective_zeros = tokens * self.hidden, natural_zeros
         else:
             kept = over_real_tokens(keep.sum(dim=-1))
-            effective_zeros = tokens * self.hidden - over_real_tokens(torch.count_nonzero(masked, dim=-1))
+            effective_zeros = tokens * self.hidden - over_real_tokens(nonzero_per_token(masked))
         c.tokens = tokens + c.tokens
         c.natural_zeros = natural_zeros + c.natural_zeros
         c.effective_zeros = effective_zeros + c.effective_zeros
