@@ -42,6 +42,12 @@ def large(tmp_path_factory) -> COCO:
     return load_coco(out / manifest["val"]["annotations"])
 
 
+def test_images_rendered_in_several_processes_are_those_rendered_in_one(small, tmp_path):
+    out, manifest, spec = small
+    assert generate_synthetic(tmp_path, {"val": SMALL.num_images, "train": 3}, SMALL, seed=0, processes=3) == manifest
+    assert all_files(tmp_path) == all_files(out)
+
+
 def test_manifest_lists_every_split(small):
     out, manifest, _ = small
     assert manifest == {

@@ -27,6 +27,13 @@ def instruction_set() -> str:
     return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
 
 
+def job_cores() -> int:
+    """The cores a job may keep busy: OMP_NUM_THREADS where the scheduler set it (Snakemake sets it to the job's
+    threads), else every core this process may run on (DVC runs one job at a time)."""
+    scheduled = os.environ.get("OMP_NUM_THREADS", "")
+    return int(scheduled) if scheduled.isdigit() and int(scheduled) > 0 else len(os.sched_getaffinity(0))
+
+
 def machine() -> dict:
     """CPU model, its instruction-set class, the cores this process may use, and the load average now."""
     return {"cpu": _cpuinfo_field("model name") or platform.processor() or platform.machine(),

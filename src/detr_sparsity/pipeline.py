@@ -97,7 +97,8 @@ class Stage:
     keys: tuple[str, ...] = ()  # study-independent params (dotted keys of params.yaml) it reads
     directories: frozenset[str] = frozenset()  # outputs that are directories
     metrics: frozenset[str] = frozenset()  # outputs DVC shows with `dvc metrics show`
-    # Torch threads of a job: 1, or None for every core of the machine (MAX_THREADS in the rules).
+    # Cores of a job (its torch threads; the data stage's processes): 1, or None for every core of the machine
+    # (MAX_THREADS in the rules).
     threads: int | None = 1
     exclusive: bool = False  # timings: the job claims the whole machine
     # Of the jobs ready to run, Snakemake starts those of the highest priority first (DVC runs one at a time).
@@ -164,7 +165,8 @@ CRITICAL_PATH = 1
 STAGES: tuple[Stage, ...] = (
     Stage("data", "generate or download the study's splits",
           "data: preparing the splits of the {study} study",
-          inputs={}, outputs={"out": DATA}, sections=("data",), directories=frozenset({"out"})),
+          inputs={}, outputs={"out": DATA}, sections=("data",), directories=frozenset({"out"}),
+          threads=None),
     Stage("model", "pretrain or fetch the dense DETR",
           "model: the dense DETR of the {study} study",
           inputs={"data": DATA}, outputs={"out": MODEL}, sections=("input", "model"),

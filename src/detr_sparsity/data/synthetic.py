@@ -12,8 +12,12 @@ import colorsys
 import json
 import logging
 import math
+import multiprocessing
 import zlib
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -190,19 +194,37 @@ def render_image(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[Image.I
     return img, objects
 
 
-def generate_split(out_dir: Path, split: str, spec: SyntheticSpec, seed: int, split_index: int) -> Path:
-    """Write `images/<split>/*.jpg` and `instances_<split>.json` under `out_dir`; returns the JSON path."""
+def _write_image(image_dir: Path, spec: SyntheticSpec, seed: int, split_index: int, image_id: int) -> list[dict]:
+    """Render image `image_id` of a split, write it, and return its objects."""
+    # One generator per image: any image can be regenerated alone, in any process, and splits never share draws.
+    rng = np.random.default_rng([seed, split_index, image_id])
+    img, objects = render_image(rng, spec)
+    with atomic_path(image_dir / f"{image_id:06d}.jpg") as tmp:
+        img.save(tmp, format="JPEG", quality=92)
+    return objects
+
+
+def generate_split(out_dir: Path, split: str, spec: SyntheticSpec, seed: int, split_index: int,
+                   processes: int = 1) -> Path:
+    """Write `images/<split>/*.jpg` and `instances_<split>.json` under `out_dir`; returns the JSON path. With
+    `processes` > 1 the images are rendered that many at a time: the same files, byte for byte."""
     image_dir = out_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
+    image_ids = range(1, spec.num_images + 1)
+    render = partial(_write_image, image_dir, spec, seed, split_index)
+    with ExitStack() as stack:
+        if processes > 1:
+            # fork: the workers need nothing of the parent but this module, and start at once (a spawned worker
+            # would import the stage's whole command line first).
+            pool = stack.enter_context(ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")))
+            rendered = pool.map(render, image_ids, chunksize=max(1, min(64, len(image_ids) // (4 * processes))))
+        else:
+            rendered = map(render, image_ids)
+        per_image = list(tqdm(rendered, total=spec.num_images, desc=f"synthetic {split}", mininterval=5))
     images, annotations = [], []
-    for image_id in tqdm(range(1, spec.num_images + 1), desc=f"synthetic {split}", mininterval=5):
-        # One generator per image: any image can be regenerated alone, and splits never share draws.
-        rng = np.random.default_rng([seed, split_index, image_id])
-        img, objects = render_image(rng, spec)
-        file_name = f"{image_id:06d}.jpg"
-        with atomic_path(image_dir / file_name) as tmp:
-            img.save(tmp, format="JPEG", quality=92)
-        images.append({"id": image_id, "file_name": file_name, "width": spec.image_size, "height": spec.image_size})
+    for image_id, objects in zip(image_ids, per_image):
+        images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "width": spec.image_size,
+                       "height": spec.image_size})
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **obj})
     instances = {
@@ -219,12 +241,14 @@ def generate_split(out_dir: Path, split: str, spec: SyntheticSpec, seed: int, sp
     return ann_path
 
 
-def generate_synthetic(out_dir: Path, splits: dict[str, int], spec: SyntheticSpec, seed: int) -> dict:
-    """Generate every split and return the data manifest {split: {annotations, images}}."""
+def generate_synthetic(out_dir: Path, splits: dict[str, int], spec: SyntheticSpec, seed: int,
+                       processes: int = 1) -> dict:
+    """Generate every split, `processes` images at a time, and return the data manifest {split: {annotations,
+    images}}."""
     manifest = {}
     for split, num_images in sorted(splits.items()):
         split_spec = SyntheticSpec(**{**spec.__dict__, "num_images": num_images})
         # A stable number per split name: adding a split never changes the images of another.
-        ann = generate_split(out_dir, split, split_spec, seed, zlib.crc32(split.encode()))
+        ann = generate_split(out_dir, split, split_spec, seed, zlib.crc32(split.encode()), processes)
         manifest[split] = {"annotations": ann.name, "images": f"images/{split}"}
     return manifest

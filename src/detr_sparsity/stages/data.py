@@ -11,6 +11,7 @@ from detr_sparsity.config import StudyConfig
 from detr_sparsity.data.coco import prepare_coco
 from detr_sparsity.data.dataset import MANIFEST, CocoDetection, load_split, verify_splits
 from detr_sparsity.data.synthetic import SyntheticSpec, generate_synthetic
+from detr_sparsity.machine import job_cores
 from detr_sparsity.tracking import StageRun
 
 
@@ -21,7 +22,9 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, out: Path) -> None:
             spec = SyntheticSpec(num_images=0, image_size=data["image_size"], num_classes=data["num_classes"],
                                  min_objects=data["min_objects"], max_objects=data["max_objects"],
                                  count_decay=data["count_decay"])
-            manifest = generate_synthetic(tmp, data["splits"], spec, cfg.seed)
+            processes = job_cores()
+            manifest = generate_synthetic(tmp, data["splits"], spec, cfg.seed, processes)
+            tracked.log_metrics({"generation_processes": processes})
         else:
             manifest = prepare_coco(
                 out_dir=tmp,
