@@ -9,6 +9,7 @@ sparsity per FFN block). A recipe is the study's `pretrain` and `architecture` s
     python benchmarks/pretrain_recipes.py --name base --steps 1800
     python benchmarks/pretrain_recipes.py --name lr1e-3 --steps 1800 --set learning_rate=1e-3
     python benchmarks/pretrain_recipes.py --name b8 --steps 3600 --set batch_size=8
+    python benchmarks/pretrain_recipes.py --name in96 --steps 5500 --input shortest_edge=96 longest_edge=96
 
 Needs the study's data stage (results/<study>/data). Writes results/<study>/benchmark/pretrain_recipes/<name>.json
 (or --out). Nothing of the pipeline's outputs is touched: the model is kept only in memory.
@@ -16,6 +17,7 @@ Needs the study's data stage (results/<study>/data). Writes results/<study>/benc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from detr_sparsity.config import InputSize
 from detr_sparsity.data.dataset import CocoDetection, image_processor, load_split
 from detr_sparsity.evaluation.evaluate import evaluate_policies, evaluation_split
 from detr_sparsity.machine import machine
@@ -59,12 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, required=True, help="the training budget, in steps")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="pretrain settings overridden")
     parser.add_argument("--arch", nargs="*", default=[], metavar="KEY=VALUE", help="architecture settings overridden")
+    parser.add_argument("--input", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="input size overridden (shortest_edge, longest_edge), for training and evaluation")
     args, cfg = parse(parser, argv)
     if cfg.model["source"] != "pretrain":
         raise SystemExit(f"error: study {cfg.name} does not pretrain its model (model.source: {cfg.model['source']})")
     settings = overridden({**cfg.model["pretrain"], "steps": args.steps}, args.set, "pretrain")
     settings["checkpoint_every"] = settings["steps"] + 1  # a pilot is not resumed
     architecture = overridden(cfg.model["architecture"], args.arch, "architecture")
+    cfg = dataclasses.replace(cfg, input=InputSize(**overridden(dataclasses.asdict(cfg.input), args.input, "input")))
     data = path("data", "out", cfg.name)
     train = CocoDetection(load_split(data, "train"))
     torch.manual_seed(cfg.seed)
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = seconds / 60
     result = {
         "benchmark": f"pretrain_recipes/{args.name}", "recipe": args.name, "steps": settings["steps"],
-        "pretrain": settings, "architecture": architecture, "threads": args.threads,
+        "pretrain": settings, "architecture": architecture, "input": dataclasses.asdict(cfg.input), "threads": args.threads,
         "train_seconds": seconds, "seconds_per_step": seconds / settings["steps"],
         "images_seen": settings["steps"] * settings["batch_size"],
         "AP": measured["AP"], "AP50": measured["AP50"], "AP50_per_training_minute": measured["AP50"] / minutes,

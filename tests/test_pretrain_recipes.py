@@ -37,3 +37,11 @@ def test_an_override_naming_no_setting_stops_naming_it(item):
 def test_a_value_that_is_not_json_stops_naming_it_and_an_example():
     with pytest.raises(SystemExit, match=r"'batch_size=eight'.*must be JSON.*batch_size=16"):
         recipes.overridden(PRETRAIN, ["batch_size=eight"], "pretrain")
+
+
+def test_an_input_override_replaces_the_input_size():
+    size = {"shortest_edge": 128, "longest_edge": 128}
+    assert recipes.overridden(size, ["shortest_edge=96", "longest_edge=96"], "input") == {
+        "shortest_edge": 96, "longest_edge": 96}
+    with pytest.raises(SystemExit, match=r"'edge=96'.*input settings.*shortest_edge, longest_edge"):
+        recipes.overridden(size, ["edge=96"], "input")
