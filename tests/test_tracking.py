@@ -279,3 +279,19 @@ def test_every_stage_run_records_its_cost_and_machine(store, tmp_path, monkeypat
     assert int(tags["machine.cores"]) >= 1 and float(tags["machine.load_average"]) >= 0
     splits = yaml.safe_load((root / "results/synthetic/data/splits.json").read_text())
     assert set(splits) == set(TINY["data"]["splits"])  # the stage itself ran
+
+
+def test_a_job_keeps_busy_the_cores_its_scheduler_gave_it(monkeypatch):
+    """Snakemake sets OMP_NUM_THREADS to a job's threads; without it (DVC, by hand) a job may use every core it can
+    run on."""
+    import os
+
+    from detr_sparsity.machine import job_cores
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert job_cores() == 3
+    for unset in ("", "0", "many"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert job_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert job_cores() == len(os.sched_getaffinity(0))
