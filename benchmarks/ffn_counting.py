@@ -34,13 +34,6 @@ from _common import arguments, parse, report
 
 COUNTERS = {"count_nonzero": lambda values: torch.count_nonzero(values, dim=-1),
             "nonzero_per_token": ffn.nonzero_per_token}
-TIMING_FIELDS = ("seconds", "train_seconds", "mlflow_run_id")
-
-
-def _without_timings(value):
-    if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items() if not k.endswith(TIMING_FIELDS)}
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                     seconds["gate_training"][name].append(time.perf_counter() - start)
                 finally:
                     ffn.nonzero_per_token = COUNTERS["nonzero_per_token"]
-                rows[name] = _without_timings(row)
+                rows[name] = row
                 gates[name] = {block: gate.state_dict() for block, gate in trained.items()}
     same_gates = all(torch.equal(gates["count_nonzero"][b][k], gates["nonzero_per_token"][b][k])
                      for b in gates["count_nonzero"] for k in gates["count_nonzero"][b])
