@@ -10,6 +10,8 @@ sparsity per FFN block). A recipe is the study's `pretrain` and `architecture` s
     python benchmarks/pretrain_recipes.py --name lr1e-3 --steps 1800 --set learning_rate=1e-3
     python benchmarks/pretrain_recipes.py --name b8 --steps 3600 --set batch_size=8
     python benchmarks/pretrain_recipes.py --name in96 --steps 5500 --input shortest_edge=96 longest_edge=96
+    python benchmarks/pretrain_recipes.py --name dn2 --steps 1800 \
+        --set 'denoising={"groups": 2, "box_noise": 0.4, "label_noise": 0.2}'
 
 Needs the study's data stage (results/<study>/data). Writes results/<study>/benchmark/pretrain_recipes/<name>.json
 (or --out). Nothing of the pipeline's outputs is touched: the model is kept only in memory.

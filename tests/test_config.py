@@ -207,6 +207,11 @@ BAD_VALUES = {
         {"studies.synthetic.model.architecture.num_queries": 20},
         ["studies.synthetic.model.architecture.num_queries", "= 20", "target_copies x data.max_objects (30)"],
     ),
+    "denoising queries with a d_model their box embedding cannot split": (
+        {"studies.synthetic.model.pretrain.denoising.groups": 2, "studies.synthetic.model.architecture.d_model": 132,
+         "studies.synthetic.model.architecture.attention_heads": 4},
+        ["studies.synthetic.model.architecture.d_model", "= 132", "must be divisible by 8"],
+    ),
     "string for integer": (
         {"studies.synthetic.evaluate.batch_size": "four"},
         ["studies.synthetic.evaluate.batch_size", '"four"', "must be of type integer"],

@@ -30,6 +30,7 @@ D, H, G = 32, 256, 16
 ARCH = {"d_model": D, "ffn_dim": H, "encoder_layers": 2, "decoder_layers": 2, "attention_heads": 4,
         "num_queries": 10, "backbone_hidden_sizes": [8, 16, 32], "backbone_depths": [1, 1, 1], "dropout": 0.0}
 CATEGORIES = [{"id": i + 1, "name": f"class{i}"} for i in range(4)]
+NO_DENOISING = {"groups": 0, "box_noise": 0.4, "label_noise": 0.2}
 
 
 # =========================================================================================================
@@ -57,7 +58,7 @@ def test_pretraining_overfits_a_fixed_set_of_four_images(four_images, tmp_path):
     model = build_small_detr(small_detr_config(TINY_ARCH, four_images.categories))
     settings = {"steps": OVERFIT_STEPS, "batch_size": 4, "learning_rate": 3e-3, "weight_decay": 0.0,
                 "warmup_steps": 1, "grad_clip": 0.1, "target_copies": 1, "one_to_many_fraction": 0.0,
-                "activation_l1": 0.0, "checkpoint_every": 10 ** 6}
+                "activation_l1": 0.0, "denoising": NO_DENOISING, "checkpoint_every": 10 ** 6}
     losses = {}
     pretrain(model, four_images, image_processor(InputSize(64, 64)), settings, 0,
              tmp_path / "pretrain.pt", lambda step, metrics: losses.__setitem__(step, metrics["loss"]))
@@ -116,7 +117,7 @@ def test_pretraining_with_the_activation_penalty_leaves_more_activations_at_zero
         model = build_small_detr(small_detr_config(TINY_ARCH, four_images.categories))
         settings = {"steps": 60, "batch_size": 4, "learning_rate": 3e-3, "weight_decay": 0.0, "warmup_steps": 1,
                     "grad_clip": 0.1, "target_copies": 1, "one_to_many_fraction": 0.0, "activation_l1": weight,
-                    "checkpoint_every": 10 ** 6}
+                    "denoising": NO_DENOISING, "checkpoint_every": 10 ** 6}
         logged = {}
         pretrain(model, four_images, collate.processor, settings, 0, tmp_path / f"{weight}.pt",
                  lambda step, metrics: logged.update(metrics))

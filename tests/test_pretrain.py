@@ -30,11 +30,13 @@ def train_split(tmp_path_factory) -> CocoDetection:
     return CocoDetection(load_split(root, "train"))
 
 
-def _settings(steps: int) -> dict:
-    return {**TINY["model"]["pretrain"], "steps": steps, "checkpoint_every": 2}
+def _settings(steps: int, denoising_groups: int) -> dict:
+    pretrain_settings = TINY["model"]["pretrain"]
+    return {**pretrain_settings, "steps": steps, "checkpoint_every": 2,
+            "denoising": {**pretrain_settings["denoising"], "groups": denoising_groups}}
 
 
-def _train(train_split, checkpoint: Path, steps: int, stop_at: int | None = None):
+def _train(train_split, checkpoint: Path, steps: int, stop_at: int | None = None, denoising_groups: int = 0):
     torch.manual_seed(0)
     model = build_small_detr(small_detr_config(ARCH, train_split.categories))
     losses = {}
@@ -44,18 +46,21 @@ def _train(train_split, checkpoint: Path, steps: int, stop_at: int | None = None
         if step == stop_at:
             raise KeyboardInterrupt  # what an interrupted job looks like to the loop
 
-    pretrain(model, train_split, image_processor(InputSize(64, 64)), _settings(steps), 0, checkpoint, log_step)
+    pretrain(model, train_split, image_processor(InputSize(64, 64)), _settings(steps, denoising_groups), 0, checkpoint,
+             log_step)
     return model, losses
 
 
-def test_interrupted_pretraining_resumes_to_the_same_weights(train_split, tmp_path):
-    reference, reference_losses = _train(train_split, tmp_path / "a.pt", steps=5)
+@pytest.mark.parametrize("denoising_groups", [0, 2])
+def test_interrupted_pretraining_resumes_to_the_same_weights(train_split, tmp_path, denoising_groups):
+    """With denoising queries too: their parameters and noise draws resume with the model."""
+    reference, reference_losses = _train(train_split, tmp_path / "a.pt", steps=5, denoising_groups=denoising_groups)
 
     checkpoint = tmp_path / "b.pt"
     with pytest.raises(KeyboardInterrupt):
-        _train(train_split, checkpoint, steps=5, stop_at=3)
+        _train(train_split, checkpoint, steps=5, stop_at=3, denoising_groups=denoising_groups)
     assert checkpoint.exists()  # written at step 2, before the interruption
-    resumed, resumed_losses = _train(train_split, checkpoint, steps=5)
+    resumed, resumed_losses = _train(train_split, checkpoint, steps=5, denoising_groups=denoising_groups)
 
     assert sorted(resumed_losses) == [3, 4, 5]  # steps 1-2 came from the checkpoint
     assert resumed_losses == {s: reference_losses[s] for s in (3, 4, 5)}
@@ -63,8 +68,12 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(train_split, tmp_pa
         assert torch.equal(a, b), name
 
 
-def test_pretrained_model_is_a_standard_detr(train_split, tmp_path):
-    model, losses = _train(train_split, tmp_path / "c.pt", steps=3)
+@pytest.mark.parametrize("denoising_groups", [0, 2])
+def test_pretrained_model_is_a_standard_detr(train_split, tmp_path, denoising_groups):
+    """Denoising queries train beside the model but leave nothing in it: the same parameters as a fresh DETR's."""
+    model, losses = _train(train_split, tmp_path / "c.pt", steps=3, denoising_groups=denoising_groups)
+    fresh = build_small_detr(small_detr_config(ARCH, train_split.categories))
+    assert type(model) is type(fresh) and model.state_dict().keys() == fresh.state_dict().keys()
     assert not model.training
     norms = [m for m in model.model.backbone.modules() if "BatchNorm" in type(m).__name__]
     assert norms and all(isinstance(m, DetrFrozenBatchNorm2d) for m in norms)

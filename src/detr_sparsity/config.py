@@ -178,6 +178,10 @@ def _cross_field_problems(raw: dict[str, Any]) -> list[str]:
         if data["source"] == "synthetic" and arch["num_queries"] < copies * data["max_objects"]:
             problems.append(f"{prefix}.model.architecture.num_queries = {arch['num_queries']} is not allowed: "
                             f"must be >= pretrain.target_copies x data.max_objects ({copies * data['max_objects']})")
+        if model["pretrain"]["denoising"]["groups"] and arch["d_model"] % 8:
+            problems.append(f"{prefix}.model.architecture.d_model = {arch['d_model']} is not allowed with "
+                            "pretrain.denoising.groups > 0: must be divisible by 8 (the denoising queries' sine "
+                            "embedding of a box)")
         if arch["ffn_dim"] % raw["mgs"]["group_size"]:
             problems.append(f"mgs.group_size = {raw['mgs']['group_size']} is not allowed: "
                             f"must divide {prefix}.model.architecture.ffn_dim ({arch['ffn_dim']})")

@@ -16,6 +16,7 @@ from transformers import DetrForObjectDetection, DetrImageProcessorPil
 from detr_sparsity.atomic import atomic_path
 from detr_sparsity.data.dataset import CocoDetection
 from detr_sparsity.data.train_images import TrainImages
+from detr_sparsity.models.denoising import DenoisingQueries, repeat_targets
 from detr_sparsity.models.small_detr import freeze_batch_norm, trainable_batch_norm
 from detr_sparsity.sparsity.ffn import ffn_blocks
 
@@ -24,23 +25,10 @@ log = logging.getLogger(__name__)
 StepLogger = Callable[[int, dict[str, float]], None]
 
 
-def _repeat_targets(labels: list[dict], copies: int) -> list[dict]:
-    """Each ground-truth box `copies` times, so Hungarian matching gives it that many queries.
-
-    One-to-many assignment (as H-DETR and Group DETR use it) multiplies the positive training signal per
-    image; a from-scratch DETR otherwise spends most of a CPU budget on a plateau where every class score
-    stays uniform (measured: AP50 0.009 vs 0.070 after 1000 steps). The last part of pretraining returns
-    to DETR's one-to-one matching, so the model learns again to give each object a single query.
-    """
-    if copies == 1:
-        return labels
-    return [{k: v.repeat(copies, *[1] * (v.dim() - 1)) for k, v in lab.items()} for lab in labels]
-
-
 class ActivationL1:
     """The L1 penalty on the FFN hidden activations: the sum over blocks of each block's mean post-ReLU value,
     over the batch's tokens (encoder positions on batch padding included: the default study's square inputs have
-    none).
+    none; with denoising queries, their decoder tokens too).
 
     DETR's loss alone leaves the small stand-in at about 70 % natural FFN sparsity within the pipeline's budget,
     far from what is reported for DETR-R50 (README, "The stand-in"); the penalty (as ProSparse and D2DMoE use one)
@@ -84,15 +72,26 @@ def pretrain(
     log_step: StepLogger,
 ) -> dict[str, float]:
     """Train `model` in place with DETR's set-prediction loss, plus `settings["activation_l1"]` times the FFN
-    activations' L1 penalty (`ActivationL1`); resumes from `checkpoint` if present. `processor` prepares the
-    images of `dataset` once, before the first step (`TrainImages`); every image is mirrored in half of its draws."""
+    activations' L1 penalty (`ActivationL1`) and, with `settings["denoising"]["groups"]` > 0, the loss of that many
+    groups of denoising queries (`DenoisingQueries`); resumes from `checkpoint` if present. `processor` prepares the
+    images of `dataset` once, before the first step (`TrainImages`); every image is mirrored in half of its draws.
+
+    One-to-many matching: for the first `one_to_many_fraction` of the steps each ground-truth box is repeated
+    `target_copies` times, so Hungarian matching gives it that many queries. One-to-many assignment (as H-DETR and
+    Group DETR use it) multiplies the positive training signal per image; a from-scratch DETR otherwise spends most
+    of a CPU budget on a plateau where every class score stays uniform (measured: AP50 0.009 vs 0.070 after 1000
+    steps). The last part of pretraining returns to DETR's one-to-one matching, so the model learns again to give
+    each object a single query."""
     torch.manual_seed(seed)
     device = model.device  # batches follow the model
     trainable_batch_norm(model)
     steps, batch_size = settings["steps"], settings["batch_size"]
     data = TrainImages(dataset, processor, seed)  # read, decoded and resized once, not every step
+    denoising = DenoisingQueries(model, **settings["denoising"]).to(device) \
+        if settings["denoising"]["groups"] > 0 else None
+    trained = [*model.parameters(), *(denoising.parameters() if denoising is not None else [])]
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        [p for p in trained if p.requires_grad],
         lr=settings["learning_rate"],
         weight_decay=settings["weight_decay"],
     )
@@ -103,6 +102,8 @@ def pretrain(
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
+        if denoising is not None:
+            denoising.load_state_dict(state["denoising"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, elapsed = state["step"], state["elapsed"]
@@ -123,30 +124,40 @@ def pretrain(
         loader = DataLoader(data, batch_sampler=batches, collate_fn=data.collate)
         for batch in loader:
             labels = [{k: v.to(device) for k, v in lab.items()} for lab in batch["labels"]]
-            if step < settings["one_to_many_fraction"] * steps:
-                labels = _repeat_targets(labels, settings["target_copies"])
-            out = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device),
-                        labels=labels)
+            matched = repeat_targets(labels, settings["target_copies"]) \
+                if step < settings["one_to_many_fraction"] * steps else labels
+            pixels = dict(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
+            if denoising is None:
+                out = model(**pixels, labels=matched)
+                detr_loss, terms, dn_loss = out.loss, out.loss_dict, None
+            else:
+                # Seeded per step: a resumed run draws the noise an uninterrupted one would.
+                noise = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                detr_loss, dn_loss, terms = denoising.loss(model, pixels["pixel_values"], pixels["pixel_mask"],
+                                                           labels, matched, noise)
             l1 = penalty.take()
-            loss = out.loss if l1 is None else out.loss + l1
+            loss = sum(part for part in (detr_loss, dn_loss, l1) if part is not None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # The DETR's gradient, as without denoising queries (its logged norm stays comparable across recipes).
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
             optimizer.step()
             scheduler.step()
             step += 1
-            # "loss" stays DETR's own, comparable across recipes; the penalty is logged beside it.
-            metrics = {"loss": out.loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}
-            metrics.update({k: v.item() for k, v in out.loss_dict.items()})
+            # "loss" stays DETR's own, comparable across recipes; the penalty and the denoising loss beside it.
+            metrics = {"loss": detr_loss.item(), "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}
+            metrics.update({k: v.item() for k, v in terms.items()})
             if l1 is not None:
                 metrics["activation_l1"] = l1.item()
+            if dn_loss is not None:
+                metrics["denoising_loss"] = dn_loss.item()
             log_step(step, metrics)
             progress.update(1)
             if step % 50 == 0:
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}")
                 log.info("step %d/%d loss %.4f", step, steps, metrics["loss"])
             if step % settings["checkpoint_every"] == 0 and step < steps:
-                _save_checkpoint(checkpoint, model, optimizer, scheduler, step, time.perf_counter() - start)
+                _save_checkpoint(checkpoint, model, denoising, optimizer, scheduler, step, time.perf_counter() - start)
             if step >= steps:
                 break
     progress.close()
@@ -156,8 +167,10 @@ def pretrain(
     return {"steps": step, "train_seconds": time.perf_counter() - start}
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, elapsed: float) -> None:
+def _save_checkpoint(path: Path, model, denoising, optimizer, scheduler, step: int, elapsed: float) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step, "elapsed": elapsed}
+    if denoising is not None:
+        state["denoising"] = denoising.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
