@@ -15,7 +15,6 @@ is a training aid only: the model saved after pretraining is the standard `DetrF
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -131,6 +130,7 @@ class DenoisingQueries(nn.Module):
                                                 pred_boxes[-1, :, slots:], config, logits[:, :, slots:],
                                                 pred_boxes[:, :, slots:])
         dn_terms = self._denoising_terms(logits[:, :, :slots], pred_boxes[:, :, :slots], labels, valid)
+        # DETR's weights, the auxiliary layers' terms ("loss_bbox_0", ...) as the last layer's.
         weights = {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
         denoised = sum(value * weights[key.rsplit("_", 1)[0] if key[-1].isdigit() else key]
                        for key, value in dn_terms.items())
@@ -143,7 +143,7 @@ class DenoisingQueries(nn.Module):
         it was made from: no matching. Padding slots are trained towards "no object", as unmatched queries are."""
         most = valid.shape[1] // self.groups
         assignment = []
-        for b, lab in enumerate(labels):
+        for lab in labels:
             n = len(lab["class_labels"])
             source = (torch.arange(self.groups)[:, None] * most + torch.arange(n)[None, :]).flatten()
             target = (torch.arange(self.groups)[:, None] * n + torch.arange(n)[None, :]).flatten()
