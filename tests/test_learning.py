@@ -21,6 +21,7 @@ from detr_sparsity.models.pretrain import ActivationL1, pretrain
 from detr_sparsity.models.small_detr import (build_small_detr, freeze_batch_norm, small_detr_config,
                                              trainable_batch_norm)
 from detr_sparsity.sparsity.ffn import ffn_blocks
+from tiny_project import TINY
 
 # The end-to-end tests' tiny study (tests/tiny_project.py): 1 + 1 blocks, d 16, H 64, 8 queries.
 TINY_ARCH = {"d_model": 16, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1, "attention_heads": 2,
@@ -30,7 +31,7 @@ D, H, G = 32, 256, 16
 ARCH = {"d_model": D, "ffn_dim": H, "encoder_layers": 2, "decoder_layers": 2, "attention_heads": 4,
         "num_queries": 10, "backbone_hidden_sizes": [8, 16, 32], "backbone_depths": [1, 1, 1], "dropout": 0.0}
 CATEGORIES = [{"id": i + 1, "name": f"class{i}"} for i in range(4)]
-NO_DENOISING = {"groups": 0, "box_noise": 0.4, "label_noise": 0.2}
+NO_DENOISING = TINY["model"]["pretrain"]["denoising"]  # groups 0: pretraining without denoising queries
 
 
 # =========================================================================================================
