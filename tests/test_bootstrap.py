@@ -256,3 +256,36 @@ def test_paired_intervals_use_the_same_images_for_both(tmp_path):
     itself = paired_bootstrap_interval(annotations, a, a, resamples=50, seed=0)
     assert itself["AP_difference_low"] == itself["AP_difference_high"] == 0
     assert itself["AP_ratio_low"] == itself["AP_ratio_high"] == 1
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_studys_comparisons_are_each_pairs_own_paired_interval(tmp_path, processes):
+    """The summary's comparisons, its detection files resampled one at a time or two at a time, each equal to the
+    paired interval of its two files computed alone (the function above, checked against COCOeval)."""
+    from detr_sparsity.reporting.comparisons import comparisons
+
+    instances, results = random_case(5, images=40, categories=4)
+    annotations = write(tmp_path, "gt.json", instances)
+    rng = np.random.default_rng(1)
+
+    def loosened(name: str, spread: float, keep: float) -> str:
+        return write(tmp_path, name, [d | {"bbox": [d["bbox"][0] + rng.normal(0, spread)] + d["bbox"][1:]}
+                                      for d in results if rng.random() < keep])
+
+    def row(method: str, setting: dict | None, detections: str) -> dict:
+        return {"method": method, "setting": setting, "annotations": annotations, "detections": detections}
+
+    rows = [row("dense", None, write(tmp_path, "dense.json", results)),
+            row("mgs", {"objective": "distillation", "target": 0.9}, loosened("mgs.json", 3, 0.8)),
+            row("topk", {"keep_ratio": 0.1}, loosened("topk.json", 1, 0.9)),
+            row("threshold", {"keep_ratio": 0.1}, loosened("threshold.json", 2, 0.85))]
+    found = comparisons(rows, resamples=100, seed=4, level=0.9, processes=processes)
+    expected = {("mgs", "dense"), ("topk", "dense"), ("threshold", "dense"), ("mgs", "topk"), ("mgs", "threshold")}
+    assert {(c["row"]["method"], c["reference"]["method"]) for c in found["comparisons"]} == expected
+    files = {r["method"]: r["detections"] for r in rows}
+    for c in found["comparisons"]:
+        alone = paired_bootstrap_interval(annotations, files[c["row"]["method"]], files[c["reference"]["method"]],
+                                          resamples=100, seed=4, level=0.9)
+        assert {k: c[k] for k in alone if k in c} == {k: v for k, v in alone.items() if k in c}
+        assert c["AP_ratio"] == alone["AP_ratio"] and c["AP50_difference_low"] == alone["AP50_difference_low"]
+    assert found["images"] == 40 and len(found["detections"]) == 4

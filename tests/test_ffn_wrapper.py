@@ -93,6 +93,24 @@ def test_topk_at_keep_ratio_one_is_bit_identical(model):
     assert sparsity.induced_sparsity()["overall"] == 0.0
 
 
+def test_wrappers_that_do_not_count_compute_the_same_and_count_nothing(model):
+    """Gate training wraps without counting: the same outputs as counting wrappers (top-k masks on every block,
+    so masking runs), the encoder's token masks still set, no count taken, and an observer refused."""
+    batch = make_batch(padded=True)
+    policies = {name: TopK(0.25) for name in BLOCKS}
+    with sparse_ffns(model, policies) as counting:
+        counted = forward(model, batch)
+    with sparse_ffns(model, policies, counting=False) as silent:
+        uncounted = forward(model, batch)
+        assert torch.equal(silent.blocks["encoder.0"].token_mask.bool(), real_encoder_tokens(model, batch))
+        with pytest.raises(RuntimeError, match="do not count"):
+            silent.add_observer(lambda *args: None)
+    assert torch.equal(counted.logits, uncounted.logits) and torch.equal(counted.pred_boxes, uncounted.pred_boxes)
+    assert counting.induced_sparsity()["overall"] == pytest.approx(0.75, abs=0.01)
+    assert all(int(w.counts.tokens) == 0 and w.counts.all_tokens == 0 for w in silent.blocks.values())
+    assert silent.induced_sparsity()["overall"] is None
+
+
 def test_wrapper_errors_name_the_problem(model):
     with pytest.raises(ValueError, match="no FFN block named encoder.7"):
         with sparse_ffns(model, {"encoder.7": TopK(0.5)}):

@@ -97,7 +97,8 @@ class Stage:
     keys: tuple[str, ...] = ()  # study-independent params (dotted keys of params.yaml) it reads
     directories: frozenset[str] = frozenset()  # outputs that are directories
     metrics: frozenset[str] = frozenset()  # outputs DVC shows with `dvc metrics show`
-    # Cores of a job (its torch threads; the data stage's processes): 1, or None for every core of the machine
+    # Cores of a job (its torch threads; the data stage's and the summary's processes): 1, or None for every core of
+    # the machine
     # (MAX_THREADS in the rules).
     threads: int | None = 1
     exclusive: bool = False  # timings: the job claims the whole machine
@@ -249,7 +250,8 @@ STAGES: tuple[Stage, ...] = (
           # which rows are gathered; the intervals of the comparisons
           keys=("masking.methods", "masking.keep_ratios", "sibs.thresholds", "mgs.objectives", "mgs.targets",
                 "mgs.single_block_targets", "bootstrap"),
-          metrics=frozenset({"out", "metrics"})),
+          # every core: it runs after every evaluation, and resamples the detection files one per core
+          metrics=frozenset({"out", "metrics"}), threads=None),
     Stage("benchmark", "measured speed of sparse FFN execution (SIBS, MGS) against dense",
           "benchmark: dense vs SIBS vs MGS sparse execution, median ms",
           inputs={"model": MODEL, "data": DATA, "neurons": NEURONS,

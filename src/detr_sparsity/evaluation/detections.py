@@ -16,7 +16,6 @@ def detect(
     processor: DetrImageProcessorPil,
     batches: Iterable[dict],
     total: int | None = None,
-    on_batch: Callable[[dict, object], None] | None = None,
     start_batch: Callable[[dict], None] | None = None,
     around_forward: Callable[[dict], ContextManager] | None = None,
 ) -> list[dict]:
@@ -35,8 +34,6 @@ def detect(
             start_batch(batch)
         with nullcontext() if around_forward is None else around_forward(batch):
             outputs = model(pixel_values=batch["pixel_values"].to(device), pixel_mask=batch["pixel_mask"].to(device))
-        if on_batch is not None:
-            on_batch(batch, outputs)
         # threshold=-1 keeps every query (scores are softmax probabilities, always > 0 anyway).
         per_image = processor.post_process_object_detection(outputs, threshold=-1.0,
                                                             target_sizes=batch["orig_sizes"].to(device))

@@ -119,7 +119,8 @@ def train_gates(model: DetrForObjectDetection, gates: dict[str, MicroGate], cach
     metrics: dict[str, float] = {}
     start = time.perf_counter() - elapsed
     progress = tqdm(total=settings.steps, initial=step, desc=f"gates {settings.target}", mininterval=10)
-    with cached_front_end(model) as front, sparse_ffns(model, gates) as sparsity:
+    # Nothing here reads the wrappers' counts (the constraint is measured on the gates themselves): not counted.
+    with cached_front_end(model) as front, sparse_ffns(model, gates, counting=False) as sparsity:
         # After wrapping: a wrapper takes its frozen block's eval mode, and with it its gate's.
         for gate in gates.values():
             gate.train()

@@ -112,7 +112,7 @@ class DenoisingQueries(nn.Module):
                               spatial_position_embeddings=spatial).last_hidden_state
 
         batch, queries = pixel_values.shape[0], config.num_queries
-        classes, boxes, valid = self.noised(labels, generator)
+        classes, boxes, _valid = self.noised(labels, generator)  # padding slots learn "no object": no mask needed
         slots = classes.shape[1]
         object_positions = detr.query_position_embeddings.weight.unsqueeze(0).expand(batch, -1, -1)
         content = torch.cat([self.label_embedding(classes), torch.zeros_like(object_positions)], 1)
@@ -129,7 +129,7 @@ class DenoisingQueries(nn.Module):
         matched, terms, _ = model.loss_function(logits[-1, :, slots:], match_labels, pixel_values.device,
                                                 pred_boxes[-1, :, slots:], config, logits[:, :, slots:],
                                                 pred_boxes[:, :, slots:])
-        dn_terms = self._denoising_terms(logits[:, :, :slots], pred_boxes[:, :, :slots], labels, valid)
+        dn_terms = self._denoising_terms(logits[:, :, :slots], pred_boxes[:, :, :slots], labels)
         # DETR's weights, the auxiliary layers' terms ("loss_bbox_0", ...) as the last layer's.
         weights = {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
         denoised = sum(value * weights[key.rsplit("_", 1)[0] if key[-1].isdigit() else key]
@@ -137,11 +137,11 @@ class DenoisingQueries(nn.Module):
         terms.update({f"dn_{key}": value for key, value in dn_terms.items()})
         return matched, denoised, terms
 
-    def _denoising_terms(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict],
-                         valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _denoising_terms(self, logits: torch.Tensor, pred_boxes: torch.Tensor, labels: list[dict]
+                         ) -> dict[str, torch.Tensor]:
         """DETR's class and box loss terms of the denoising slots (every decoder layer), each slot assigned the box
         it was made from: no matching. Padding slots are trained towards "no object", as unmatched queries are."""
-        most = valid.shape[1] // self.groups
+        most = logits.shape[2] // self.groups  # K: (layers, batch, groups x K, classes)
         assignment = []
         for lab in labels:
             n = len(lab["class_labels"])

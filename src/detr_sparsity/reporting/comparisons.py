@@ -5,13 +5,19 @@ methods can be noise. Every comparison here resamples the same image sets for bo
 detection files the pipeline wrote: each MGS gate set (every objective and protocol) and each oracle against the
 dense model (AP retention, the ratio), and each MGS gate set against the top-k and threshold oracles at the same
 target and scope (the difference). COCOeval's per-image matching runs once per detection file; a resample only
-repeats the accumulation (`evaluation.bootstrap`).
+repeats the accumulation (`evaluation.bootstrap`). The files are matched and resampled `processes` at a time, each
+with the same resample weights: the same intervals as one at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 from detr_sparsity.evaluation.bootstrap import Resampled, match_detections, paired, resample_weights, resampled
 from detr_sparsity.sparsity.blocks import ALL_BLOCKS
@@ -53,28 +59,35 @@ def compared_pairs(rows: list[dict]) -> list[tuple[dict, dict, str]]:
     return pairs
 
 
-def comparisons(rows: list[dict], resamples: int, seed: int, level: float) -> dict:
+def _resampled_file(annotations: str, weights: np.ndarray, detections: str) -> Resampled:
+    return resampled(match_detections(annotations, detections), weights)
+
+
+def comparisons(rows: list[dict], resamples: int, seed: int, level: float, processes: int = 1) -> dict:
     """Every headline comparison of the study's rows with its paired bootstrap interval."""
     pairs = compared_pairs(rows)
     annotations = {r["annotations"] for pair in pairs for r in pair[:2]}
     if len(annotations) > 1:
         raise ValueError(f"the compared rows were scored against different annotations: {sorted(annotations)}")
-    cache: dict[str, Resampled] = {}
-    weights = None
-
-    def of(row: dict) -> Resampled:
-        nonlocal weights
-        path = row["detections"]
-        if path not in cache:
-            matched = match_detections(row["annotations"], path)
-            if weights is None:
-                weights = resample_weights(len(matched.image_ids), resamples, seed)
-            cache[path] = resampled(matched, weights)
-        return cache[path]
-
+    files = list(dict.fromkeys(r["detections"] for pair in pairs for r in pair[:2]))
+    weights, cache = None, {}
+    if files:
+        (annotation,) = annotations
+        first = match_detections(annotation, files[0])
+        weights = resample_weights(len(first.image_ids), resamples, seed)
+        cache[files[0]] = resampled(first, weights)
+        each = partial(_resampled_file, annotation, weights)
+        if processes > 1 and len(files) > 2:
+            # fork: the workers need only this module's functions and the weights, and start at once.
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+                cache.update(zip(files[1:], pool.map(each, files[1:])))
+        else:
+            cache.update(zip(files[1:], map(each, files[1:])))
     found = [{"kind": kind, "row": describe(row), "reference": describe(reference),
-              **paired(of(row), of(reference), level)} for row, reference, kind in pairs]
-    log.info("%d comparisons with %d resamples over %d detection files", len(found), resamples, len(cache))
+              **paired(cache[row["detections"]], cache[reference["detections"]], level)}
+             for row, reference, kind in pairs]
+    log.info("%d comparisons with %d resamples over %d detection files (%d at a time)", len(found), resamples,
+             len(cache), processes)
     return {"level": level, "resamples": resamples, "seed": seed,
             "images": 0 if weights is None else int(weights.shape[1]),
             "detections": sorted(str(Path(p)) for p in cache), "comparisons": found}

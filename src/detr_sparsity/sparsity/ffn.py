@@ -70,7 +70,7 @@ class BlockCounts:
 class SparseFFN(nn.Module):
     """Wraps one DetrMLP; computes fc2(m * relu(fc1 x)) with the policy's mask and counts it."""
 
-    def __init__(self, block: nn.Module, name: str, policy: Policy) -> None:
+    def __init__(self, block: nn.Module, name: str, policy: Policy, counting: bool = True) -> None:
         super().__init__()
         if not isinstance(block.activation_fn, nn.ReLU):
             raise ValueError(f"FFN block {name} uses {type(block.activation_fn).__name__}; the study needs ReLU")
@@ -81,6 +81,7 @@ class SparseFFN(nn.Module):
         self.token_mask: torch.Tensor | None = None  # (batch, tokens) real positions; None: all real
         self.observers: list[Observer] = []
         self.counts = BlockCounts()
+        self.counting = counting
         # A new module starts in training mode; take the block's, or dropout would run in an evaluation.
         self.train(block.training)
 
@@ -92,6 +93,8 @@ class SparseFFN(nn.Module):
         # The same dropout calls as DetrMLP (no-ops in eval), so the dense policy is bit-identical.
         masked = nn.functional.dropout(masked, p=block.activation_dropout, training=self.training)
         output = nn.functional.dropout(block.fc2(masked), p=block.dropout, training=self.training)
+        if not self.counting:
+            return output
         with torch.no_grad():
             real = self._real_tokens(activations)
             nonzero = nonzero_per_token(activations)
@@ -150,6 +153,9 @@ class FFNSparsity:
         self.blocks = wrappers
 
     def add_observer(self, observer: Observer) -> None:
+        if not all(wrapper.counting for wrapper in self.blocks.values()):
+            raise RuntimeError("these FFN wrappers do not count (sparse_ffns(..., counting=False)): "
+                               "an observer would never be called")
         for wrapper in self.blocks.values():
             wrapper.observers.append(observer)
 
@@ -201,7 +207,7 @@ def replace_ffns(model: DetrForObjectDetection, replace: Callable[[str, nn.Modul
     return replacements
 
 
-def _install(model: DetrForObjectDetection, policies: Mapping[str, Policy]) -> dict[str, SparseFFN]:
+def _install(model: DetrForObjectDetection, policies: Mapping[str, Policy], counting: bool) -> dict[str, SparseFFN]:
     blocks = ffn_blocks(model)
     unknown = sorted(set(policies) - set(blocks))
     if unknown:
@@ -210,7 +216,7 @@ def _install(model: DetrForObjectDetection, policies: Mapping[str, Policy]) -> d
     def wrap(name: str, block: nn.Module) -> SparseFFN:
         if isinstance(block, SparseFFN):
             raise RuntimeError(f"FFN block {name} is already wrapped")
-        return SparseFFN(block, name, policies.get(name, Dense()))
+        return SparseFFN(block, name, policies.get(name, Dense()), counting)
 
     return replace_ffns(model, wrap)
 
@@ -220,10 +226,14 @@ def _remove(model: DetrForObjectDetection) -> None:
 
 
 @contextmanager
-def sparse_ffns(model: DetrForObjectDetection, policies: Mapping[str, Policy] | None = None
-                ) -> Iterator[FFNSparsity]:
-    """Wrap every FFN block (a block not named in `policies` runs dense); unwrap on exit."""
-    wrappers = _install(model, policies or {})
+def sparse_ffns(model: DetrForObjectDetection, policies: Mapping[str, Policy] | None = None, *,
+                counting: bool = True) -> Iterator[FFNSparsity]:
+    """Wrap every FFN block (a block not named in `policies` runs dense); unwrap on exit.
+
+    `counting=False` runs the same operations without counting or observing anything (the counts stay 0), for
+    gate training, which reads only the gates' own logits and the blocks' token masks: counting the activations'
+    nonzeros is about a tenth of a training step (`benchmarks/gate_training_counting.py`)."""
+    wrappers = _install(model, policies or {}, counting)
     encoder = [w for n, w in wrappers.items() if n.startswith("encoder")]
 
     def remember_token_mask(_module, _inputs, features) -> None:
