@@ -295,3 +295,20 @@ def test_a_job_keeps_busy_the_cores_its_scheduler_gave_it(monkeypatch):
         assert job_cores() == len(os.sched_getaffinity(0))
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert job_cores() == len(os.sched_getaffinity(0))
+
+
+def test_a_jobs_recorded_threads_are_the_cores_it_kept_busy(monkeypatch):
+    """Torch's threads where the stage used torch; where it did not, the processes of a stage declared on every
+    core (the summary's: Snakemake's OMP_NUM_THREADS), and 1 for a one-thread stage."""
+    import sys
+
+    import torch
+
+    from detr_sparsity.cli import _job_threads
+    from detr_sparsity.pipeline import PIPELINE
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _job_threads(PIPELINE["summary"]) == _job_threads(PIPELINE["tables"]) == torch.get_num_threads()
+    monkeypatch.delitem(sys.modules, "torch")
+    assert PIPELINE["summary"].threads is None and PIPELINE["tables"].threads == 1
+    assert (_job_threads(PIPELINE["summary"]), _job_threads(PIPELINE["tables"])) == (3, 1)

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from detr_sparsity.config import ConfigError, StudyConfig, load_config
 from detr_sparsity.data.coco_root import describe_source, root_problem
-from detr_sparsity.machine import machine
+from detr_sparsity.machine import job_cores, machine
 from detr_sparsity.pipeline import PIPELINE, Stage, check_resources, describe, dvc_yaml, option, stage_params
 
 log = logging.getLogger("detr_sparsity")
@@ -144,7 +144,7 @@ def run_stage(cfg: StudyConfig, name: str, **arguments) -> str:
             run.set_tags({tracking.GATHERED_SHARDS: str(len(sharding.gather))})
         module.run_stage(cfg, run, **arguments)
         cost = {"wall_seconds": time.perf_counter() - wall, "cpu_seconds": _cpu_seconds() - cpu,
-                "threads": _torch_threads()}
+                "threads": _job_threads(stage)}
         run.log_metrics(cost)
         run.set_tags({f"machine.{key}": str(value) for key, value in where.items()})
         log.info("cost: %.1f s wall, %.1f s CPU, %d thread(s) on %s (%s, %d cores, load %.2f at start)",
@@ -159,10 +159,13 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _torch_threads() -> int:
-    """Torch's intra-op threads where the stage used torch (OMP_NUM_THREADS, which Snakemake sets), else 1."""
+def _job_threads(stage: Stage) -> int:
+    """The cores the job kept busy: torch's intra-op threads where the stage used torch (OMP_NUM_THREADS, which
+    Snakemake sets); else the processes of a stage declared on every core (the summary's, `job_cores()`); else 1."""
     torch = sys.modules.get("torch")
-    return torch.get_num_threads() if torch is not None else 1
+    if torch is not None:
+        return torch.get_num_threads()
+    return job_cores() if stage.threads is None else 1
 
 
 def cmd_stage(cfg: StudyConfig, args) -> None:
