@@ -480,9 +480,10 @@ def t6_cost(cost: dict) -> PaperTable:
         "t6_cost", f"T6. What the study cost to compute, per stage: runs of {_run_dates(cost)} on {where}", [table],
         "Wall and CPU minutes: sums over a stage's jobs of each job's MLflow run (the run its log names: the one "
         "that made its outputs); CPU: the job's process and the children it waited for. Jobs that ran side by side "
-        "count each, so the total exceeds the elapsed time of a parallel run. Threads: torch threads per job. "
-        f"Share: of the summed wall minutes. Not included: {left_out} (they run after the cost is taken, or beside "
-        "it). Per job, machine and load average at its start: benchmark/cost.json.")
+        "count each, so the total exceeds the elapsed time of a parallel run. Threads: the cores a job kept busy "
+        "(its torch threads; the summary's processes). Share: of the summed wall minutes. Not included: "
+        f"{left_out} (they run after the cost is taken, or beside it). Per job, machine and load average at its "
+        "start: benchmark/cost.json.")
 
 
 def study_macros(study: str, record: StudyRecord, profile: dict, model_config: dict,
