@@ -36,8 +36,11 @@ from _common import arguments, parse, report
 
 COUNTERS = {"count_nonzero": lambda values: torch.count_nonzero(values, dim=-1),
             "nonzero_per_token": ffn.nonzero_per_token}
-# train_gates looks sparse_ffns up in its module at every call: this one counts, as gate training did.
-COUNTING_WRAPPERS = lambda model, gates, counting: ffn.sparse_ffns(model, gates, counting=True)  # noqa: E731
+
+
+def counting_wrappers(model, gates, counting):
+    """`sparse_ffns` that counts, as gate training did (train_gates looks sparse_ffns up in its module at each call)."""
+    return ffn.sparse_ffns(model, gates, counting=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = evaluate_policies(model, data, {}, Path(scratch) / "detections.json")
                     seconds["evaluation"][name].append(time.perf_counter() - start)
                     trained = load_gates(local)
-                    training.sparse_ffns = COUNTING_WRAPPERS
+                    training.sparse_ffns = counting_wrappers
                     start = time.perf_counter()
                     train_gates(model, trained, cache, settings, cfg.seed)
                     seconds["gate_training"][name].append(time.perf_counter() - start)

@@ -98,8 +98,7 @@ class Stage:
     directories: frozenset[str] = frozenset()  # outputs that are directories
     metrics: frozenset[str] = frozenset()  # outputs DVC shows with `dvc metrics show`
     # Cores of a job (its torch threads; the data stage's and the summary's processes): 1, or None for every core of
-    # the machine
-    # (MAX_THREADS in the rules).
+    # the machine (MAX_THREADS in the rules).
     threads: int | None = 1
     exclusive: bool = False  # timings: the job claims the whole machine
     # Of the jobs ready to run, Snakemake starts those of the highest priority first (DVC runs one at a time).

@@ -231,8 +231,8 @@ def sparse_ffns(model: DetrForObjectDetection, policies: Mapping[str, Policy] | 
     """Wrap every FFN block (a block not named in `policies` runs dense); unwrap on exit.
 
     `counting=False` runs the same operations without counting or observing anything (the counts stay 0), for
-    gate training, which reads only the gates' own logits and the blocks' token masks: counting the activations'
-    nonzeros is about a tenth of a training step (`benchmarks/gate_training_counting.py`)."""
+    gate training, which reads only the gates' own logits and the blocks' token masks: a distillation training step
+    is 1.04x faster without counting (`benchmarks/gate_training_counting.py`)."""
     wrappers = _install(model, policies or {}, counting)
     encoder = [w for n, w in wrappers.items() if n.startswith("encoder")]
 
