@@ -48,6 +48,14 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argp
     return args, cfg
 
 
+def counting_sparse_ffns(model, gates, counting):
+    """`sparse_ffns` that counts whatever it is asked, as gate training did before it stopped counting: put in place
+    of `mgs.training.sparse_ffns` (train_gates looks it up in its module at each call) to time the counting."""
+    from detr_sparsity.sparsity.ffn import sparse_ffns  # torch: only the gate-training benchmarks need it
+
+    return sparse_ffns(model, gates, counting=True)
+
+
 def report(result: dict, out: Path | None, study: str, summary: str) -> int:
     """Write a benchmark's `result` with the machine's environment added (last) to `out`, by default
     results/<study>/benchmark/<result["benchmark"]>.json beside the benchmark stage's output; print `summary` and

@@ -32,15 +32,10 @@ from detr_sparsity.models.load import load_detr
 from detr_sparsity.pipeline import path
 from detr_sparsity.sparsity import ffn
 
-from _common import arguments, parse, report
+from _common import arguments, counting_sparse_ffns, parse, report
 
 COUNTERS = {"count_nonzero": lambda values: torch.count_nonzero(values, dim=-1),
             "nonzero_per_token": ffn.nonzero_per_token}
-
-
-def counting_wrappers(model, gates, counting):
-    """`sparse_ffns` that counts, as gate training did (train_gates looks sparse_ffns up in its module at each call)."""
-    return ffn.sparse_ffns(model, gates, counting=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = evaluate_policies(model, data, {}, Path(scratch) / "detections.json")
                     seconds["evaluation"][name].append(time.perf_counter() - start)
                     trained = load_gates(local)
-                    training.sparse_ffns = counting_wrappers
+                    training.sparse_ffns = counting_sparse_ffns
                     start = time.perf_counter()
                     train_gates(model, trained, cache, settings, cfg.seed)
                     seconds["gate_training"][name].append(time.perf_counter() - start)

@@ -27,11 +27,10 @@ from detr_sparsity.models.load import load_detr
 from detr_sparsity.pipeline import path
 from detr_sparsity.sparsity.ffn import sparse_ffns
 
-from _common import arguments, parse, report
+from _common import arguments, counting_sparse_ffns, parse, report
 
 # train_gates looks sparse_ffns up in its module at every call: each variant puts its own there.
-VARIANTS = {"counting": lambda model, gates, counting: sparse_ffns(model, gates, counting=True),
-            "not_counting": sparse_ffns}
+VARIANTS = {"counting": counting_sparse_ffns, "not_counting": sparse_ffns}
 
 
 def main(argv: list[str] | None = None) -> int:
