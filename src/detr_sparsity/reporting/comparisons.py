@@ -70,6 +70,8 @@ def comparisons(rows: list[dict], resamples: int, seed: int, level: float, proce
     if len(annotations) > 1:
         raise ValueError(f"the compared rows were scored against different annotations: {sorted(annotations)}")
     files = list(dict.fromkeys(r["detections"] for pair in pairs for r in pair[:2]))
+    # A pool only where it has more than one file to share out (the first is matched here, for the image count).
+    processes = processes if len(files) > 2 else 1
     weights, cache = None, {}
     if files:
         (annotation,) = annotations
@@ -77,7 +79,7 @@ def comparisons(rows: list[dict], resamples: int, seed: int, level: float, proce
         weights = resample_weights(len(first.image_ids), resamples, seed)
         cache[files[0]] = resampled(first, weights)
         each = partial(_resampled_file, annotation, weights)
-        if processes > 1 and len(files) > 2:
+        if processes > 1:
             # fork: the workers need only this module's functions and the weights, and start at once.
             with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
                 cache.update(zip(files[1:], pool.map(each, files[1:])))
