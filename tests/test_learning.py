@@ -16,6 +16,7 @@ from detr_sparsity.mgs.front_end import build_front_end_cache
 from detr_sparsity.mgs.gates import make_gates
 from detr_sparsity.mgs.objectives import OBJECTIVES
 from detr_sparsity.mgs.training import GateTraining, train_gates
+from detr_sparsity.models.compact_ffn import compact_ffns
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.models.pretrain import ActivationL1, pretrain
 from detr_sparsity.models.small_detr import (build_small_detr, freeze_batch_norm, small_detr_config,
@@ -74,22 +75,23 @@ def test_the_activation_penalty_is_the_weighted_sum_of_each_blocks_mean_relu_act
     torch.manual_seed(0)
     model = build_small_detr(small_detr_config(ARCH, CATEGORIES))
     inputs = {}
-    recorders = [block.register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0]))
-                 for name, block in ffn_blocks(model).items()]
-    penalty = ActivationL1(model, 0.7)
-    model(pixel_values=torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1)))
-    got = penalty.take()
-    for handle in recorders:
-        handle.remove()
-    blocks = ffn_blocks(model)
-    assert sorted(inputs) == sorted(blocks) and len(blocks) == 4
-    expected = 0.7 * sum(torch.relu(x @ blocks[name].fc1.weight.T + blocks[name].fc1.bias).mean().item()
-                         for name, x in inputs.items())
-    assert expected > 0 and got.item() == pytest.approx(expected, rel=1e-6)
-    assert penalty.take() is None  # taken once per step
-    penalty.remove()
-    assert not any(block.fc1._forward_hooks for block in blocks.values())
-    assert ActivationL1(model, 0.0).handles == []  # no penalty: no hooks
+    with compact_ffns(model) as blocks:
+        recorders = [block.register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0]))
+                     for name, block in blocks.items()]
+        penalty = ActivationL1(blocks, 0.7)
+        model(pixel_values=torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1)))
+        got = penalty.take()
+        for handle in recorders:
+            handle.remove()
+        assert sorted(inputs) == sorted(ffn_blocks(model)) and len(blocks) == 4
+        expected = 0.7 * sum(torch.relu(x @ blocks[name].fc1.weight.T + blocks[name].fc1.bias).mean().item()
+                             for name, x in inputs.items())
+        assert expected > 0 and got.item() == pytest.approx(expected, rel=1e-6)
+        assert penalty.take() is None  # taken once per step
+        penalty.remove()
+        assert all(block.on_mean is None for block in blocks.values())
+        assert ActivationL1(blocks, 0.0).blocks == []  # no penalty: nothing recorded
+        assert all(block.on_mean is None for block in blocks.values())
 
 
 def _natural_zeros(model, images: CocoDetection, collate: DetrCollate) -> float:

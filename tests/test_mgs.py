@@ -7,7 +7,7 @@ import torch
 from transformers import DetrImageProcessorPil
 
 from detr_sparsity.execution.gated_detr import add_gates, load_gated_detr
-from detr_sparsity.mgs.calibration import calibrate_gates, gated_sparsity
+from detr_sparsity.mgs.calibration import calibrate_gate_alone, calibrate_gates, gated_sparsity
 from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache, cached_front_end
 from detr_sparsity.mgs.gates import MicroGate, gate_metadata, load_gates, make_gates, save_gates
 from detr_sparsity.mgs.objectives import OBJECTIVES, objective_loss, oracle_groups
@@ -179,6 +179,24 @@ def test_calibration_sets_the_held_out_sparsity_to_the_target(model):
         model(pixel_values=data[1]["pixel_values"], pixel_mask=data[1]["pixel_mask"])
     assert sparsity.induced_sparsity()["overall"] == pytest.approx(result["sparsity_after"], abs=1e-6)
     assert all(gate.threshold == 0.5 for gate in gates.values())
+
+
+@pytest.mark.parametrize("block", ["encoder.0", "decoder.1"])
+def test_a_gate_alone_is_calibrated_on_its_recorded_inputs_as_through_the_model(model, block):
+    """Known answer: `calibrate_gates` with that one gate, which runs the gated model at every bisection step; on
+    padded batches, so the encoder block's padding positions must be left out as the wrapper leaves them out."""
+    data = batches(padded=True)
+    cache = build_front_end_cache(model, data)
+    trained = trained_gates(model, cache, target=0.5)
+    held_out = list(range(8))
+    through_model, alone = ({block: MicroGate(D, H, G)} for _ in range(2))
+    for gates in (through_model, alone):
+        gates[block].load_state_dict(trained[block].state_dict())
+    want = calibrate_gates(model, through_model, cache, held_out, target=0.7, batch_size=4)
+    got = calibrate_gate_alone(model, block, alone[block], cache, held_out, target=0.7, batch_size=4)
+    assert want["offset"] != 0 and got["offset"] == want["offset"]
+    assert got["sparsity_before"] == want["sparsity_before"] and got["sparsity_after"] == want["sparsity_after"]
+    assert torch.equal(alone[block].gate.bias, through_model[block].gate.bias)  # the offset folded in alike
 
 
 # ---------------------------------------------------------------- the gated model to take away

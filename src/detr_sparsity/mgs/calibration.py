@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,6 +25,7 @@ from detr_sparsity.data.dataset import CocoDetection, DetrCollate, Split
 from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache, cached_front_end
 from detr_sparsity.mgs.gates import MicroGate
 from detr_sparsity.sparsity.ffn import sparse_ffns
+from detr_sparsity.sparsity.policies import Policy
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,61 @@ def calibrate_gates(model: DetrForObjectDetection, gates: Mapping[str, MicroGate
                     index: list[int], target: float, batch_size: int, tolerance: float = 1e-3,
                     iterations: int = 20) -> dict[str, float]:
     """Shift every gate's bias by one offset so that the held-out induced sparsity is `target` (bisection)."""
+    return _bisect(gates, lambda: gated_sparsity(model, gates, cache, index, batch_size), len(index), target,
+                   tolerance, iterations)
+
+
+class _InputRecorder(Policy):
+    """Runs its block dense and keeps the block's input of every forward pass."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def mask(self, inputs: torch.Tensor, activations: torch.Tensor) -> None:
+        self.inputs.append(inputs)
+        return None
+
+
+@torch.no_grad()
+def dense_block_inputs(model: DetrForObjectDetection, name: str, cache: FrontEndCache, index: list[int],
+                       batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Block `name`'s input on the given cached images with every block dense, batch by batch as `gated_sparsity`
+    runs them, each with its real-token mask (None: every token real)."""
+    recorder = _InputRecorder()
+    recorded = []
+    with cached_front_end(model) as front, sparse_ffns(model, {name: recorder}, counting=False) as sparsity:
+        for start in range(0, len(index), batch_size):
+            batch = cache.batch(index[start:start + batch_size], model.device)
+            model(**front.inputs(batch["features"], batch["mask"]))
+            real = sparsity.blocks[name].token_mask
+            recorded.append((recorder.inputs.pop(), None if real is None else real.to(torch.bool)))
+    return recorded
+
+
+def calibrate_gate_alone(model: DetrForObjectDetection, name: str, gate: MicroGate, cache: FrontEndCache,
+                         index: list[int], target: float, batch_size: int, tolerance: float = 1e-3,
+                         iterations: int = 20) -> dict[str, float]:
+    """`calibrate_gates` for the gate of block `name` alone, the other blocks dense: the block's input is then the
+    dense model's whatever the gate does, so it is recorded once and each bisection step runs only the gate on it.
+    The same inputs and operations as through the model, so the same offset."""
+    inputs = dense_block_inputs(model, name, cache, index, batch_size)
+    gate.eval()
+
+    @torch.no_grad()
+    def sparsity() -> float:
+        kept = tokens = 0
+        for block_input, real in inputs:  # counted as the FFN wrapper counts a gated block (sparsity.ffn)
+            per_token = gate.open_groups(gate(block_input)).sum(dim=-1) * gate.group_size
+            kept += int(per_token.sum() if real is None else (per_token * real).sum())
+            tokens += per_token.numel() if real is None else int(real.sum())
+        return 1.0 - kept / (tokens * gate.groups * gate.group_size)
+
+    return _bisect({name: gate}, sparsity, len(index), target, tolerance, iterations)
+
+
+def _bisect(gates: Mapping[str, MicroGate], measure: Callable[[], float], images: int, target: float,
+            tolerance: float, iterations: int) -> dict[str, float]:
+    """Shift every gate's bias by the one offset at which `measure()` (the gates' induced sparsity) is `target`."""
     for gate in gates.values():
         gate.eval()
     biases = {name: gate.gate.bias.detach().clone() for name, gate in gates.items()}
@@ -68,7 +124,7 @@ def calibrate_gates(model: DetrForObjectDetection, gates: Mapping[str, MicroGate
 
     def sparsity_at(offset: float) -> float:
         shift(offset)
-        return gated_sparsity(model, gates, cache, index, batch_size)
+        return measure()
 
     start = time.perf_counter()
     before = sparsity_at(0.0)
@@ -92,6 +148,6 @@ def calibrate_gates(model: DetrForObjectDetection, gates: Mapping[str, MicroGate
         low, high = (offset, high) if achieved < target else (low, offset)
     shift(offset)  # the last bisection step may have measured another offset
     log.info("calibrated on %d images: sparsity %.4f -> %.4f (target %.2f), logit offset %+.3f",
-             len(index), before, achieved, target, offset)
-    return {"images": len(index), "offset": offset, "sparsity_before": before, "sparsity_after": achieved,
+             images, before, achieved, target, offset)
+    return {"images": images, "offset": offset, "sparsity_before": before, "sparsity_after": achieved,
             "seconds": time.perf_counter() - start}

@@ -2,7 +2,8 @@
 dense, calibrated to one target and evaluated.
 
 One job per target evaluates every gated block. A block gated alone sees its dense input, so its calibration is
-its own: one logit offset bisected so that the block's induced sparsity on the calibration split is the target.
+its own: one logit offset bisected so that the block's induced sparsity on the calibration split is the target,
+on the block's dense input recorded once (`calibrate_gate_alone`).
 Rows are keyed by scope (the block), as the masking stage's.
 """
 
@@ -16,7 +17,7 @@ from detr_sparsity.data.dataset import image_processor, load_split
 from detr_sparsity.device import job_device
 from detr_sparsity.evaluation.evaluate import evaluate_policies, evaluation_split, row_metrics
 from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding
-from detr_sparsity.mgs.calibration import calibrate_gates, calibration_front_end
+from detr_sparsity.mgs.calibration import calibrate_gate_alone, calibration_front_end
 from detr_sparsity.mgs.gates import gate_metadata, load_gates
 from detr_sparsity.mgs.objectives import LAYER_LOCAL
 from detr_sparsity.models.load import load_detr
@@ -40,13 +41,13 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, target: float, model: Path
     found, metrics = {}, {}
     for name in names:
         # A fresh copy of the gate for each block: calibration folds its offset into the gate's bias.
-        gate = {name: load_gates(local)[name].to(device)}
+        gate = load_gates(local)[name].to(device)
         if held_out is None:
             held_out = calibration_front_end(detr, calibration_split, image_processor(cfg.input),
                                              cfg.evaluate["batch_size"])
-        calibration = calibrate_gates(detr, gate, held_out, list(range(len(held_out))), target,
-                                      cfg.evaluate["batch_size"])
-        measured = evaluate_policies(detr, split, gate, detections / f"{name}.json")
+        calibration = calibrate_gate_alone(detr, name, gate, held_out, list(range(len(held_out))), target,
+                                           cfg.evaluate["batch_size"])
+        measured = evaluate_policies(detr, split, {name: gate}, detections / f"{name}.json")
         if measured is None:  # a shard job: the block's partial evaluation is written
             continue
         row = {"method": "mgs",
