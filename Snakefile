@@ -8,7 +8,7 @@ import uuid
 from detr_sparsity.cli import load_study
 from detr_sparsity.pipeline import PAPER, RESULTS, path, render
 from detr_sparsity.reporting.paper import toolchain_missing
-from detr_sparsity.sharing import keeping_modification_times
+from detr_sparsity.sharing import keeping_modification_times, record_in_dvc
 from detr_sparsity.tracking import PIPELINE_RUN_ENV
 
 
@@ -48,18 +48,19 @@ onstart:
 
 
 onsuccess:
-    # Record what Snakemake produced in dvc.lock and DVC's cache: DVC versions the artifacts, and a
-    # following `dvc repro` or `dvc status` sees the same pipeline as up to date.
-    # Without LaTeX the paper stage did not run: record everything upstream of it.
+    # Record what Snakemake produced in dvc.lock and DVC's cache (`dvc commit --force`, without DVC's run cache:
+    # sharing.record_in_dvc): DVC versions the artifacts, and a following `dvc repro` or `dvc status` sees the same
+    # pipeline as up to date. Without LaTeX the paper stage did not run: record everything upstream of it.
     # A run of a few targets, before the rest of the study exists, leaves dvc.lock as it was: DVC records the
     # pipeline whole or not at all. DVC copies outputs back with new modification times: the jobs' own are kept, or
     # the next run could rerun what is up to date (sharing.keeping_modification_times).
     try:
         with keeping_modification_times([render(root, study=STUDY) for root in (RESULTS, PAPER)]):
-            shell("dvc commit --force --quiet" + (" --with-deps figures tables" if LATEX_MISSING else ""))
-    except Exception:
-        print("NOTE: dvc.lock is not updated (`dvc commit` failed). A run of only some targets ends so while the "
-              "rest of the study has no outputs yet; otherwise run `dvc commit` to see why.", file=sys.stderr)
+            record_in_dvc()
+    except Exception as error:
+        print(f"NOTE: dvc.lock is not updated ({type(error).__name__}: {error}). A run of only some targets ends so "
+              "while the rest of the study has no outputs yet; otherwise run `dvc commit --force` to see why.",
+              file=sys.stderr)
 
 
 onerror:

@@ -60,7 +60,8 @@ def test_slurm_profile_plans_every_stage_with_its_resources(tiny):
     assert set(counts) | {"paper"} == STAGES
     assert counts["masking"] == len(cfg.masking["methods"]) * len(cfg.masking["keep_ratios"])
     assert counts["sibs"] == len(cfg.sibs["thresholds"])
-    assert counts["mgs_train"] == counts["mgs_evaluate"] == len(cfg.mgs["objectives"]) * len(cfg.mgs["targets"])
+    assert counts["mgs_calibrate"] == counts["mgs_evaluate"] == len(cfg.mgs["objectives"]) * len(cfg.mgs["targets"])
+    assert counts["mgs_train"] == 1  # every end-to-end objective, trained once
     for job in jobs:
         wanted = cfg.job_resources(job["rule"])
         got = job["resources"]

@@ -39,8 +39,10 @@ JOBS = [
     ("sibs", "sibs-0.2", {"threshold": 0.2}, 10, 10, 1, A, 0.5),
     ("mgs_cache", "mgs_cache", None, 10, 20, 2, A, 0.5),
     ("mgs_local", "mgs_local", None, 10, 10, 1, A, 0.5),
-    ("mgs_train", "mgs_train-group_activity-0.5", {"objective": "group_activity", "target": 0.5}, 10, 10, 1, A, 0.5),
-    ("mgs_train", "mgs_train-distillation-0.5", {"objective": "distillation", "target": 0.5}, 10, 10, 1, A, 0.5),
+    ("mgs_train", "mgs_train", None, 10, 10, 1, A, 0.5),
+    ("mgs_calibrate", "mgs_calibrate-group_activity-0.5", {"objective": "group_activity", "target": 0.5}, 5, 5, 1, A,
+     0.5),
+    ("mgs_calibrate", "mgs_calibrate-distillation-0.5", {"objective": "distillation", "target": 0.5}, 5, 5, 1, A, 0.5),
     ("mgs_evaluate", "mgs_evaluate-group_activity-0.5", {"objective": "group_activity", "target": 0.5}, 10, 10, 1, A,
      0.5),
     ("mgs_evaluate", "mgs_evaluate-distillation-0.5", {"objective": "distillation", "target": 0.5}, 10, 10, 1, A, 0.5),
@@ -50,11 +52,12 @@ JOBS = [
     ("benchmark", "benchmark", None, 370, 490, 2, B, 1.25),
 ]
 ANALYSIS = ["data", "model", "evaluate", "profile", "masking", "sibs", "mgs_cache", "mgs_local", "mgs_train",
-            "mgs_evaluate", "mgs_single", "mgs_paper_setting", "summary", "benchmark"]
+            "mgs_calibrate", "mgs_evaluate", "mgs_single", "mgs_paper_setting", "summary", "benchmark"]
 # Per stage, by hand from JOBS: jobs, wall seconds, CPU seconds, threads per job; the share is wall / 2000.
 EXPECTED = {"data": (1, 10, 10, [1]), "model": (1, 600, 1100, [2]), "evaluate": (3, 100, 100, [1]),
             "profile": (1, 10, 10, [1]), "masking": (4, 800, 720, [1]), "sibs": (2, 20, 20, [1]),
-            "mgs_cache": (1, 10, 20, [2]), "mgs_local": (1, 10, 10, [1]), "mgs_train": (2, 20, 20, [1]),
+            "mgs_cache": (1, 10, 20, [2]), "mgs_local": (1, 10, 10, [1]), "mgs_train": (1, 10, 10, [1]),
+            "mgs_calibrate": (2, 10, 10, [1]),
             "mgs_evaluate": (2, 20, 20, [1]), "mgs_single": (1, 10, 10, [1]), "mgs_paper_setting": (1, 10, 10, [1]),
             "summary": (1, 10, 10, [1]), "benchmark": (1, 370, 490, [2])}
 
@@ -143,7 +146,7 @@ def test_per_stage_sums_and_shares_are_the_hand_computed_ones(study):
         assert entry["wall_seconds"] == pytest.approx(wall) and entry["cpu_seconds"] == pytest.approx(cpu)
         assert entry["share"] == pytest.approx(wall / 2000), entry["stage"]
     total = cost["total"]
-    assert (total["jobs"], total["threads"]) == (22, [1, 2])
+    assert (total["jobs"], total["threads"]) == (23, [1, 2])
     assert total["wall_seconds"] == pytest.approx(2000) and total["cpu_seconds"] == pytest.approx(2550)
     assert total["share"] == pytest.approx(1.0)
 
@@ -182,10 +185,10 @@ def test_the_command_writes_cost_json_and_names_its_own_run_in_its_log(study):
             handler.close()
             logging.getLogger().removeHandler(handler)
     written = json.loads(out.read_text())
-    assert written["total"]["jobs"] == 22 and written["total"]["wall_seconds"] == pytest.approx(2000)
+    assert written["total"]["jobs"] == 23 and written["total"]["wall_seconds"] == pytest.approx(2000)
     own = tracking.runs_by_id([tracking.logged_run_id(log.read_text())])
     [run] = own.values()
-    assert (run.status, run.tags["stage"], run.metrics["study_jobs"]) == ("FINISHED", "cost", 22)
+    assert (run.status, run.tags["stage"], run.metrics["study_jobs"]) == ("FINISHED", "cost", 23)
 
 
 # ---------------------------------------------------------------- errors, before anything is written
@@ -200,7 +203,7 @@ def test_a_log_without_a_run_line_stops_the_stage_before_it_writes(study):
     with pytest.raises(CostError) as raised:
         cost_stage.run_stage(cfg, Untracked(), summary=Path("summary.json"), speed=Path("speed.json"), out=out)
     message = str(raised.value)
-    assert "1 of 20 job log(s)" in message  # the 20 jobs the sweeps name; shard logs are read after them
+    assert "1 of 21 job log(s)" in message  # the 21 jobs the sweeps name; shard logs are read after them
     assert "results/synthetic/logs/mgs_local.log names no MLflow run" in message
     assert "rerun stage mgs_local" in message
     assert not out.exists() and not list(out.parent.glob("*"))
@@ -223,7 +226,7 @@ def test_a_store_that_does_not_exist_is_not_created(study, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
     with pytest.raises(CostError) as raised:
         study_cost(cfg, "cost")
-    assert "20 of 20 job log(s)" in str(raised.value)
+    assert "21 of 21 job log(s)" in str(raised.value)
     assert "results/synthetic/logs/data.log names MLflow run" in str(raised.value)
     assert f"the store at sqlite:///{elsewhere} does not hold" in str(raised.value)
     assert not elsewhere.exists()

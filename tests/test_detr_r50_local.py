@@ -382,12 +382,15 @@ def test_mgs_stages_and_the_gated_model_on_detr_r50(stages, data_dir):
               training=out / "local" / "training.json")
     local_record = json.loads((out / "local" / "training.json").read_text())
     assert local_record["steps"] == 2 and len(local_record["blocks"]) == 2 * LAYERS
+    assert "distillation" in cfg.mgs["objectives"]
+    run_stage(cfg, "mgs_train", model=model_dir, cache=out / "cache.safetensors", local=local, out=out / "trained")
     gates, training = out / "distillation" / "gates.safetensors", out / "distillation" / "training.json"
-    run_stage(cfg, "mgs_train", objective="distillation", target=0.5, model=model_dir, data=data_dir,
-              cache=out / "cache.safetensors", local=local, gates=gates, training=training)
+    run_stage(cfg, "mgs_calibrate", objective="distillation", target=0.5, model=model_dir, data=data_dir,
+              local=local, trained=out / "trained", gates=gates, training=training)
     record = json.loads(training.read_text())
     assert record["final"]["steps"] == 2 and len(record["blocks"]) == 2 * LAYERS
     assert record["local"]["mlflow_run_id"] == local_record["mlflow_run_id"]
+    assert record["trained_target"] == cfg.mgs["train_target"]
     assert record["calibration"]["split"] == "calibration"
     detections, row_path = out / "distillation" / "detections.json", out / "distillation" / "row.json"
     run_stage(cfg, "mgs_evaluate", objective="distillation", target=0.5, model=model_dir, data=data_dir, gates=gates,

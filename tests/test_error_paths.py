@@ -149,9 +149,9 @@ def test_gate_training_that_changed_the_dense_weights_is_refused(tmp_path, monke
 
     monkeypatch.setattr(mgs_train, "train_gates", tampering_training)
     monkeypatch.setattr(mgs_train.FrontEndCache, "load", classmethod(lambda cls, path: [None] * 4))
-    monkeypatch.setattr(mgs_train, "load_split", lambda data, name: None)  # calibration is never reached
     monkeypatch.chdir(tmp_path)
     cfg = load_config(REPO / "params.yaml")
+    assert "distillation" in cfg.mgs["objectives"]
     cfg.gate_training["training"] = {**cfg.gate_training["training"], "warm_start": False}
 
     class Tracked:
@@ -160,11 +160,11 @@ def test_gate_training_that_changed_the_dense_weights_is_refused(tmp_path, monke
         def log_metrics(self, *args, **kwargs):
             pass
 
-    gates, training = tmp_path / "gates.safetensors", tmp_path / "training.json"
+    out = tmp_path / "trained"
     with pytest.raises(RuntimeError, match="gate training changed the dense model's weights"):
-        mgs_train.run_stage(cfg, Tracked(), objective="task", target=0.5, model=model_dir, data=tmp_path / "d",
-                            cache=tmp_path / "c", local=tmp_path / "l", gates=gates, training=training)
-    assert not gates.exists() and not training.exists()
+        mgs_train.run_stage(cfg, Tracked(), model=model_dir, cache=tmp_path / "c", local=tmp_path / "l", out=out)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "results"]  # and no temporary left
 
 
 # ---------------------------------------------------------------- the paper

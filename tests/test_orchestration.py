@@ -381,7 +381,8 @@ def metric_steps(url: str, run_id: str, metric: str) -> list[int]:
 ARTIFACTS = {"data": {"splits.json"}, "model": {"config.json", "model_info.json"}, "evaluate": {"row.json"},
              "profile": {"profile.json"}, "masking": {"rows.json"}, "sibs": {"row.json"},
              "mgs_cache": set(),  # its outputs are the cached front end and block inputs (hundreds of MB on a study)
-             "mgs_local": {"training.json"}, "mgs_train": {"training.json"}, "mgs_evaluate": {"row.json"},
+             "mgs_local": {"training.json"}, "mgs_train": {"trained"}, "mgs_calibrate": {"training.json"},
+             "mgs_evaluate": {"row.json"},
              "mgs_single": {"rows.json"}, "mgs_paper_setting": {"row.json"}, "summary": {"summary.json", "metrics.json", "comparisons.json"},
              "cost": {"cost.json"}, "figures": {"figures", "plots"}, "tables": {"tables", "paper_tables"},
              "paper": {"paper"}}
@@ -394,7 +395,7 @@ def expected_run_names(stage: str) -> list[str]:
         "evaluate": ["method=dense"],
         "masking": [f"method={m} keep_ratio={k}" for m in masking["methods"] for k in masking["keep_ratios"]],
         "sibs": [f"threshold={t}" for t in sibs["thresholds"]],
-        "mgs_train": [f"objective={o} target={t}" for o in mgs["objectives"] for t in mgs["targets"]],
+        "mgs_calibrate": [f"objective={o} target={t}" for o in mgs["objectives"] for t in mgs["targets"]],
         "mgs_evaluate": [f"objective={o} target={t}" for o in mgs["objectives"] for t in mgs["targets"]],
         "mgs_single": [f"target={t}" for t in mgs["single_block_targets"]],
     }
@@ -437,14 +438,14 @@ def check_mlflow_server(url: str, root: Path, jobs: dict[str, int], by_key: dict
     assert by_stage["profile"]["metrics"]["natural_sparsity"] == pytest.approx(
         json.loads((root / "results/synthetic/profile/profile.json").read_text())["natural_sparsity"]["overall"])
     assert "loss" in by_stage["model"]["metrics"]
-    # Gate training logs every step: overall and per-block sparsity, losses, the multiplier.
+    # Gate training logs every step of each end-to-end objective: overall and per-block sparsity, losses, the
+    # multiplier.
     steps = list(range(1, TINY["mgs"]["training"]["steps"] + 1))
-    for r in runs:
-        if r["tags"]["stage"] == "mgs_train" and "group_activity" not in r["name"]:  # calibrated, not trained
-            for metric in ("induced_sparsity", "induced_sparsity.encoder.0", "objective_loss", "multiplier"):
-                assert metric_steps(url, r["id"], metric) == steps, (r["name"], metric)
+    for metric in ("induced_sparsity", "induced_sparsity.encoder.0", "objective_loss", "multiplier"):
+        assert metric_steps(url, by_stage["mgs_train"]["id"], f"distillation.{metric}") == steps, metric
     mgs_row = by_key[("mgs", 0.5, "distillation")]
-    assert stage_of_run[mgs_row["training"]["mlflow_run_id"]] == "mgs_train"
+    assert stage_of_run[mgs_row["training"]["mlflow_run_id"]] == "mgs_calibrate"
+    assert stage_of_run[mgs_row["training"]["trained_by"]] == "mgs_train"
 
     for r in runs:
         logged = artifact_files(url, r["id"])
@@ -493,7 +494,7 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(study):
     check_paper_outputs(root, by_key)
     check_cost(root)
     for log in ("data", "model", "evaluate-dense", "profile", "masking-topk-0.25", "sibs-0.2", "mgs_cache",
-                "mgs_local", "mgs_train-group_activity-0.5", "mgs_train-distillation-0.5",
+                "mgs_local", "mgs_train", "mgs_calibrate-group_activity-0.5", "mgs_calibrate-distillation-0.5",
                 "mgs_evaluate-distillation-0.5", "mgs_single-0.5", "summary", "benchmark"):
         assert (root / f"results/synthetic/logs/{log}.log").stat().st_size > 0
     # The gate-training chain (the study's longest path after the model) starts before the sweeps beside it.
@@ -526,10 +527,10 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(study):
     assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_evaluate": "2",
                                   "mgs_single": "1", "mgs_paper_setting": "1", "summary": "1", **REPORTING, "all": "1",
                                   "total": str(17 + len(REPORTING))}
-    # A new MGS target trains and evaluates only that target, per objective; the cached front end is reused.
+    # A new MGS target calibrates and evaluates only that target, per objective; the trained gates are reused.
     params["mgs"]["targets"].append(0.75)
     write_params(root, params)
-    assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_train": "2",
+    assert planned_jobs(root) == {"evaluate": "1", "profile": "1", "masking": "6", "sibs": "3", "mgs_calibrate": "2",
                                   "mgs_evaluate": "4", "mgs_single": "1", "mgs_paper_setting": "1", "summary": "1",
                                   **REPORTING, "all": "1", "total": str(21 + len(REPORTING))}
     run(["git", "checkout", "params.yaml"], root)

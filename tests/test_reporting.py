@@ -161,8 +161,8 @@ def test_t3_shows_both_protocols_the_cost_and_counts_the_blocks_where_the_paper_
         in every
     assert "**MGS (task): every gated block at once**" in every  # the old row without a protocol
     # group_activity: no end-to-end training, 120 s of layer-local training (shared), 3.25 s of calibration
-    assert "| 0.9 | 0 | none | 120.0 | 3.2 | calibration |" in cost
-    assert "| 0.9 |  |  |  |  |  |" in cost  # the old task row records no cost: blank, not invented
+    assert "| 0.9 |  | 0 | none | 120.0 | 3.2 | calibration |" in cost
+    assert "| 0.9 |  |  |  |  |  |  |" in cost  # the old task row records no cost: blank, not invented
     # encoder.0 at 0.85: comparisons.json's interval; decoder.0: summary.json's AP / dense AP alone
     assert "| encoder.0 | 84.0 | 0.295 | 98.3 [95.0, 101.0] | +0.5 [-1.0, +2.0] |  | yes |" in single
     assert "| decoder.0 | 82.0 | 0.300 | 100.0 |  |  | no |" in single

@@ -251,9 +251,9 @@ def test_a_cancelled_gate_training_fails_and_a_rerun_resumes_it(study, tmp_path)
     steps = 5000
     params["studies"]["synthetic"]["mgs"]["training"].update(steps=steps, checkpoint_every=250)
     write_params(root, params)
-    target = "results/synthetic/mgs/distillation/0.5/gates.safetensors"
+    target = "results/synthetic/mgs/trained"  # every end-to-end objective's gates: distillation's here
     checkpoints = root / "results/synthetic/checkpoints"
-    log = root / "results/synthetic/logs/mgs_train-distillation-0.5.log"
+    log = root / "results/synthetic/logs/mgs_train.log"
     assert not list(checkpoints.glob("*.pt"))  # the study's run left none
     out = tmp_path / "cancelled.log"
     with out.open("w") as sink:
@@ -277,7 +277,7 @@ def test_a_cancelled_gate_training_fails_and_a_rerun_resumes_it(study, tmp_path)
     # (squeue's state: the profile's status command; sacct's "CANCELLED by 0" would leave Snakemake waiting)
     assert "Error in rule mgs_train:" in output and f"SLURM-job '{jobid}' failed, SLURM status is: 'CANCELLED'" in output
     assert sacct("-j", jobid, env=env)[0]["State"].startswith("CANCELLED")
-    assert not (root / "results/synthetic/mgs/distillation/0.5/training.json").exists()  # caught mid-way
+    assert not (root / target).exists()  # caught mid-way
     assert f"after {steps} steps" not in log.read_text()
 
     rerun = snakemake_slurm(root, env, target)
@@ -286,7 +286,7 @@ def test_a_cancelled_gate_training_fails_and_a_rerun_resumes_it(study, tmp_path)
     resumed = re.search(r"resuming gate training from (\S+) at step (\d+)", log.read_text())
     assert resumed, log.read_text()
     assert 0 < int(resumed[2]) < steps and int(resumed[2]) % 250 == 0
-    training = json.loads((root / "results/synthetic/mgs/distillation/0.5/training.json").read_text())
+    training = json.loads((root / target / "distillation.json").read_text())
     assert training["final"]["steps"] == steps
     assert not list(checkpoints.glob("mgs-distillation-0.5-*.pt"))  # removed once the gates are saved
 

@@ -4,9 +4,10 @@ independent recount from the model's own activations:
 
 - `sibs.indicator: mean_activation`: the thresholds are in activation units, so the kept neurons are those whose mean
   post-ReLU activation over the profiling split's real tokens, recounted here, is at least tau;
-- `mgs.blocks` as a list: only the listed block gets a gate, through mgs_local, mgs_train and mgs_evaluate;
+- `mgs.blocks` as a list: only the listed block gets a gate, through mgs_local, mgs_calibrate and mgs_evaluate;
 - `mgs.gate_threshold` other than 0.5: the saved gates open a group where sigmoid(W x + b) > 0.7, recounted here;
-- the `oracle` objective through mgs_train: its first step's loss has a closed form (fresh gates open every group).
+- the `oracle` objective through mgs_train and mgs_calibrate: its first step's loss has a closed form (fresh gates
+  open every group).
 
 And the benchmark's speed.json on the same study, at its shapes and DETR-R50's: every row's sparsity and FLOPs
 speed-up recounted from the shapes, the gates and the activations.
@@ -28,6 +29,7 @@ from detr_sparsity.mgs.gates import gate_metadata, load_gates
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.sparsity.ffn import ffn_blocks
 from detr_sparsity.stages import mgs_cache as mgs_cache_stage
+from detr_sparsity.stages import mgs_calibrate as mgs_calibrate_stage
 from detr_sparsity.stages import mgs_evaluate as mgs_evaluate_stage
 from detr_sparsity.stages import mgs_local as mgs_local_stage
 from detr_sparsity.stages import mgs_train as mgs_train_stage
@@ -163,7 +165,7 @@ def test_sibs_with_mean_activation_keeps_the_neurons_whose_mean_activation_reach
 # ---------------------------------------------------------------- mgs.blocks as a list, gate_threshold 0.7
 
 def test_a_block_list_gates_only_its_blocks_at_the_configured_threshold(study, tmp_path, monkeypatch):
-    """mgs_local trains the listed block's gate alone; mgs_train calibrates it (group_activity) at threshold 0.7;
+    """mgs_local trains the listed block's gate alone; mgs_calibrate calibrates it (group_activity) at threshold 0.7;
     mgs_evaluate leaves the other block dense."""
     cfg, work = study
     monkeypatch.chdir(work)
@@ -174,9 +176,9 @@ def test_a_block_list_gates_only_its_blocks_at_the_configured_threshold(study, t
     assert gate_metadata(local)["blocks"] == {"decoder.0": [D, H]} and gate_metadata(local)["threshold"] == 0.7
     assert set(json.loads((tmp_path / "local.json").read_text())["blocks"]) == set(GATED)  # per-block metrics
     target = 0.5
-    mgs_train_stage.run_stage(cfg, Untracked(), objective="group_activity", target=target, model=work / "model",
-                              data=work / "data", cache=work / "cache.safetensors", local=local, gates=gates,
-                              training=training)
+    mgs_calibrate_stage.run_stage(cfg, Untracked(), objective="group_activity", target=target, model=work / "model",
+                                  data=work / "data", local=local, trained=tmp_path / "absent", gates=gates,
+                                  training=training)
     record = json.loads(training.read_text())
     assert record["blocks"] == GATED and record["gate_threshold"] == 0.7 and record["final"] is None
     assert set(load_gates(gates)) == {"decoder.0"} and gate_metadata(gates)["threshold"] == 0.7
@@ -208,34 +210,50 @@ def softplus(x: float) -> float:
 def test_the_oracle_objective_trains_through_mgs_train(study, tmp_path, monkeypatch):
     """Fresh gates (no warm start) have W = 0, b = 2: p = 0.88 > 0.7 opens every group, whatever the input. The
     first step's oracle loss is then the weighted BCE of logit 2 against `keep` positives of `groups`, with
-    positives weighted (groups - keep) / keep: per token (groups - keep) / groups x (softplus(-2) + softplus(2))."""
+    positives weighted (groups - keep) / keep: per token (groups - keep) / groups x (softplus(-2) + softplus(2)).
+    mgs_train trains once toward mgs.train_target; mgs_calibrate calibrates those gates to another target."""
     cfg, work = study
     monkeypatch.chdir(work)
-    cfg = with_mgs(cfg, training={"warm_start": False})
-    target = 0.7
-    gates, training = tmp_path / "gates.safetensors", tmp_path / "training.json"
-    mgs_train_stage.run_stage(cfg, Untracked(), objective="oracle", target=target, model=work / "model",
-                              data=work / "data", cache=work / "cache.safetensors", local=tmp_path / "absent",
-                              gates=gates, training=training)
-    record = json.loads(training.read_text())
-    assert record["objective"] == "oracle" and record["blocks"] == GATED and record["local"] is None
+    train_target, target = 0.7, 0.5
+    cfg = with_mgs(cfg, train_target=train_target, training={"warm_start": False})
+    trained = tmp_path / "trained"
+    mgs_train_stage.run_stage(cfg, Untracked(), model=work / "model", cache=work / "cache.safetensors",
+                              local=tmp_path / "absent", out=trained)
+    assert sorted(p.name for p in trained.iterdir()) == ["oracle.json", "oracle.safetensors"]  # not group_activity
+    record = json.loads((trained / "oracle.json").read_text())
+    assert record["objective"] == "oracle" and record["target"] == train_target
+    assert record["blocks"] == GATED and record["local"] is None
     steps = TINY["mgs"]["training"]["steps"]
     curve = record["curve"]
     assert [p["step"] for p in curve] == list(range(1, steps + 1)) and record["final"]["steps"] == steps
     groups = H // G
-    keep = max(1, round((1 - target) * groups))  # 0.3 x 4 groups: 1
+    keep = max(1, round((1 - train_target) * groups))  # 0.3 x 4 groups: 1
     assert (groups, keep) == (4, 1)
     first = (groups - keep) / groups * (softplus(-2.0) + softplus(2.0))
     assert curve[0]["objective_loss"] == pytest.approx(first, rel=1e-5)
     assert curve[0]["induced_sparsity"] == 0.0 and "induced_sparsity.encoder.0" not in curve[0]
     # the budget falls from 1 to 1 - 0.7 over the first half of the 4 steps
     assert [p["budget"] for p in curve] == pytest.approx([1.0, 0.65, 0.3, 0.3])
-    trained = load_gates(gates)
-    assert set(trained) == {"decoder.0"} and gate_metadata(gates)["info"]["objective"] == "oracle"
-    assert trained["decoder.0"].gate.weight.abs().sum() > 0  # trained (calibration moves only the bias)
-    sparsity, slots, near = gate_recount(cfg, work, "calibration", gates, 0.7)["decoder.0"]
-    assert abs(sparsity - record["calibration"]["sparsity_after"]) <= near / slots + 1e-12
+    as_trained = load_gates(trained / "oracle.safetensors")
+    assert set(as_trained) == {"decoder.0"} and as_trained["decoder.0"].gate.weight.abs().sum() > 0
 
+    gates, training = tmp_path / "gates.safetensors", tmp_path / "training.json"
+    mgs_calibrate_stage.run_stage(cfg, Untracked(), objective="oracle", target=target, model=work / "model",
+                                  data=work / "data", local=tmp_path / "absent", trained=trained, gates=gates,
+                                  training=training)
+    calibrated = json.loads(training.read_text())
+    assert (calibrated["objective"], calibrated["target"], calibrated["trained_target"]) == ("oracle", target,
+                                                                                             train_target)
+    assert calibrated["final"] == record["final"] and calibrated["local"] is None
+    assert gate_metadata(gates)["info"]["objective"] == "oracle"
+    # calibration moves only the bias, by one offset: the trained weights are kept
+    calibrated_gate, trained_gate = load_gates(gates)["decoder.0"].gate, as_trained["decoder.0"].gate
+    assert torch.equal(calibrated_gate.weight, trained_gate.weight)
+    offset = trained_gate.bias - calibrated_gate.bias
+    assert torch.allclose(offset, offset[0].expand_as(offset))
+    assert float(offset[0]) == pytest.approx(calibrated["calibration"]["offset"], abs=1e-5)
+    sparsity, slots, near = gate_recount(cfg, work, "calibration", gates, 0.7)["decoder.0"]
+    assert abs(sparsity - calibrated["calibration"]["sparsity_after"]) <= near / slots + 1e-12
 
 
 # ---------------------------------------------------------------- the benchmark's speed.json at both shapes
@@ -251,9 +269,9 @@ def every_block_gates(study, tmp_path_factory):
         mgs_local_stage.run_stage(cfg, Untracked(), model=work / "model",
                                   block_inputs=work / "block_inputs.safetensors", gates=out / "local.safetensors",
                                   training=out / "local.json")
-        mgs_train_stage.run_stage(cfg, Untracked(), objective="group_activity", target=0.5, model=work / "model",
-                                  data=work / "data", cache=work / "cache.safetensors", local=out / "local.safetensors",
-                                  gates=out / "gates.safetensors", training=out / "training.json")
+        mgs_calibrate_stage.run_stage(cfg, Untracked(), objective="group_activity", target=0.5, model=work / "model",
+                                      data=work / "data", local=out / "local.safetensors", trained=out / "absent",
+                                      gates=out / "gates.safetensors", training=out / "training.json")
     return cfg, out / "gates.safetensors"
 
 
@@ -381,9 +399,9 @@ def test_the_benchmark_measures_a_gate_set_on_listed_blocks_only(study, tmp_path
     local, gates = tmp_path / "local.safetensors", tmp_path / "gates.safetensors"
     mgs_local_stage.run_stage(cfg, Untracked(), model=work / "model", block_inputs=work / "block_inputs.safetensors",
                               gates=local, training=tmp_path / "local.json")
-    mgs_train_stage.run_stage(cfg, Untracked(), objective="group_activity", target=0.5, model=work / "model",
-                              data=work / "data", cache=work / "cache.safetensors", local=local, gates=gates,
-                              training=tmp_path / "training.json")
+    mgs_calibrate_stage.run_stage(cfg, Untracked(), objective="group_activity", target=0.5, model=work / "model",
+                                  data=work / "data", local=local, trained=tmp_path / "absent", gates=gates,
+                                  training=tmp_path / "training.json")
     result = benchmark.run_benchmark(cfg, work / "model", work / "data", work / "neurons.safetensors",
                                      {"0.5": gates}, {**cfg.benchmark, "shapes": ["study"], "repeats": 1,
                                                       "model_repeats": 1, "warmup": 0})

@@ -86,13 +86,13 @@ def test_stage_run_records_tags_params_and_metrics(store):
 def test_run_name_says_stage_and_setting(store):
     cfg = load_config(REPO / "params.yaml")
     tracking.init_store(cfg)
-    with tracking.stage_run(cfg, "mgs_train", stage_params(cfg, "mgs_train"), setting={"objective": "task", "target": 0.9}) as swept:
+    with tracking.stage_run(cfg, "mgs_calibrate", stage_params(cfg, "mgs_calibrate"), setting={"objective": "task", "target": 0.9}) as swept:
         pass
     with tracking.stage_run(cfg, "profile", stage_params(cfg, "profile")) as single:
         pass
     client = MlflowClient(store)
     swept, single = client.get_run(swept.run_id), client.get_run(single.run_id)
-    assert swept.info.run_name == "mgs_train objective=task target=0.9"
+    assert swept.info.run_name == "mgs_calibrate objective=task target=0.9"
     assert swept.data.tags["setting"] == "objective=task target=0.9"
     assert swept.data.tags["setting.objective"] == "task" and swept.data.tags["setting.target"] == "0.9"
     assert single.info.run_name == "profile" and "setting" not in single.data.tags
@@ -136,7 +136,7 @@ KILLED_STAGE = textwrap.dedent("""
     from detr_sparsity.pipeline import stage_params
     cfg = load_config(sys.argv[1])
     setting = {"objective": "task", "target": 0.9}
-    with tracking.stage_run(cfg, "mgs_train", stage_params(cfg, "mgs_train"), setting) as run:
+    with tracking.stage_run(cfg, "mgs_calibrate", stage_params(cfg, "mgs_calibrate"), setting) as run:
         print(run.run_id, flush=True)
         for step in range(100000):
             run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
@@ -166,10 +166,10 @@ def test_a_killed_stage_loses_only_its_last_seconds_and_its_next_run_marks_it_fa
     assert killed_at - last <= (tracking.FLUSH_SECONDS + 1) * 1000  # at most the last seconds are lost
 
     # The next run of another setting leaves it alone; the next run of the same setting marks it FAILED.
-    with tracking.stage_run(cfg, "mgs_train", stage_params(cfg, "mgs_train"), {"objective": "task", "target": 0.5}):
+    with tracking.stage_run(cfg, "mgs_calibrate", stage_params(cfg, "mgs_calibrate"), {"objective": "task", "target": 0.5}):
         pass
     assert client.get_run(run_id).info.status == "RUNNING"
-    with tracking.stage_run(cfg, "mgs_train", stage_params(cfg, "mgs_train"), {"objective": "task", "target": 0.9}):
+    with tracking.stage_run(cfg, "mgs_calibrate", stage_params(cfg, "mgs_calibrate"), {"objective": "task", "target": 0.9}):
         pass
     failed = client.get_run(run_id)
     assert failed.info.status == "FAILED" and failed.info.end_time == last  # it ended at its last sign of life

@@ -46,9 +46,9 @@ TINY = {
 TINY_SWEEPS = {
     "masking": {"methods": ["topk", "random"], "keep_ratios": [1.0, 0.25], "threshold_allocation": "greedy"},
     "sibs": {"indicator": "firing_frequency", "thresholds": [0.0, 0.2]},
-    "mgs": {"targets": [0.5], "objectives": ["group_activity", "distillation"], "group_size": 16, "blocks": "all",
-            "gate_threshold": 0.5, "calibration": "global", "single_block_targets": [0.5],
-            "paper_setting": {"group_size": 8, "gate_threshold": 0.5}},
+    "mgs": {"targets": [0.5], "objectives": ["group_activity", "distillation"], "train_target": 0.5,
+            "group_size": 16, "blocks": "all", "gate_threshold": 0.5, "calibration": "global",
+            "single_block_targets": [0.5], "paper_setting": {"group_size": 8, "gate_threshold": 0.5}},
     # The study's own shapes only, timed once: the stage runs in seconds (timings are not checked).
     "benchmark": {"shapes": ["study"], "objective": "distillation", "threads": 1, "repeats": 1, "model_repeats": 1,
                   "warmup": 0, "detr_r50_input": {"height": 64, "width": 64}},

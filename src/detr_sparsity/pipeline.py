@@ -150,16 +150,17 @@ NEURONS = f"{RESULTS}/profile/neurons.safetensors"
 MGS = f"{RESULTS}/mgs/{{objective}}/{{target}}"
 MGS_CACHE = f"{RESULTS}/mgs/cache"
 LOCAL_GATES = f"{RESULTS}/mgs/local/gates.safetensors"
+TRAINED_GATES = f"{RESULTS}/mgs/trained"
 SUMMARY = f"{RESULTS}/summary.json"
 COMPARISONS = f"{RESULTS}/comparisons.json"
 SPEED = f"{RESULTS}/benchmark/speed.json"
 COST = f"{RESULTS}/benchmark/cost.json"
 PAPER = "paper/{study}"
-# The gate-training chain (mgs_cache -> mgs_local -> mgs_train -> benchmark) holds the largest jobs after
-# pretraining (six end-to-end gate trainings of about 2.5 minutes, one thread each) behind two jobs of its own. Its
+# The gate-training chain (mgs_cache -> mgs_local -> mgs_train -> mgs_calibrate -> benchmark) holds the largest job
+# after pretraining (the end-to-end gate training, about 2.5 minutes on one thread) behind two jobs of its own. Its
 # jobs go first and the sweeps beside it (masking, SIBS, the single-block protocol) fill the cores around them;
-# started last, its trainings leave a core idle at the end (the committed run of 2026-12-06: the 21 masking jobs
-# first, then 19 minutes of chain).
+# started last, the chain leaves a core idle at the end (the committed run of 2026-12-06: the 21 masking jobs first,
+# then 19 minutes of chain).
 CRITICAL_PATH = 1
 
 STAGES: tuple[Stage, ...] = (
@@ -208,13 +209,20 @@ STAGES: tuple[Stage, ...] = (
           outputs={"gates": LOCAL_GATES, "training": f"{RESULTS}/mgs/local/training.json"},
           sections=("mgs.local",), keys=("mgs.group_size", "mgs.blocks", "mgs.gate_threshold"), device=True,
           priority=CRITICAL_PATH),
-    # One producer of every evaluated gate set: for group_activity a job calibrates the layer-local gates to its
-    # target; for an end-to-end objective it trains (from the layer-local gates with warm_start) and calibrates.
-    # Calibration reads the calibration split through the gated model. Targets train as parallel jobs of one
-    # thread each: the gates are small, and one thread per target uses the cores better than several on one.
-    Stage("mgs_train", "one objective's gate set at one induced-sparsity target: trained (model frozen), calibrated",
-          "mgs_train: {objective} gates at {target} induced sparsity",
-          inputs={"model": MODEL, "data": DATA, "cache": f"{MGS_CACHE}/front_end.safetensors", "local": LOCAL_GATES},
+    # The end-to-end objectives of mgs.objectives (group_activity is mgs_local's), one after another in one job: a
+    # sweep over them would be a DVC matrix over mgs.objectives, group_activity included. One thread: the gates are
+    # small, and the other core runs the sweeps meanwhile.
+    Stage("mgs_train", "train each end-to-end objective's gates once, toward mgs.train_target (model frozen)",
+          "mgs_train: the end-to-end objectives' gates, each trained once toward the train target",
+          inputs={"model": MODEL, "cache": f"{MGS_CACHE}/front_end.safetensors", "local": LOCAL_GATES},
+          outputs={"out": TRAINED_GATES}, sections=("mgs.training",),
+          keys=("mgs.objectives", "mgs.train_target", "mgs.group_size", "mgs.blocks", "mgs.gate_threshold"),
+          directories=frozenset({"out"}), device=True, priority=CRITICAL_PATH),
+    # Every evaluated gate set: an objective's gates trained once (group_activity: mgs_local; the others: mgs_train),
+    # calibrated to one target on the calibration split through the gated model.
+    Stage("mgs_calibrate", "one objective's gate set calibrated to one induced-sparsity target",
+          "mgs_calibrate: {objective} gates calibrated to {target} induced sparsity",
+          inputs={"model": MODEL, "data": DATA, "local": LOCAL_GATES, "trained": TRAINED_GATES},
           outputs={"gates": f"{MGS}/gates.safetensors", "training": f"{MGS}/training.json"},
           sweep=(OBJECTIVE, TARGET), sections=("input", "mgs.training"),
           keys=("profile.split", "mgs.group_size", "mgs.blocks", "mgs.gate_threshold", "mgs.calibration"),
@@ -254,7 +262,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("benchmark", "measured speed of sparse FFN execution (SIBS, MGS) against dense",
           "benchmark: dense vs SIBS vs MGS sparse execution, median ms",
           inputs={"model": MODEL, "data": DATA, "neurons": NEURONS,
-                  "gates": Gathered((("mgs_train", "gates"),), fixed=(("objective", "benchmark.objective"),))},
+                  "gates": Gathered((("mgs_calibrate", "gates"),), fixed=(("objective", "benchmark.objective"),))},
           outputs={"out": SPEED},
           # the study shapes are timed on the first evaluation batch; which rows are measured, and how
           sections=EVALUATION, keys=("benchmark", "sibs.indicator", "sibs.thresholds", "mgs.targets"),
@@ -270,7 +278,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("figures", "the study's figures (PDF + PNG) and captions, from summary.json and comparisons.json",
           "figures: F1-F6 from summary.json, the profile, the gate-training curves and the benchmark",
           inputs={"summary": SUMMARY, "profile": PROFILE, "speed": SPEED, "comparisons": COMPARISONS,
-                  "trainings": Gathered((("mgs_train", "training"),))},
+                  "trained": TRAINED_GATES},
           outputs={"out": f"{PAPER}/figures", "plots": f"{RESULTS}/plots"},
           sections=("evaluate.split", "model"), directories=frozenset({"out", "plots"})),
     Stage("tables", "tables T0-T6 as Markdown and LaTeX from summary.json, comparisons.json, speed.json, cost.json",

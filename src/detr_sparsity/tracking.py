@@ -162,7 +162,7 @@ class StageRun:
 
 
 def run_name(stage: str, setting: dict[str, Any] | None = None) -> str:
-    """The run's name in the UI: the stage, then its setting as key=value (`mgs_train objective=task target=0.9`)."""
+    """The run's name in the UI: the stage, then its setting as key=value (`mgs_calibrate objective=task target=0.9`)."""
     return " ".join([stage, *(f"{key}={value}" for key, value in (setting or {}).items())])
 
 

@@ -3,8 +3,8 @@
 - `group_activity` (the paper's, `LAYER_LOCAL`): weighted BCE on each group's natural activity, trained once
   per study from the cached dense block inputs (`group_activity`, stage `mgs_local`) and calibrated per target.
 
-The end-to-end objectives (`OBJECTIVES`) train one gate set per target through the frozen DETR, beside the
-sparsity term (see `training`):
+The end-to-end objectives (`OBJECTIVES`) train through the frozen DETR, beside the sparsity term (see `training`),
+once per study toward `mgs.train_target` (stage `mgs_train`), and are calibrated per target:
 - `task`: DETR's set-prediction loss on the ground truth (Hungarian matching, DETR's loss weights): the
   gates close what the detections can do without.
 - `distillation`: match the dense model's own outputs on the same images: KL divergence of each query's

@@ -5,8 +5,8 @@
 - F2 top-k against random keep, with the threshold oracle: AP against induced sparsity, one panel per block and one
   for all (paper Fig. 2);
 - F3 AP against FFN FLOPs reduction for dense, SIBS, every MGS target and the two oracles (paper Fig. 3);
-- F4 end-to-end gate training: induced sparsity against its budget, and the objective, per step (training.json
-  curves); gate sets without one (group_activity: trained layer-locally, only calibrated per target) are left out;
+- F4 end-to-end gate training: induced sparsity against its budget, and the objective, per step (the curves of
+  stage mgs_train, one training per objective); group_activity (trained layer-locally) is left out;
 - F5 MGS per block: each block's induced sparsity with every gated block at once, per objective and target (the
   gates spread the budget unevenly), beside the AP retained with each block gated alone (single-block protocol);
 - F6 measured speed-up against the FLOPs speed-up (benchmark/speed.json), when the benchmark ran.
@@ -193,8 +193,7 @@ def f3_flops_vs_ap(record: StudyRecord):
 
 
 def trained_end_to_end(record: StudyRecord, trainings: dict[tuple[str, float], dict]) -> list[str]:
-    """The objectives with a training curve: group_activity's gate sets are only calibrated (its layer-local
-    training is once per study), so they have none."""
+    """The objectives with a training curve: group_activity's gates are trained layer-locally, without one."""
     return [o for o in record.mgs_objectives() if any(t.get("curve") for (objective, _), t in trainings.items()
                                                       if objective == o)]
 
@@ -401,10 +400,10 @@ def captions(study: str, profile_split: str, evaluate_split: str,
         "f4_gate_training": (
             f"MGS gate training end to end through the frozen DETR ({study}): the induced sparsity of each training "
             f"batch under the hard gate mask against the budget it is held to (dashed; it falls to 1 - target during "
-            f"the warm-up), and the objective's loss, per step and target. Gate sets without end-to-end training "
-            f"are not drawn: group_activity's gates (the paper's objective) are trained once per study, "
-            f"layer-locally, and only calibrated per target (their cost in T3). After training, every gate set is "
-            f"calibrated on the {profile_split} split to its target (T3)."),
+            f"the warm-up), and the objective's loss, per step, for each objective's one training (legend: the target "
+            f"it trains toward); not drawn: group_activity's gates (the paper's objective), trained layer-locally "
+            f"(their cost in T3). After training, every objective's gates are calibrated on the {profile_split} "
+            f"split to each target (T3)."),
         "f5_mgs_per_block": (
             f"MGS per FFN block ({study}, {evaluate_split} split). Left, every gated block at once: each block's "
             f"induced sparsity per target; the gates meet the model-wide target by closing some blocks more than "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from detr_sparsity.atomic import atomic_dir
 from detr_sparsity.config import StudyConfig
-from detr_sparsity.pipeline import gathered, plot_series
+from detr_sparsity.pipeline import plot_series
 from detr_sparsity.reporting.figures import write_figures, write_plot_series
 from detr_sparsity.reporting.records import Comparisons, StudyRecord
 from detr_sparsity.reporting.reported import stand_in
@@ -16,9 +16,10 @@ from detr_sparsity.tracking import StageRun
 
 
 def run_stage(cfg: StudyConfig, tracked: StageRun, *, summary: Path, profile: Path, speed: Path,
-              comparisons: Path, out: Path, plots: Path) -> None:
+              comparisons: Path, trained: Path, out: Path, plots: Path) -> None:
     record = StudyRecord.load(summary)
-    trainings = [json.loads(p.read_text()) for p in gathered(cfg, "figures", "trainings")]
+    # The end-to-end trainings' records (stage mgs_train), one per objective, with their curves.
+    trainings = [json.loads(p.read_text()) for p in sorted(trained.glob("*.json"))]
     with atomic_dir(out) as tmp:
         drawn = write_figures(tmp, cfg.name, cfg.evaluate["split"], record,
                               json.loads(profile.read_text()), trainings,

@@ -39,12 +39,13 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, objective: str, target: fl
 
 def training_cost(record: dict) -> dict:
     """What a gate set cost and where it came from: its end-to-end training (steps, seconds, the last batch's
-    sparsity), the layer-local training it started from (group_activity, or a warm start; shared by every target),
-    and its calibration."""
+    sparsity, the target it was trained toward, its MLflow run), the layer-local training it is or started from
+    (group_activity, or a warm start), both shared by every target, and its own calibration."""
     final, local = record["final"], record["local"]
     return {"steps": final["steps"] if final else 0,
             "train_seconds": final["train_seconds"] if final else 0.0,
             "induced_sparsity": final["induced_sparsity"] if final else None,
+            "trained_toward": record["trained_target"], "trained_by": record["trained_by"],
             "local_train_seconds": local["train_seconds"] if local else 0.0,
             "calibration_seconds": record["calibration"]["seconds"],
             "calibration": record["calibration"], "mlflow_run_id": record["mlflow_run_id"]}

@@ -1,6 +1,6 @@
 """Stage `mgs_local`: the group_activity gates (the paper's objective) of every gated block, trained once per
 study, layer-locally, from the cached dense inputs of the blocks: no pass through the rest of DETR. Stage
-`mgs_train` calibrates them to each target."""
+`mgs_calibrate` calibrates them to each target."""
 
 from __future__ import annotations
 
