@@ -747,11 +747,12 @@ def detection_files(path: Path) -> dict[str, bytes]:
 
 
 def comparable(row):
-    """A row without what names the job rather than the result, at any depth: its MLflow runs, its detections file
-    and the seconds it took (a gate row's training record carries its training and calibration times)."""
+    """A row without what names the job rather than the result, at any depth: its MLflow runs (its own, and the gate
+    training's that a gate row's training record names, `trained_by`), its detections file and the seconds it took (a
+    gate row's training record carries its training and calibration times)."""
     if isinstance(row, dict):
         return {k: comparable(v) for k, v in row.items()
-                if k not in ("mlflow_run_id", "detections") and not k.endswith("seconds")}
+                if k not in ("mlflow_run_id", "trained_by", "detections") and not k.endswith("seconds")}
     if isinstance(row, list):
         return [comparable(v) for v in row]
     return row
