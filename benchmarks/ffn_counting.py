@@ -46,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_detr(path("model", "out", cfg.name))
     cache = FrontEndCache.load(path("mgs_cache", "out", cfg.name))
     local = path("mgs_local", "gates", cfg.name)
-    budget = {k: v for k, v in cfg.gate_training["training"].items() if k not in ("warm_start", "steps")}
-    settings = GateTraining(target=cfg.mgs["targets"][-1], objective="distillation",
-                            **{**budget, "steps": args.steps, "checkpoint_every": args.steps + 1})
+    settings = GateTraining.from_budget(cfg.gate_training["training"], cfg.mgs["targets"][-1], "distillation",
+                                        steps=args.steps, checkpoint_every=args.steps + 1)
     seconds = {job: {name: [] for name in COUNTERS} for job in ("evaluation", "gate_training")}
     rows, gates = {}, {}
     with tempfile.TemporaryDirectory() as scratch:

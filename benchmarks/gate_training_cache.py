@@ -61,13 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     collate = DetrCollate(image_processor(cfg.input), with_labels=True)
     recomputed = RecomputedFrontEnd(dataset, collate, copy.deepcopy(model).eval(), len(cached))
     sources = {"cached": cached, "recomputed": recomputed}
-    budget = cfg.gate_training["training"]
     # The first end-to-end objective (group_activity trains layer-locally: no front end at all).
     objective = next((o for o in cfg.mgs["objectives"] if o in OBJECTIVES), "distillation")
-    settings = GateTraining(target=args.target, objective=objective, steps=args.steps,
-                            batch_size=budget["batch_size"], learning_rate=budget["learning_rate"],
-                            multiplier_rate=budget["multiplier_rate"], target_warmup=budget["target_warmup"],
-                            checkpoint_every=args.steps)
+    settings = GateTraining.from_budget(cfg.gate_training["training"], args.target, objective, steps=args.steps,
+                                        checkpoint_every=args.steps)
 
     def measure(source) -> float:
         gates = make_gates(ffn_blocks(model), list(ffn_blocks(model)), cfg.mgs["group_size"], cfg.mgs["gate_threshold"])

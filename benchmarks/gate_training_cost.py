@@ -45,9 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     names = gated_block_names(cfg.mgs["blocks"], blocks)
     front_end, block_inputs = FrontEndCache.load(cache_path), BlockInputs.load(inputs_path)
     local = LocalTraining(**cfg.gate_training["local"])
-    budget = {k: v for k, v in cfg.gate_training["training"].items() if k != "warm_start"}
-    end_to_end = GateTraining(target=args.target, objective="distillation",
-                              **{**budget, "steps": args.end_to_end_steps, "checkpoint_every": args.end_to_end_steps})
+    end_to_end = GateTraining.from_budget(cfg.gate_training["training"], args.target, "distillation",
+                                          steps=args.end_to_end_steps, checkpoint_every=args.end_to_end_steps)
 
     def fresh():
         return make_gates(blocks, names, cfg.mgs["group_size"], cfg.mgs["gate_threshold"])

@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for target in targets:
         gates = (load_gates(path("mgs_local", "gates", study)) if budget["warm_start"]
                  else make_gates(blocks, names, mgs["group_size"], mgs["gate_threshold"]))
-        settings = GateTraining(target=target, objective=objective,
-                                **{k: v for k, v in budget.items() if k != "warm_start"})
+        settings = GateTraining.from_budget(budget, target, objective)
         start = time.perf_counter()
         train_gates(model, gates, front_end, settings, cfg.seed)
         train_seconds[target] = time.perf_counter() - start

@@ -9,7 +9,7 @@ from transformers import DetrImageProcessorPil
 from detr_sparsity.execution.gated_detr import add_gates, load_gated_detr
 from detr_sparsity.mgs.calibration import calibrate_gate_alone, calibrate_gates, gated_sparsity
 from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache, cached_front_end
-from detr_sparsity.mgs.gates import MicroGate, gate_metadata, load_gates, make_gates, save_gates
+from detr_sparsity.mgs.gates import MicroGate, gate_metadata, load_gate_set, load_gates, make_gates, save_gates
 from detr_sparsity.mgs.objectives import OBJECTIVES, objective_loss, oracle_groups
 from detr_sparsity.mgs.training import GateTraining, train_gates
 from detr_sparsity.models.load import weights_digest
@@ -91,6 +91,15 @@ def test_gates_for_unknown_blocks_are_refused(model):
         make_gates(ffn_blocks(model), ["encoder.0", "encoder.7"], G, 0.5)
 
 
+def test_a_gate_set_for_other_blocks_is_refused_naming_the_stage_to_rerun(model, tmp_path):
+    path = tmp_path / "gates.safetensors"
+    save_gates(path, make_gates(ffn_blocks(model), ["encoder.0"], G, 0.5), {})
+    assert list(load_gate_set(path, ["encoder.0"], "mgs_local")) == ["encoder.0"]
+    with pytest.raises(ValueError, match=rf"{path} gates blocks encoder.0, mgs.blocks asks for decoder.0, encoder.0; "
+                                         r"rerun stage mgs_local"):
+        load_gate_set(path, ["encoder.0", "decoder.0"], "mgs_local")
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"target": 1.0}, "target = 1.0 is not allowed"),
     ({"objective": "l1"}, "objective = 'l1' is not allowed: allowed values: task, distillation, oracle"),
@@ -99,6 +108,14 @@ def test_gates_for_unknown_blocks_are_refused(model):
 def test_bad_training_settings_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         GateTraining(**{"target": 0.5, **bad})
+
+
+def test_a_training_from_the_params_budget_leaves_the_start_to_the_caller():
+    budget = {"steps": 1000, "batch_size": 16, "learning_rate": 0.01, "multiplier_rate": 0.05, "target_warmup": 0.3,
+              "checkpoint_every": 250, "warm_start": True}
+    assert GateTraining.from_budget(budget, 0.95, "distillation", steps=10) == GateTraining(
+        target=0.95, objective="distillation", steps=10, batch_size=16, learning_rate=0.01, multiplier_rate=0.05,
+        target_warmup=0.3, checkpoint_every=250)
 
 
 def test_oracle_groups_are_the_largest_summed_activations():

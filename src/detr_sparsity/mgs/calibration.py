@@ -97,7 +97,6 @@ def calibrate_gate_alone(model: DetrForObjectDetection, name: str, gate: MicroGa
     dense model's whatever the gate does, so it is recorded once and each bisection step runs only the gate on it.
     The same inputs and operations as through the model, so the same offset."""
     inputs = dense_block_inputs(model, name, cache, index, batch_size)
-    gate.eval()
 
     @torch.no_grad()
     def sparsity() -> float:

@@ -119,6 +119,16 @@ def gate_metadata(path: str | Path) -> dict:
     return json.loads(metadata)
 
 
+def load_gate_set(path: str | Path, blocks: list[str], producer: str) -> dict[str, MicroGate]:
+    """The gate set saved at `path` by stage `producer`, refused unless it gates exactly `blocks` (what `mgs.blocks`
+    asks for now): a set made under other settings names the stage to rerun instead of gating the wrong blocks."""
+    gates = load_gates(path)
+    if sorted(gates) != sorted(blocks):
+        raise ValueError(f"{path} gates blocks {', '.join(sorted(gates))}, mgs.blocks asks for "
+                         f"{', '.join(sorted(blocks))}; rerun stage {producer}")
+    return gates
+
+
 def load_gates(path: str | Path) -> dict[str, MicroGate]:
     """The gate set saved at `path`, in eval mode."""
     metadata = gate_metadata(path)

@@ -59,6 +59,14 @@ class GateTraining:
         if not 0.0 <= self.target_warmup <= 1.0:
             raise ValueError(f"target_warmup = {self.target_warmup} is not allowed: must be in [0, 1]")
 
+    @classmethod
+    def from_budget(cls, budget: Mapping[str, object], target: float, objective: str, **overrides) -> GateTraining:
+        """The training of params.yaml's gate-training budget (`studies.<study>.mgs.training`), toward `target` with
+        `objective`; `overrides` replace budget entries. The budget's `warm_start` chooses the gates training starts
+        from, not how they train, so it is left to the caller."""
+        return cls(target=target, objective=objective,
+                   **{**{k: v for k, v in budget.items() if k != "warm_start"}, **overrides})
+
     def budget(self, step: int) -> float:
         """The open fraction allowed at `step` (0-based): 1 - target once the warm-up is over."""
         ramp = min(1.0, step / (self.target_warmup * self.steps)) if self.target_warmup > 0 else 1.0

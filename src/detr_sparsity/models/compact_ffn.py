@@ -4,9 +4,9 @@ Under the L1 penalty the stand-in's FFN activations become sparse early in pretr
 a hidden unit that is zero for every token of a batch contributes nothing to that step: not to fc2's output, and
 not to any gradient (ReLU passes none back where its output is 0, so the unit's fc1 row, its fc1 bias and its fc2
 column get exactly zero). `CompactFFN` runs fc1 on every unit, then fc2 and the whole backward pass on the units that
-fired for at least one token of the batch (about 30-60 % of them per block late in pretraining, against 2-3 % per
-token: a batch holds a thousand tokens). It is the same function and the same gradients as DETR's block; only the
-order of floating-point sums differs. Measured in `benchmarks/compact_ffn.py`.
+fired for at least one token of the batch (about a third of them late in pretraining, 33-39 % measured, against 2-3 %
+per token: a batch holds a thousand tokens). It is the same function and the same gradients as DETR's block; only
+the order of floating-point sums differs. Measured in `benchmarks/compact_ffn.py`.
 
 It also returns the block's mean post-ReLU activation (the L1 penalty's term, `pretrain.ActivationL1`) with its
 gradient, since fc1's output is no longer a module output a hook could read.

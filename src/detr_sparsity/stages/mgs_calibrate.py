@@ -19,7 +19,7 @@ from detr_sparsity.data.dataset import image_processor, load_split
 from detr_sparsity.device import job_device
 from detr_sparsity.mgs.allocation import calibrate
 from detr_sparsity.mgs.calibration import calibration_front_end
-from detr_sparsity.mgs.gates import gate_metadata, gated_block_names, load_gates, make_gates, save_gates
+from detr_sparsity.mgs.gates import gate_metadata, gated_block_names, load_gate_set, make_gates, save_gates
 from detr_sparsity.mgs.objectives import LAYER_LOCAL
 from detr_sparsity.models.load import load_detr, weights_digest
 from detr_sparsity.sparsity.ffn import ffn_blocks
@@ -41,14 +41,10 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, objective: str, target: fl
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no {objective} gates (mgs.objectives = {mgs['objectives']}); "
                                 f"rerun stage {producer}")
-    gate_set = load_gates(source)
-    if sorted(gate_set) != sorted(expected):
-        raise ValueError(f"{source} gates blocks {', '.join(sorted(gate_set))}, mgs.blocks asks for "
-                         f"{', '.join(sorted(expected))}; rerun stage {producer}")
-    gate_set = {name: gate.to(detr.device) for name, gate in gate_set.items()}
+    gate_set = {name: gate.to(detr.device) for name, gate in load_gate_set(source, list(expected), producer).items()}
     # What the gates were trained toward, and how (end-to-end objectives; group_activity has no target).
-    record_of_training = (None if objective == LAYER_LOCAL
-                          else json.loads(source.with_suffix(".json").read_text()))
+    trained_end_to_end = objective != LAYER_LOCAL
+    record_of_training = json.loads(source.with_suffix(".json").read_text()) if trained_end_to_end else None
     before = weights_digest(detr)
     calibration_split = load_split(data, cfg.profile["split"])
     held_out = calibration_front_end(detr, calibration_split, image_processor(cfg.input), batch_size)
@@ -56,7 +52,6 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, objective: str, target: fl
                             batch_size)
     calibration["split"] = calibration_split.name
     tracked.log_metrics({f"calibration_{k}": v for k, v in calibration.items() if isinstance(v, (int, float))})
-    trained_end_to_end = record_of_training is not None
     record = {"target": target, "objective": objective, "group_size": mgs["group_size"],
               "gate_threshold": mgs["gate_threshold"], "blocks": sorted(gate_set),
               "settings": record_of_training["settings"] if trained_end_to_end else None,

@@ -17,7 +17,7 @@ from detr_sparsity.atomic import atomic_dir, write_json
 from detr_sparsity.config import StudyConfig
 from detr_sparsity.device import job_device
 from detr_sparsity.mgs.front_end import FrontEndCache
-from detr_sparsity.mgs.gates import gate_metadata, gated_block_names, load_gates, make_gates, save_gates
+from detr_sparsity.mgs.gates import gate_metadata, gated_block_names, load_gate_set, make_gates, save_gates
 from detr_sparsity.mgs.objectives import LAYER_LOCAL
 from detr_sparsity.mgs.training import GateTraining, train_gates
 from detr_sparsity.models.load import load_detr, weights_digest
@@ -39,16 +39,9 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, model: Path, cache: Path, 
 
     def start_gates():
         fresh = make_gates(blocks, names, mgs["group_size"], mgs["gate_threshold"])
-        if not budget["warm_start"]:
-            return fresh
-        gates = load_gates(local)
-        if sorted(gates) != sorted(fresh):
-            raise ValueError(f"{local} gates blocks {', '.join(sorted(gates))}, mgs.blocks asks for "
-                             f"{', '.join(sorted(fresh))}; rerun stage mgs_local")
-        return gates
+        return load_gate_set(local, list(fresh), "mgs_local") if budget["warm_start"] else fresh
 
-    settings = {objective: GateTraining(target=target, objective=objective,
-                                        **{k: v for k, v in budget.items() if k != "warm_start"})
+    settings = {objective: GateTraining.from_budget(budget, target, objective)
                 for objective in mgs["objectives"] if objective != LAYER_LOCAL}
     if settings:
         start_gates()  # the start's blocks checked before the cache is read
