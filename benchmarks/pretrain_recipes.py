@@ -12,6 +12,13 @@ sparsity per FFN block). A recipe is the study's `pretrain` and `architecture` s
     python benchmarks/pretrain_recipes.py --name in96 --steps 5500 --input shortest_edge=96 longest_edge=96
     python benchmarks/pretrain_recipes.py --name dn2 --steps 1800 \
         --set 'denoising={"groups": 2, "box_noise": 0.4, "label_noise": 0.2}'
+    python benchmarks/pretrain_recipes.py --name l1-1-4400-ema --steps 4400 --ema 0.998 0.9995
+
+`--ema` also scores exponential moving averages of the weights (each decay's average kept beside the training,
+updated after every optimizer step through `pretrain()`'s step callback, its decay warmed up as min(decay,
+(1 + t) / (10 + t))): the same training scored as trained and as averaged, a paired comparison. The warm-up bounds
+the decay until step 9 d / (1 - d) (4,491 for 0.998), so at shorter budgets every decay above it gives one average,
+the warm-up's own (each step's weight about (s / t)^9: mostly the last tenth of the steps).
 
 Needs the study's data stage (results/<study>/data). Writes results/<study>/benchmark/pretrain_recipes/<name>.json
 (or --out). Nothing of the pipeline's outputs is touched: the model is kept only in memory.
@@ -19,6 +26,7 @@ Needs the study's data stage (results/<study>/data). Writes results/<study>/benc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -66,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", nargs="*", default=[], metavar="KEY=VALUE", help="architecture settings overridden")
     parser.add_argument("--input", nargs="*", default=[], metavar="KEY=VALUE",
                         help="input size overridden (shortest_edge, longest_edge), for training and evaluation")
+    parser.add_argument("--ema", nargs="*", type=float, default=[], metavar="DECAY",
+                        help="also score the weights' exponential moving averages with these decays, in (0, 1)")
     args, cfg = parse(parser, argv)
+    if any(not 0.0 < decay < 1.0 for decay in args.ema):
+        raise SystemExit(f"error: --ema {' '.join(map(str, args.ema))}: every decay must be strictly between 0 and 1")
     if cfg.model["source"] != "pretrain":
         raise SystemExit(f"error: study {cfg.name} does not pretrain its model (model.source: {cfg.model['source']})")
     settings = overridden({**cfg.model["pretrain"], "steps": args.steps}, args.set, "pretrain")
@@ -79,11 +91,30 @@ def main(argv: list[str] | None = None) -> int:
     model = build_small_detr(small_detr_config(architecture, train.categories))
     at_start = machine()
     start = time.perf_counter()
+    averages: dict[float, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def average(step: int, metrics: dict) -> None:  # after optimizer step `step` (1-based)
+        weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        for decay in args.ema:
+            kept = averages.setdefault(decay, {k: v.clone() for k, v in weights.items()})
+            for k, v in kept.items():
+                v.lerp_(weights[k], 1.0 - min(decay, step / (9 + step)))
+
     with tempfile.TemporaryDirectory() as scratch:
-        pretrain(model, train, image_processor(cfg.input), settings, cfg.seed,
-                 Path(scratch) / "checkpoint.pt", lambda step, metrics: None)
+        pretrain(model, train, image_processor(cfg.input), settings, cfg.seed, Path(scratch) / "checkpoint.pt", average)
         seconds = time.perf_counter() - start
-        measured = evaluate_policies(model, evaluation_split(cfg, data), {}, Path(scratch) / "detections.json")
+        split = evaluation_split(cfg, data)
+        measured = evaluate_policies(model, split, {}, Path(scratch) / "detections.json")
+        averaged = {}
+        for decay, kept in averages.items():
+            ema = copy.deepcopy(model)
+            missing, unexpected = ema.load_state_dict(kept, strict=False)
+            if unexpected or any(ema.state_dict()[k].is_floating_point() for k in missing):
+                raise RuntimeError(f"the averaged weights do not fit the trained model: {missing}, {unexpected}")
+            scored = evaluate_policies(ema, split, {}, Path(scratch) / f"detections-ema-{decay}.json")
+            averaged[str(decay)] = {"AP": scored["AP"], "AP50": scored["AP50"],
+                                    "natural_sparsity": scored["natural_sparsity"]}
     minutes = seconds / 60
     result = {
         "benchmark": f"pretrain_recipes/{args.name}", "recipe": args.name, "steps": settings["steps"],
@@ -94,10 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         "natural_sparsity": measured["natural_sparsity"],
         "load_average": {"start": at_start["load_average"], "end": round(os.getloadavg()[0], 2)},
     }
+    if averaged:
+        result["ema"] = averaged  # the same training's weights averaged, per decay
     return report(result, args.out, cfg.name,
                   f"{args.name}: {settings['steps']} steps in {minutes:.1f} min ({seconds / settings['steps']:.3f} s per "
                   f"step), AP {measured['AP']:.3f}, AP50 {measured['AP50']:.3f}, natural sparsity "
-                  f"{measured['natural_sparsity']['overall']:.3f}")
+                  f"{measured['natural_sparsity']['overall']:.3f}"
+                  + "".join(f"; averaged ({decay}): AP {v['AP']:.3f}, AP50 {v['AP50']:.3f}"
+                            for decay, v in averaged.items()))
 
 
 if __name__ == "__main__":
