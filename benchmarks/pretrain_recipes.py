@@ -65,6 +65,24 @@ def overridden(settings: dict, overrides: list[str], what: str) -> dict:
     return settings
 
 
+class WeightAverages:
+    """Exponential moving averages of `model`'s floating-point weights, one per decay (`kept[decay]`), updated after
+    each optimizer step as `pretrain()`'s step callback; the decay warmed up as min(decay, step / (9 + step)), step
+    1-based (the first average is the first step's weights)."""
+
+    def __init__(self, model: torch.nn.Module, decays: list[float]) -> None:
+        self.model, self.decays = model, list(decays)
+        self.kept: dict[float, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, step: int, metrics: dict | None = None) -> None:
+        weights = {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+        for decay in self.decays:
+            kept = self.kept.setdefault(decay, {k: v.clone() for k, v in weights.items()})
+            for k, v in kept.items():
+                v.lerp_(weights[k], 1.0 - min(decay, step / (9 + step)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__, "pretrain_recipes/<name>", repeats=None)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the model stage runs on every core)")
@@ -91,23 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     model = build_small_detr(small_detr_config(architecture, train.categories))
     at_start = machine()
     start = time.perf_counter()
-    averages: dict[float, dict[str, torch.Tensor]] = {}
-
-    @torch.no_grad()
-    def average(step: int, metrics: dict) -> None:  # after optimizer step `step` (1-based)
-        weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-        for decay in args.ema:
-            kept = averages.setdefault(decay, {k: v.clone() for k, v in weights.items()})
-            for k, v in kept.items():
-                v.lerp_(weights[k], 1.0 - min(decay, step / (9 + step)))
-
+    averages = WeightAverages(model, args.ema)
     with tempfile.TemporaryDirectory() as scratch:
-        pretrain(model, train, image_processor(cfg.input), settings, cfg.seed, Path(scratch) / "checkpoint.pt", average)
+        pretrain(model, train, image_processor(cfg.input), settings, cfg.seed, Path(scratch) / "checkpoint.pt",
+                 averages)
         seconds = time.perf_counter() - start
         split = evaluation_split(cfg, data)
         measured = evaluate_policies(model, split, {}, Path(scratch) / "detections.json")
         averaged = {}
-        for decay, kept in averages.items():
+        for decay, kept in averages.kept.items():
             ema = copy.deepcopy(model)
             missing, unexpected = ema.load_state_dict(kept, strict=False)
             if unexpected or any(ema.state_dict()[k].is_floating_point() for k in missing):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # its `_common`, as when run as a script
@@ -45,3 +46,16 @@ def test_an_input_override_replaces_the_input_size():
         "shortest_edge": 96, "longest_edge": 96}
     with pytest.raises(SystemExit, match=r"'edge=96'.*input settings.*shortest_edge, longest_edge"):
         recipes.overridden(size, ["edge=96"], "input")
+
+
+def test_weight_averages_follow_the_warmed_up_decay_by_hand():
+    model = torch.nn.Linear(1, 1, bias=False)
+    averages = recipes.WeightAverages(model, [0.5, 0.2])
+    for step, weight in enumerate([1.0, 2.0, 3.0], start=1):
+        model.weight.data.fill_(weight)
+        averages(step)
+    # decays used: min(d, 1/10), min(d, 2/11), min(d, 3/12); the first average is the first step's weight
+    after_two = (2 / 11) * 1.0 + (9 / 11) * 2.0
+    assert averages.kept[0.5]["weight"].item() == pytest.approx(0.25 * after_two + 0.75 * 3.0)
+    assert averages.kept[0.2]["weight"].item() == pytest.approx(0.2 * after_two + 0.8 * 3.0)
+    assert model.weight.item() == 3.0  # the model's own weights untouched
