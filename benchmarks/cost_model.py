@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from detr_sparsity.config import StudyConfig, load_config  # noqa: E402
+from detr_sparsity.mgs.objectives import LAYER_LOCAL  # noqa: E402
 
 # DETR-R50 at DETR's 800/1333 input (about 850 encoder tokens): 86 G multiply-accumulates per image (the DETR
 # paper's "GFLOPS" column counts MACs; FFNs about 7 % of it, STUDY.md), i.e. 172 GFLOPs in this project's
@@ -61,7 +62,7 @@ def jobs_of(cfg: StudyConfig, arch: dict, val_images: int, calibration_images: i
     """Per stage: (jobs, work units per job); a unit is an image forward pass, or a gate-training sample."""
     blocks = arch["encoder_layers"] + arch["decoder_layers"]
     gate_sets = len(cfg.mgs["objectives"]) * len(cfg.mgs["targets"])
-    end_to_end = [o for o in cfg.mgs["objectives"] if o != "group_activity"]  # trained once each, in one job
+    end_to_end = [o for o in cfg.mgs["objectives"] if o != LAYER_LOCAL]  # trained once each, in one job
     training = cfg.gate_training["training"]
     cache = cfg.gate_training["cache"]["images"] or (cfg.data.get("train_images")
                                                       or cfg.data.get("splits", {}).get("train"))

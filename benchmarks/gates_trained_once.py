@@ -28,7 +28,8 @@ from detr_sparsity.evaluation.evaluate import evaluate_policies, evaluation_spli
 from detr_sparsity.mgs.allocation import calibrate
 from detr_sparsity.mgs.calibration import calibration_front_end
 from detr_sparsity.mgs.front_end import FrontEndCache
-from detr_sparsity.mgs.gates import gated_block_names, load_gates, make_gates
+from detr_sparsity.mgs.gates import gated_block_names, load_gate_set, make_gates
+from detr_sparsity.mgs.objectives import OBJECTIVES
 from detr_sparsity.mgs.training import GateTraining, train_gates
 from detr_sparsity.models.load import load_detr
 from detr_sparsity.pipeline import path
@@ -39,7 +40,7 @@ from _common import arguments, parse, report
 
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__, "gates_trained_once", repeats=None, threads="mgs_train and mgs_calibrate jobs")
-    parser.add_argument("--objective", default="distillation", choices=["task", "distillation", "oracle"])
+    parser.add_argument("--objective", default="distillation", choices=OBJECTIVES)
     parser.add_argument("--trained-at", type=float, nargs="+", default=None,
                         help="targets whose gates are calibrated to every other (default: mgs.train_target)")
     args, cfg = parse(parser, argv)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     trained, train_seconds = {}, {}
     for target in targets:
-        gates = (load_gates(path("mgs_local", "gates", study)) if budget["warm_start"]
+        gates = (load_gate_set(path("mgs_local", "gates", study), names, "mgs_local") if budget["warm_start"]
                  else make_gates(blocks, names, mgs["group_size"], mgs["gate_threshold"]))
         settings = GateTraining.from_budget(budget, target, objective)
         start = time.perf_counter()
