@@ -11,9 +11,12 @@ CORES ?= 8
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	# torch first and pinned: plain `torch` would pull the CUDA build.
-	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip install --quiet --no-compile --upgrade pip
+	$(PYTHON) -m pip install --quiet --no-compile torch==2.13.0
+	$(PYTHON) -m pip install --quiet --no-compile -e '.[test]'
+	# Byte-compiled on every core instead of by pip, one file at a time (benchmarks/install.py); best effort, as
+	# pip's: a file that does not compile (torch ships one in Python 3.12 syntax) is left to the interpreter.
+	$(PYTHON) -c 'import compileall, sysconfig; compileall.compile_dir(sysconfig.get_path("purelib"), quiet=2, workers=0)'
 	touch $@
 
 install: $(VENV)/.installed

@@ -36,15 +36,23 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, objective: str, target: fl
     blocks = ffn_blocks(detr)
     # Every setting is checked (block names, group size against the FFN width) before anything is read.
     expected = make_gates(blocks, gated_block_names(mgs["blocks"], blocks), mgs["group_size"], mgs["gate_threshold"])
-    source, producer = (local, "mgs_local") if objective == LAYER_LOCAL else (trained / f"{objective}.safetensors",
-                                                                             "mgs_train")
+    trained_end_to_end = objective != LAYER_LOCAL
+    source, producer = ((trained / f"{objective}.safetensors", "mgs_train") if trained_end_to_end
+                        else (local, "mgs_local"))
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no {objective} gates (mgs.objectives = {mgs['objectives']}); "
                                 f"rerun stage {producer}")
     gate_set = {name: gate.to(detr.device) for name, gate in load_gate_set(source, list(expected), producer).items()}
-    # What the gates were trained toward, and how (end-to-end objectives; group_activity has no target).
-    trained_end_to_end = objective != LAYER_LOCAL
-    record_of_training = json.loads(source.with_suffix(".json").read_text()) if trained_end_to_end else None
+    # What the gates were trained toward, and how: the end-to-end training's record; group_activity's gates have no
+    # target and are themselves the layer-local training the end-to-end ones start from.
+    if trained_end_to_end:
+        end_to_end = json.loads(source.with_suffix(".json").read_text())
+        training_of_gates = {"settings": end_to_end["settings"], "trained_target": end_to_end["target"],
+                             "final": end_to_end["final"], "local": end_to_end["local"],
+                             "trained_by": end_to_end["mlflow_run_id"]}
+    else:
+        training_of_gates = {"settings": None, "trained_target": None, "final": None,
+                             "local": gate_metadata(local)["info"], "trained_by": None}
     before = weights_digest(detr)
     calibration_split = load_split(data, cfg.profile["split"])
     held_out = calibration_front_end(detr, calibration_split, image_processor(cfg.input), batch_size)
@@ -53,15 +61,8 @@ def run_stage(cfg: StudyConfig, tracked: StageRun, *, objective: str, target: fl
     calibration["split"] = calibration_split.name
     tracked.log_metrics({f"calibration_{k}": v for k, v in calibration.items() if isinstance(v, (int, float))})
     record = {"target": target, "objective": objective, "group_size": mgs["group_size"],
-              "gate_threshold": mgs["gate_threshold"], "blocks": sorted(gate_set),
-              "settings": record_of_training["settings"] if trained_end_to_end else None,
-              "trained_target": record_of_training["target"] if trained_end_to_end else None,
-              "final": record_of_training["final"] if trained_end_to_end else None,
-              "calibration": calibration,
-              # The layer-local training these gates are, or start from (a warm start); None for neither.
-              "local": (gate_metadata(local)["info"] if not trained_end_to_end else record_of_training["local"]),
-              "trained_by": record_of_training["mlflow_run_id"] if trained_end_to_end else None,
-              "dense_weights_sha256": before, "mlflow_run_id": tracked.run_id}
+              "gate_threshold": mgs["gate_threshold"], "blocks": sorted(gate_set), **training_of_gates,
+              "calibration": calibration, "dense_weights_sha256": before, "mlflow_run_id": tracked.run_id}
     save_gates(gates, gate_set, {"target": target, "objective": objective, "model": str(model),
                                  "mlflow_run_id": tracked.run_id})
     write_json(training, record)
