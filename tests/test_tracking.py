@@ -4,6 +4,7 @@ stage that fails or is interrupted is recorded FAILED."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -256,6 +257,31 @@ def test_a_failed_or_interrupted_stage_is_recorded_failed(store, tmp_path, monke
     # the log names its run, before the work that failed (the cost stage reads that line back)
     assert f"MLflow run {run.info.run_id} (experiment detr-sparsity-synthetic)" in text.split("summary failed")[0]
     assert tracking.logged_run_id(text) == run.info.run_id
+
+
+def test_a_job_process_collects_its_stages_garbage(store, tmp_path, monkeypatch):
+    """`python -m detr_sparsity` (cli.job) pauses Python's garbage collector for its start-up only: the stage's work
+    runs with the collector on, the start-up's objects frozen out of its sight; the process ends with it on."""
+    from detr_sparsity.stages import summary
+
+    seen = {}
+
+    def work(cfg, tracked, **paths):
+        seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+
+    monkeypatch.setattr(summary, "run_stage", work)
+    monkeypatch.setattr(sys, "argv", ["detr_sparsity", "--params", str(REPO / "params.yaml"), "--log",
+                                      str(tmp_path / "summary.log"), "summary", "--out", str(tmp_path / "s.json"),
+                                      "--metrics", str(tmp_path / "m.json"), "--comparisons", str(tmp_path / "c.json")])
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    try:
+        assert cli.job() == 0
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # this test's process goes on: its objects back in the collector's sight
+        gc.enable()
+        _close_log_handlers()
+    assert seen["enabled"] and seen["frozen"] > 0
 
 
 def test_every_stage_run_records_its_cost_and_machine(store, tmp_path, monkeypatch):

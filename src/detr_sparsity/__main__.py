@@ -1,5 +1,5 @@
 import sys
 
-from detr_sparsity.cli import main
+from detr_sparsity.cli import job
 
-sys.exit(main())
+sys.exit(job())

@@ -1,0 +1,96 @@
+"""What a pipeline job's process costs beyond its work: real jobs of a finished study (`python -m detr_sparsity`,
+one torch thread, as Snakemake runs them), timed from process start to exit, against the same commands with
+Python's cyclic garbage collector left running through the start-up and the exit (`before`: the entry point until
+2026-12-07, restated here by making `gc.disable` and `gc.freeze` do nothing).
+
+The two variants alternate, `--repeats` times each; every job writes its outputs into a temporary folder and its
+MLflow run into a temporary SQLite store, so the study is left as it was. Run in the project root of a finished
+study:
+
+    python benchmarks/job_startup.py --repeats 5
+
+Writes results/<study>/benchmark/job_startup.json (or --out).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import arguments, parse, report
+
+from detr_sparsity.pipeline import PIPELINE, command, render, sweep_points
+
+# The stages timed, at the first point of their sweeps: short evaluations, as most of a study's jobs are.
+STAGES = ["mgs_evaluate", "sibs"]
+
+BEFORE = ("import gc, runpy; gc.disable = gc.freeze = lambda: None; "
+          "runpy.run_module('detr_sparsity', run_name='__main__')")
+VARIANTS = {"before": [sys.executable, "-c", BEFORE], "after": [sys.executable, "-m", "detr_sparsity"]}
+
+
+def job_arguments(cfg, stage_name: str, scratch: Path) -> list[str]:
+    """The job's command line after `python -m detr_sparsity`, its outputs and log redirected into `scratch`."""
+    stage = PIPELINE[stage_name]
+    point = sweep_points(stage, cfg)[0]
+    inputs = stage.command_inputs()
+
+    def fill(kind: str, name: str) -> str:
+        if kind == "axis":
+            return str(point[name])
+        if kind == "input":
+            return render(inputs[name], study=cfg.name, **point)
+        return str(scratch / name)
+
+    line = command(stage, fill, str(scratch / "job.log"))
+    return shlex.split(line)[3:]  # after "python -m detr_sparsity"
+
+
+def stage_wall(log: Path) -> float:
+    """The wall seconds the job recorded for its stage (its `cost:` line): from its MLflow run's start."""
+    found = re.findall(r"cost: ([0-9.]+) s wall", log.read_text())
+    return float(found[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = parse(arguments(__doc__, "job_startup", repeats=5), argv)
+    seconds = {stage: {name: [] for name in VARIANTS} for stage in STAGES}
+    recorded = {stage: {name: [] for name in VARIANTS} for stage in STAGES}
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}"}
+        subprocess.run([sys.executable, "-m", "detr_sparsity", "--params", str(args.params), "init_tracking"],
+                       check=True, env=env, capture_output=True)
+        for _ in range(args.repeats):
+            for stage in STAGES:
+                for name, python in VARIANTS.items():
+                    out = scratch / f"{stage}-{name}"
+                    out.mkdir(exist_ok=True)
+                    job = job_arguments(cfg, stage, out)
+                    start = time.perf_counter()
+                    subprocess.run([*python, "--params", str(args.params), *job], check=True, env=env,
+                                   capture_output=True)
+                    seconds[stage][name].append(time.perf_counter() - start)
+                    recorded[stage][name].append(stage_wall(out / "job.log"))
+    median = {stage: {name: statistics.median(s) for name, s in by.items()} for stage, by in seconds.items()}
+    outside = {stage: {name: median[stage][name] - statistics.median(recorded[stage][name]) for name in VARIANTS}
+               for stage in STAGES}
+    result = {"benchmark": "job_startup", "repeats": args.repeats, "threads": 1, "stages": STAGES,
+              "process_seconds": seconds, "median_process_seconds": median,
+              "recorded_stage_seconds": recorded, "median_seconds_outside_stage_run": outside,
+              "saved_seconds": {stage: median[stage]["before"] - median[stage]["after"] for stage in STAGES}}
+    return report(result, args.out, cfg.name, "; ".join(
+        f"{stage}: {median[stage]['before']:.2f} s before, {median[stage]['after']:.2f} s after "
+        f"(outside the stage's run {outside[stage]['before']:.2f} and {outside[stage]['after']:.2f} s)"
+        for stage in STAGES))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
