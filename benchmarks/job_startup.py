@@ -15,7 +15,6 @@ Writes results/<study>/benchmark/job_startup.json (or --out).
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 from _common import arguments, parse, report
 
 from detr_sparsity.pipeline import PIPELINE, command, render, sweep_points
+from detr_sparsity.tracking import logged_run_id, runs_by_id
 
 # The stages timed, at the first point of their sweeps: short evaluations, as most of a study's jobs are.
 STAGES = ["mgs_evaluate", "sibs"]
@@ -54,9 +54,10 @@ def job_arguments(cfg, stage_name: str, scratch: Path) -> list[str]:
 
 
 def stage_wall(log: Path) -> float:
-    """The wall seconds the job recorded for its stage (its `cost:` line): from its MLflow run's start."""
-    found = re.findall(r"cost: ([0-9.]+) s wall", log.read_text())
-    return float(found[-1])
+    """The wall seconds the job recorded for its stage, as the cost stage reads them: the `wall_seconds` of the MLflow
+    run its log names (from the run's start)."""
+    run_id = logged_run_id(log.read_text())
+    return runs_by_id([run_id])[run_id].metrics["wall_seconds"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     recorded = {stage: {name: [] for name in VARIANTS} for stage in STAGES}
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}"}
+        # The jobs' runs, and this process's reading of them (stage_wall), in a store of its own.
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "detr_sparsity", "--params", str(args.params), "init_tracking"],
                        check=True, env=env, capture_output=True)
         for _ in range(args.repeats):
