@@ -172,7 +172,7 @@ BAD_VALUES = {
     ),
     "unknown key in evaluate": (
         {"studies.synthetic.evaluate.batchsize": 4},
-        ["studies.synthetic.evaluate", "unknown key(s) batchsize", "allowed keys: batch_size, shards, split"],
+        ["studies.synthetic.evaluate", "unknown key(s) batchsize", "allowed keys: batch_size, front_end_memory_mb, shards, split"],
     ),
     "unknown key in synthetic data": (
         {"studies.synthetic.data.colour": "red"},

@@ -347,7 +347,8 @@ def test_mgs_stages_and_the_gated_model_on_detr_r50(stages, data_dir):
     from detr_sparsity.evaluation.evaluate import evaluation_split
     from detr_sparsity.execution.gated_detr import load_gated_detr
     from detr_sparsity.mgs.block_inputs import BlockInputs
-    from detr_sparsity.mgs.front_end import FrontEndCache, cached_front_end
+    from detr_sparsity.mgs.front_end import FrontEndCache
+    from detr_sparsity.models.front_end import cached_front_end
 
     budget = {"cache": {"split": "train", "images": 0, "batch_size": 2, "tokens_per_image": 0},
               "local": {"steps": 2, "batch_tokens": 64, "learning_rate": 0.01, "pos_weight": 1.0, "held_out": 0.5},

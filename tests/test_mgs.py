@@ -10,10 +10,11 @@ from transformers import DetrImageProcessorPil
 
 from detr_sparsity.execution.gated_detr import add_gates, load_gated_detr
 from detr_sparsity.mgs.calibration import calibrate_gate_alone, calibrate_gates, gated_sparsity
-from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache, cached_front_end
+from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache
 from detr_sparsity.mgs.gates import MicroGate, gate_metadata, load_gate_set, load_gates, make_gates, save_gates
 from detr_sparsity.mgs.objectives import OBJECTIVES, objective_loss, oracle_groups
 from detr_sparsity.mgs.training import GateTraining, train_gates
+from detr_sparsity.models.front_end import cached_front_end
 from detr_sparsity.models.load import weights_digest
 from detr_sparsity.sparsity.ffn import SparseFFN, ffn_blocks, sparse_ffns
 

@@ -36,7 +36,7 @@ TINY = {
                      "one_to_many_fraction": 0.5, "activation_l1": 0.5,
                      "denoising": {"groups": 0, "box_noise": 0.4, "label_noise": 0.2}, "checkpoint_every": 2},
     },
-    "evaluate": {"split": "val", "batch_size": 3, "shards": 1},
+    "evaluate": {"split": "val", "batch_size": 3, "shards": 1, "front_end_memory_mb": 64},
     "mgs": {"cache": {"split": "train", "images": 8, "batch_size": 4, "tokens_per_image": 0},
             "local": {"steps": 5, "batch_tokens": 32, "learning_rate": 0.05, "pos_weight": 1.0, "held_out": 0.25},
             "training": {"steps": 4, "batch_size": 4, "learning_rate": 0.05, "multiplier_rate": 0.5,

@@ -23,6 +23,7 @@ from detr_sparsity.data.dataset import CocoDetection, DetrCollate, Split, image_
 from detr_sparsity.evaluation.coco_eval import AP_METRICS, GroundTruthError, coco_ap, ground_truth_problem
 from detr_sparsity.evaluation.detections import detect
 from detr_sparsity.evaluation.flops import FLOPS_CONVENTION, FlopCount, flops_per_image
+from detr_sparsity.evaluation.front_end import EvaluationFrontEnd
 from detr_sparsity.evaluation.shards import WHOLE_SPLIT, Sharding, gather_partials, shard_batches, write_partial
 from detr_sparsity.sparsity.ffn import FFNSparsity, Observer, sparse_ffns
 from detr_sparsity.sparsity.policies import Policy
@@ -32,11 +33,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvaluationSplit:
     """The split a study is evaluated on, with its loader (DETR's resize and padding, no labels): the whole
-    split, or one shard's batches of it."""
+    split, or one shard's batches of it; and the loader's batches through the front end, as the job's evaluation
+    passes run them (kept across its passes where they fit `evaluate.front_end_memory_mb`)."""
 
     split: Split
     processor: DetrImageProcessorPil
     loader: DataLoader
+    front_end: EvaluationFrontEnd
     sharding: Sharding = WHOLE_SPLIT
     images: int = 0  # in the whole split, whichever part this job runs
 
@@ -60,7 +63,8 @@ def evaluation_split(cfg: StudyConfig, data_dir: Path, split_name: str | None = 
         log.info("%s: batches %d-%d of %d (%d images)", sharding.describe(), batches.start + 1, batches.stop, total,
                  len(part))
     loader = DataLoader(part, batch_size=batch_size, collate_fn=DetrCollate(processor, with_labels=False))
-    return EvaluationSplit(split, processor, loader, sharding, len(dataset))
+    front_end = EvaluationFrontEnd(loader, cfg.evaluate["front_end_memory_mb"] * 2**20)
+    return EvaluationSplit(split, processor, loader, front_end, sharding, len(dataset))
 
 
 def evaluate_policies(model: DetrForObjectDetection, data: EvaluationSplit, policies: Mapping[str, Policy],
@@ -87,14 +91,16 @@ def run_evaluation(model: DetrForObjectDetection, data: EvaluationSplit, policie
     activations (`sparsity.ffn.Observer`)."""
     flops = FlopCount()
     checked: dict = {}
-    with sparse_ffns(model, policies) as sparsity:
+    # The front end's stand-in first: the FFN wrappers read the encoder's token mask from its output.
+    with data.front_end.serving(model) as batches, sparse_ffns(model, policies) as sparsity:
         if observer is not None:
             sparsity.add_observer(observer)
         if data.sharding.gathers:
             detections = gather_partials(data.sharding.partials_for(detections_path), flops, sparsity)
         else:
-            detections = detect(model, data.processor, data.loader, total=len(data.loader),
-                                around_forward=lambda batch: flops.forward(batch["pixel_values"]),
+            detections = detect(model, data.processor, batches, total=len(data.loader),
+                                around_forward=lambda batch: flops.forward(batch["pixel_values"],
+                                                                           batch["front_end_flops"]),
                                 start_batch=lambda batch: [p.start_batch(batch["image_ids"]) for p in policies.values()])
             if check is not None:
                 checked = check(detections)

@@ -55,10 +55,13 @@ class FlopCount:
         self.mode = None
 
     @contextmanager
-    def forward(self, pixel_values: torch.Tensor) -> Iterator[None]:
-        """Around one forward pass of the batch `pixel_values` (its images are counted too)."""
+    def forward(self, pixel_values: torch.Tensor, front_end_flops: int = 0) -> Iterator[None]:
+        """Around one forward pass of the batch `pixel_values` (its images are counted too). A forward run from
+        the front end's outputs (`evaluation.front_end`) gives the front end's FLOPs on the batch, counted where it
+        ran, as `front_end_flops`: they join the whole model's count ('Global')."""
         shape = tuple(pixel_values.shape)
         self.images += shape[0]
+        self._add({"Global": front_end_flops})
         if shape in self._confirmed:
             yield
             self._add(self._confirmed[shape])

@@ -34,8 +34,9 @@ from transformers import DetrForObjectDetection
 
 from detr_sparsity.mgs.block_inputs import BlockInputs, record_block_inputs
 from detr_sparsity.mgs.calibration import calibrate_gates
-from detr_sparsity.mgs.front_end import FrontEndCache, cached_front_end
+from detr_sparsity.mgs.front_end import FrontEndCache
 from detr_sparsity.mgs.gates import MicroGate
+from detr_sparsity.models.front_end import cached_front_end
 from detr_sparsity.sparsity.blocks import block_order
 from detr_sparsity.sparsity.ffn import ffn_blocks
 

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 from transformers import DetrForObjectDetection, DetrImageProcessorPil
 
 from detr_sparsity.data.dataset import CocoDetection, DetrCollate, Split
-from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache, cached_front_end
+from detr_sparsity.mgs.front_end import FrontEndCache, build_front_end_cache
 from detr_sparsity.mgs.gates import MicroGate
+from detr_sparsity.models.front_end import cached_front_end
 from detr_sparsity.sparsity.ffn import sparse_ffns
 from detr_sparsity.sparsity.policies import Policy
 

@@ -3,7 +3,7 @@
 Gate training never changes the dense model, so the projected feature map of each training image is the
 same at every step and for every sparsity target; so are the dense model's own outputs, which the
 distillation objective learns from. `build_front_end_cache` computes both once (stage `mgs_cache`);
-`cached_front_end` makes the model read them through DETR's own forward (position embeddings, masks and
+`models.front_end.cached_front_end` makes the model read them through DETR's own forward (position embeddings, masks and
 the loss are computed as usual from the cached feature map and its mask).
 
 Each image's feature map is stored cropped to its real (unpadded) region, as DETR pads at the bottom and
@@ -14,14 +14,12 @@ they would in any batch.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm import tqdm
 from transformers import DetrForObjectDetection
 
@@ -117,45 +115,3 @@ def build_front_end_cache(model: DetrForObjectDetection, batches: Iterable[dict]
                          label_classes=torch.cat(classes).to(torch.int64), label_boxes=torch.cat(boxes),
                          label_counts=torch.tensor(counts, dtype=torch.int64),
                          teacher_logits=torch.cat(logits), teacher_boxes=torch.cat(pred_boxes))
-
-
-class _CachedBackbone(nn.Module):
-    """Stands in for DETR's backbone: returns the cached (already projected) feature map of the batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def forward(self, pixel_values, pixel_mask):
-        if self.batch is None:
-            raise RuntimeError("no cached batch: build the model inputs with CachedFrontEnd.inputs first")
-        return [self.batch]
-
-
-class CachedFrontEnd:
-    """`model(**front.inputs(features, mask), ...)` runs DETR from cached features."""
-
-    def __init__(self, backbone: _CachedBackbone) -> None:
-        self._backbone = backbone
-
-    def inputs(self, features: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._backbone.batch = (features, mask)
-        # With the backbone replaced, DETR reads only the batch size and device of pixel_values.
-        placeholder = torch.empty(features.shape[0], 3, 1, 1, device=features.device, dtype=features.dtype)
-        return {"pixel_values": placeholder, "pixel_mask": mask.long()}
-
-
-@contextmanager
-def cached_front_end(model: DetrForObjectDetection) -> Iterator[CachedFrontEnd]:
-    """Replace the backbone and input projection by the cache for the duration; restore them on exit.
-
-    Enter it before `sparse_ffns`, whose encoder token mask is read from the (stand-in) backbone's output.
-    """
-    inner = model.model
-    backbone, projection = inner.backbone, inner.input_projection
-    stand_in = _CachedBackbone()
-    inner.backbone, inner.input_projection = stand_in, nn.Identity()
-    try:
-        yield CachedFrontEnd(stand_in)
-    finally:
-        inner.backbone, inner.input_projection = backbone, projection

@@ -30,9 +30,10 @@ from tqdm import tqdm
 from transformers import DetrForObjectDetection
 
 from detr_sparsity.atomic import atomic_path
-from detr_sparsity.mgs.front_end import FrontEndCache, cached_front_end
+from detr_sparsity.mgs.front_end import FrontEndCache
 from detr_sparsity.mgs.gates import MicroGate
 from detr_sparsity.mgs.objectives import check_objective, needs_labels, objective_loss
+from detr_sparsity.models.front_end import cached_front_end
 from detr_sparsity.sparsity.ffn import FFNSparsity, sparse_ffns
 
 log = logging.getLogger(__name__)
