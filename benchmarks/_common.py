@@ -56,6 +56,22 @@ def counting_sparse_ffns(model, gates, counting):
     return sparse_ffns(model, gates, counting=True)
 
 
+def masking_points(cfg: StudyConfig, model, points: list[str]):
+    """Each 'METHOD:KEEP_RATIO' point (`--points`) of stage `masking` as the stage evaluates it: (method, keep-ratio,
+    its scopes' policy factory, `masking.scope_policies`), the threshold oracle calibrated as the stage calibrates it
+    (outside whatever the caller times)."""
+    from detr_sparsity.sparsity.ffn import ffn_blocks  # torch: only the masking benchmarks need these
+    from detr_sparsity.stages.masking import calibration_record, scope_policies
+
+    blocks = list(ffn_blocks(model))
+    data_dir = path("data", "out", cfg.name)
+    for point in points:
+        method, keep_ratio = point.split(":")
+        keep_ratio = float(keep_ratio)
+        calibration = calibration_record(cfg, model, data_dir, keep_ratio) if method == "threshold" else None
+        yield method, keep_ratio, scope_policies(method, keep_ratio, cfg.seed, blocks, calibration)
+
+
 def report(result: dict, out: Path | None, study: str, summary: str) -> int:
     """Write a benchmark's `result` with the machine's environment added (last) to `out`, by default
     results/<study>/benchmark/<result["benchmark"]>.json beside the benchmark stage's output; print `summary` and

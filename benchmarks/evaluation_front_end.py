@@ -28,9 +28,8 @@ from detr_sparsity.models.load import load_detr
 from detr_sparsity.pipeline import path
 from detr_sparsity.sparsity.blocks import ALL_BLOCKS
 from detr_sparsity.sparsity.ffn import ffn_blocks
-from detr_sparsity.stages.masking import calibration_record, scope_policies
 
-from _common import arguments, parse, report
+from _common import arguments, masking_points, parse, report
 
 VARIANTS = ("recomputed_every_pass", "kept")
 
@@ -43,15 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = path("data", "out", cfg.name)
     memory_mb = cfg.evaluate["front_end_memory_mb"]
     model = load_detr(path("model", "out", cfg.name))
-    blocks = list(ffn_blocks(model))
-    scopes = [ALL_BLOCKS, *blocks]
+    scopes = [ALL_BLOCKS, *ffn_blocks(model)]
     points = []
-    for point in args.points:
-        method, keep_ratio = point.split(":")
-        keep_ratio = float(keep_ratio)
-        calibration = calibration_record(cfg, model, data_dir, keep_ratio) if method == "threshold" else None
-        policies_for = scope_policies(method, keep_ratio, cfg.seed, blocks, calibration)
-
+    for method, keep_ratio, policies_for in masking_points(cfg, model, args.points):
         seconds: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
         rows, detections = {}, {}
         with tempfile.TemporaryDirectory() as scratch:
@@ -68,13 +61,13 @@ def main(argv: list[str] | None = None) -> int:
                                      for scope, row in found.items()}
                     detections[variant] = {scope: (out / f"{scope}.json").read_bytes() for scope in scopes}
         if rows["kept"] != rows["recomputed_every_pass"] or detections["kept"] != detections["recomputed_every_pass"]:
-            print(f"error: {point}: the kept front end gave other rows or detections", file=sys.stderr)
+            print(f"error: {method}:{keep_ratio}: the kept front end gave other rows or detections", file=sys.stderr)
             return 1
         medians = {variant: statistics.median(s) for variant, s in seconds.items()}
         points.append({"method": method, "keep_ratio": keep_ratio, "scopes": len(scopes), "seconds": seconds,
                        "median_seconds": medians, "speedup": medians["recomputed_every_pass"] / medians["kept"],
                        "same_rows_and_detections": True})
-        print(f"{point}: {medians['recomputed_every_pass']:.1f} s recomputed every pass, {medians['kept']:.1f} s "
+        print(f"{method}:{keep_ratio}: {medians['recomputed_every_pass']:.1f} s recomputed every pass, {medians['kept']:.1f} s "
               "kept", file=sys.stderr)
     result = {"benchmark": "evaluation_front_end", "study": cfg.name, "images": data.images,
               "front_end_memory_mb": memory_mb, "threads": args.threads, "repeats": args.repeats, "points": points}

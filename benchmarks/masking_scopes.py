@@ -25,9 +25,8 @@ from detr_sparsity.models.load import load_detr
 from detr_sparsity.pipeline import path
 from detr_sparsity.sparsity.blocks import ALL_BLOCKS
 from detr_sparsity.sparsity.ffn import ffn_blocks
-from detr_sparsity.stages.masking import calibration_record, scope_policies
 
-from _common import arguments, parse, report
+from _common import arguments, masking_points, parse, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,18 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", nargs="+", default=["topk:0.5", "topk:0.1", "random:0.5", "threshold:0.5"],
                         metavar="METHOD:KEEP_RATIO")
     args, cfg = parse(parser, argv)
-    data_dir = path("data", "out", cfg.name)
-    data = evaluation_split(cfg, data_dir)
+    data = evaluation_split(cfg, path("data", "out", cfg.name))
     model = load_detr(path("model", "out", cfg.name))
-    blocks = list(ffn_blocks(model))
-    scopes = [ALL_BLOCKS, *blocks]
+    scopes = [ALL_BLOCKS, *ffn_blocks(model)]
     points = []
-    for point in args.points:
-        method, keep_ratio = point.split(":")
-        keep_ratio = float(keep_ratio)
-        calibration = calibration_record(cfg, model, data_dir, keep_ratio) if method == "threshold" else None
-        policies_for = scope_policies(method, keep_ratio, cfg.seed, blocks, calibration)
-
+    for method, keep_ratio, policies_for in masking_points(cfg, model, args.points):
         seconds: dict[str, list[float]] = {"each_scope_alone": [], "together": []}
         rows = {}
         with tempfile.TemporaryDirectory() as scratch:
@@ -63,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows[variant] = {scope: {k: v for k, v in row.items() if k != "detections"}
                                      for scope, row in found.items()}
         if rows["together"] != rows["each_scope_alone"]:
-            print(f"error: {point}: the scopes evaluated together gave other rows than each alone", file=sys.stderr)
+            print(f"error: {method}:{keep_ratio}: the scopes evaluated together gave other rows than each alone", file=sys.stderr)
             return 1
         drop_nothing = [scope for scope, row in rows["together"].items()
                         if row["effective_sparsity"]["overall"] == row["natural_sparsity"]["overall"]]
@@ -71,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         points.append({"method": method, "keep_ratio": keep_ratio, "scopes": len(scopes),
                        "scopes_dropping_nothing": drop_nothing, "seconds": seconds, "median_seconds": medians,
                        "speedup": medians["each_scope_alone"] / medians["together"], "same_rows": True})
-        print(f"{point}: {len(drop_nothing)} of {len(scopes)} scopes drop nothing; {medians['each_scope_alone']:.1f} s "
+        print(f"{method}:{keep_ratio}: {len(drop_nothing)} of {len(scopes)} scopes drop nothing; {medians['each_scope_alone']:.1f} s "
               f"each alone, {medians['together']:.1f} s together", file=sys.stderr)
     result = {"benchmark": "masking_scopes", "study": cfg.name, "images": data.images, "threads": args.threads,
               "repeats": args.repeats, "points": points}
