@@ -12,8 +12,12 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	# torch first and pinned: plain `torch` would pull the CUDA build.
 	$(PYTHON) -m pip install --quiet --no-compile --upgrade pip
-	$(PYTHON) -m pip install --quiet --no-compile torch==2.13.0
-	$(PYTHON) -m pip install --quiet --no-compile -e '.[test]'
+	$(PYTHON) -m pip install --quiet --no-compile torch==2.13.0 ninja
+	# The sparse FFN's C++ kernel (execution/cpu_kernel.py) is built for this CPU on the other core while pip
+	# installs the rest: else the benchmark stage builds it, alone on the machine at the end of a fresh clone's
+	# study (26 s). It needs only torch and ninja; best effort, as at first use.
+	PYTHONPATH=src $(PYTHON) -m detr_sparsity.execution.cpu_kernel & kernel=$$!; \
+	    $(PYTHON) -m pip install --quiet --no-compile -e '.[test]' && wait $$kernel
 	# Byte-compiled on every core instead of by pip, one file at a time (benchmarks/install.py); best effort, as
 	# pip's: a file that does not compile (torch ships one in Python 3.12 syntax) is left to the interpreter.
 	$(PYTHON) -c 'import compileall, sysconfig; compileall.compile_dir(sysconfig.get_path("purelib"), quiet=2, workers=0)'

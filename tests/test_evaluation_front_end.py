@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -85,16 +86,19 @@ def test_passes_from_the_kept_front_end_are_the_full_forwards_and_read_no_image_
     assert expected[1] > 0 and len(expected[0]) == split.images * detr.config.num_queries
 
 
-def test_a_split_over_the_memory_limit_and_another_model_are_computed_again(tiny, tmp_path, image_reads):
+def test_a_split_over_the_memory_limit_and_another_model_are_computed_again(tiny, tmp_path, image_reads, caplog):
     cfg, work, detr = tiny
     split = evaluation_split(cfg, work / "data")
     split.front_end = EvaluationFrontEnd(split.loader, memory_bytes=1)  # less than one batch's feature map
     blocks = list(ffn_blocks(detr))
     expected = _plain(detr, split, _policies(blocks))
     image_reads.clear()
-    for name in ("a", "b"):
-        assert _through_front_end(detr, split, _policies(blocks), tmp_path / f"{name}.json") == expected
+    with caplog.at_level(logging.INFO, logger="detr_sparsity.evaluation.front_end"):
+        for name in ("a", "b"):
+            assert _through_front_end(detr, split, _policies(blocks), tmp_path / f"{name}.json") == expected
     assert len(image_reads) == 2 * split.images
+    # The first pass finds that the split does not fit; the second keeps nothing, so it says so only once.
+    assert sum("takes more than" in record.getMessage() for record in caplog.records) == 1
 
     # Kept for one model, not served to another: a model with another backbone gets its own front end.
     split = evaluation_split(cfg, work / "data")

@@ -2,7 +2,7 @@
 orientations, and kept at the model's input size (uint8); a batch is then only stacked, rescaled, normalised and
 padded, the arithmetic of DETR's processor done in torch.
 
-Pretraining draws every image about eleven times (5,500 steps of 16 over 8,000 images). Read, decoded, mirrored
+Pretraining draws every image about ten times (5,000 steps of 16 over 8,000 images). Read, decoded, mirrored
 and processed at every step, a batch took 30 ms of each 230-260 ms step, on the step's critical path; prepared once
 (22 s for the 8,000 images, both orientations) it takes 3 ms (`benchmarks/train_images.py`, AVX-512 class). The
 inputs are the processor's own bit for bit: pixel values and masks for any image sizes, labels too where a batch

@@ -55,6 +55,7 @@ class EvaluationFrontEnd:
         self.memory_bytes = memory_bytes
         self._kept: list[_FrontEndBatch] | None = None  # every batch's, once a whole pass has kept them
         self._model: DetrForObjectDetection | None = None  # the model they were computed with
+        self._over_limit = False  # a pass found that they take more than memory_bytes: later passes keep none
 
     @contextmanager
     def serving(self, model: DetrForObjectDetection) -> Iterator[Iterator[dict]]:
@@ -63,7 +64,7 @@ class EvaluationFrontEnd:
         placeholder pixels of the images' shape and `front_end_flops`. Iterate them one at a time, running the
         model on each before taking the next."""
         if self._model is not model:
-            self._kept, self._model = None, model
+            self._kept, self._model, self._over_limit = None, model, False
         backbone, projection = model.model.backbone, model.model.input_projection
         with cached_front_end(model) as front:
             yield self._batches(front, backbone, projection, model.device)
@@ -73,7 +74,7 @@ class EvaluationFrontEnd:
             for entry in self._kept:
                 yield _served(front, entry, device)
             return
-        kept: list[_FrontEndBatch] | None = [] if self.memory_bytes > 0 else None
+        kept: list[_FrontEndBatch] | None = [] if self.memory_bytes > 0 and not self._over_limit else None
         size = 0
         for batch in self.loader:
             entry = _computed(backbone, projection, batch, device)
@@ -82,7 +83,7 @@ class EvaluationFrontEnd:
                 if size > self.memory_bytes:
                     log.info("the front end of the %d batches of this split takes more than %d MB: every pass "
                              "runs it again", len(self.loader), self.memory_bytes // 2**20)
-                    kept = None
+                    kept, self._over_limit = None, True
                 else:
                     kept.append(entry)
             yield _served(front, entry, device)

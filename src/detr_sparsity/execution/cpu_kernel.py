@@ -394,3 +394,11 @@ def extension_name(instruction_set: str = "native") -> str:
     flags = cpu_flags() or frozenset({platform.processor() or "unknown"})
     key = build_key(compile_flags(instruction_set) + LDFLAGS, flags, platform.machine())
     return f"{EXTENSION_NAME}_{capability}_{key}"
+
+
+if __name__ == "__main__":
+    # `python -m detr_sparsity.execution.cpu_kernel`: build (or find) this CPU's native kernel now, as `make install`
+    # does beside pip; best effort, as at first use: a failed build is logged and the jobs take the PyTorch path.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    kernel = cpu_kernel()
+    log.info("sparse FFN: C++ kernel %s", "ready" if kernel is not None else "not built")

@@ -60,7 +60,8 @@ class FrontEndCache:
             features[row, :, :rh, :rw] = tokens.T.reshape(d, rh, rw)
             mask[row, :rh, :rw] = True
             a, b = self._label_start[i], self._label_start[i + 1]
-            labels.append({"class_labels": self.label_classes[a:b].to(device), "boxes": self.label_boxes[a:b].to(device)})
+            labels.append({"class_labels": self.label_classes[a:b].to(device),
+                           "boxes": self.label_boxes[a:b].to(device)})
         return {"features": features.to(device), "mask": mask.to(device), "labels": labels,
                 "teacher_logits": self.teacher_logits[index].to(device),
                 "teacher_boxes": self.teacher_boxes[index].to(device)}
