@@ -12,10 +12,11 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	# torch first and pinned: plain `torch` would pull the CUDA build.
 	$(PYTHON) -m pip install --quiet --no-compile --upgrade pip
-	$(PYTHON) -m pip install --quiet --no-compile torch==2.13.0 ninja
+	$(PYTHON) -m pip install --quiet --no-compile torch==2.13.0 ninja numpy
 	# The sparse FFN's C++ kernel (execution/cpu_kernel.py) is built for this CPU on the other core while pip
 	# installs the rest: else the benchmark stage builds it, alone on the machine at the end of a fresh clone's
-	# study (26 s). It needs only torch and ninja; best effort, as at first use.
+	# study (26 s; benchmarks/install.py). It needs torch and ninja (numpy only to spare torch's warning at import);
+	# best effort, as at first use.
 	PYTHONPATH=src $(PYTHON) -m detr_sparsity.execution.cpu_kernel & kernel=$$!; \
 	    $(PYTHON) -m pip install --quiet --no-compile -e '.[test]' && wait $$kernel
 	# Byte-compiled on every core instead of by pip, one file at a time (benchmarks/install.py); best effort, as
