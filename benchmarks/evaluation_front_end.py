@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         points.append({"method": method, "keep_ratio": keep_ratio, "scopes": len(scopes), "seconds": seconds,
                        "median_seconds": medians, "speedup": medians["recomputed_every_pass"] / medians["kept"],
                        "same_rows_and_detections": True})
-        print(f"{method}:{keep_ratio}: {medians['recomputed_every_pass']:.1f} s recomputed every pass, {medians['kept']:.1f} s "
-              "kept", file=sys.stderr)
+        print(f"{method}:{keep_ratio}: {medians['recomputed_every_pass']:.1f} s recomputed every pass, "
+              f"{medians['kept']:.1f} s kept", file=sys.stderr)
     result = {"benchmark": "evaluation_front_end", "study": cfg.name, "images": data.images,
               "front_end_memory_mb": memory_mb, "threads": args.threads, "repeats": args.repeats, "points": points}
     return report(result, args.out, cfg.name, "; ".join(

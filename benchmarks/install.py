@@ -13,7 +13,8 @@ Each variant builds a fresh virtual environment in a temporary folder from this 
 install compiled). Needs the package index `make install` uses; run in the project root:
 
     python benchmarks/install.py --repeats 2
-    python benchmarks/install.py --repeats 2 --variants byte_compiled make_install --out benchmarks/results/install_kernel.json
+    python benchmarks/install.py --repeats 2 --variants byte_compiled make_install \
+        --out benchmarks/results/install_kernel.json
 
 Writes results/<study>/benchmark/install.json (or --out).
 """

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows[variant] = {scope: {k: v for k, v in row.items() if k != "detections"}
                                      for scope, row in found.items()}
         if rows["together"] != rows["each_scope_alone"]:
-            print(f"error: {method}:{keep_ratio}: the scopes evaluated together gave other rows than each alone", file=sys.stderr)
+            print(f"error: {method}:{keep_ratio}: the scopes evaluated together gave other rows than each alone",
+                  file=sys.stderr)
             return 1
         drop_nothing = [scope for scope, row in rows["together"].items()
                         if row["effective_sparsity"]["overall"] == row["natural_sparsity"]["overall"]]
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         points.append({"method": method, "keep_ratio": keep_ratio, "scopes": len(scopes),
                        "scopes_dropping_nothing": drop_nothing, "seconds": seconds, "median_seconds": medians,
                        "speedup": medians["each_scope_alone"] / medians["together"], "same_rows": True})
-        print(f"{method}:{keep_ratio}: {len(drop_nothing)} of {len(scopes)} scopes drop nothing; {medians['each_scope_alone']:.1f} s "
-              f"each alone, {medians['together']:.1f} s together", file=sys.stderr)
+        print(f"{method}:{keep_ratio}: {len(drop_nothing)} of {len(scopes)} scopes drop nothing; "
+              f"{medians['each_scope_alone']:.1f} s each alone, {medians['together']:.1f} s together", file=sys.stderr)
     result = {"benchmark": "masking_scopes", "study": cfg.name, "images": data.images, "threads": args.threads,
               "repeats": args.repeats, "points": points}
     return report(result, args.out, cfg.name, "; ".join(
