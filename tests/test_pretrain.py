@@ -100,11 +100,18 @@ def _processors_batch(collate: DetrCollate, dataset, seed: int, epoch: int) -> d
                     for i in range(len(dataset))])
 
 
-def test_prepared_train_batches_are_detr_processors_own_bit_for_bit(train_split):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_prepared_train_batches_are_detr_processors_own_bit_for_bit(train_split, threads):
     """Two epochs of the 12 square images (some mirrored in each, not the same ones): pixel values, masks, labels
-    and sizes identical to DETR's processor on each image read, decoded and mirrored for the batch."""
+    and sizes identical to DETR's processor on each image read, decoded and mirrored for the batch, whether the
+    images are prepared on one thread or on several (the job's torch threads)."""
     processor = image_processor(InputSize(64, 64))
-    prepared = TrainImages(train_split, processor, seed=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        prepared = TrainImages(train_split, processor, seed=3)
+    finally:
+        torch.set_num_threads(before)
     collate = DetrCollate(processor, with_labels=True)
     flips = {epoch: [is_flipped(3, epoch, i) for i in range(len(train_split))] for epoch in (0, 1)}
     assert all(0 < sum(f) < len(f) for f in flips.values()) and flips[0] != flips[1]

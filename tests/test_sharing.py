@@ -88,3 +88,23 @@ def test_recorded_in_dvc_as_dvc_commit_records_it_without_the_run_cache(tmp_path
         assert (status.stdout.strip() or "{}") == "{}"  # every stage recorded
     else:
         assert "leaf" in status.stdout  # the stage standing for `paper`, not recorded without LaTeX
+
+
+def test_recorded_in_dvc_with_each_path_built_once(tmp_path, monkeypatch):
+    """A path several stages depend on (made.txt: `use` and `leaf`) is walked and hashed once, as a dependency, and
+    an output once more (it goes to DVC's cache), where DVC alone builds it again for every stage; and DVC's own
+    build is back in place afterwards."""
+    import dvc.output
+
+    original, builds = dvc.output.build, []
+
+    def counted(odb, path, fs, name, **kwargs):
+        builds.append((os.path.basename(path), kwargs.get("dry_run", False)))
+        return original(odb, path, fs, name, **kwargs)
+
+    monkeypatch.setattr(dvc.output, "build", counted)
+    monkeypatch.setattr(sharing, "dvc_leaves", lambda: None)
+    monkeypatch.chdir(dvc_project(tmp_path / "project"))
+    assert sharing.record_in_dvc() == 3
+    assert dvc.output.build is counted
+    assert sorted(builds) == sorted({*builds}) and ("made.txt", True) in builds, builds

@@ -143,10 +143,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
     """Write `obj` as JSON to `path` atomically (sorted keys, so equal content gives equal bytes)."""
+    # json.dumps, not json.dump: dump always encodes in Python, dumps in C where indent is None (the detections
+    # files: 3x faster), and both write the same text.
+    text = json.dumps(obj, indent=indent, sort_keys=True)
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent, sort_keys=True)
-            f.write("\n")
+            f.write(text + "\n")
 
 
 @contextmanager

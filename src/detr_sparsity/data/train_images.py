@@ -4,17 +4,18 @@ padded, the arithmetic of DETR's processor done in torch.
 
 Pretraining draws every image about ten times (5,000 steps of 16 over 8,000 images). Read, decoded, mirrored
 and processed at every step, a batch took 30 ms of each 230-260 ms step, on the step's critical path; prepared once
-(22 s for the 8,000 images, both orientations) it takes 3 ms (`benchmarks/train_images.py`, AVX-512 class). The
-inputs are the processor's own bit for bit: pixel values and masks for any image sizes, labels too where a batch
-needs no padding (the default study's square images never do). Where it does, DETR's processor scales a padded
-image's boxes to the batch's canvas and `visible_frame` scales them back, which can move them by a rounding error;
-here they are the image's own, never scaled.
+(22 s for the 8,000 images, both orientations, on one thread; now on the job's threads) it takes 3 ms
+(`benchmarks/train_images.py`, AVX-512 class). The inputs are the processor's own bit for bit: pixel values and
+masks for any image sizes, labels too where a batch needs no padding (the default study's square images never do).
+Where it does, DETR's processor scales a padded image's boxes to the batch's canvas and `visible_frame` scales them
+back, which can move them by a rounding error; here they are the image's own, never scaled.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image
@@ -56,15 +57,23 @@ class TrainImages(Dataset):
         self._rescale = processor.rescale_factor
         self._mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(processor.image_std, dtype=torch.float32).view(-1, 1, 1)
-        for index in range(len(dataset)):
-            image, target = dataset[index]
-            self.image_ids.append(target["image_id"])
-            self.orig_sizes.append((image.height, image.width))
-            self.prepared.append((self._prepare(processor, image, target),
-                                  self._prepare(processor, *mirrored(image, target))))
+        # On the job's threads: reading, decoding and resizing release the GIL for most of their time (the default
+        # study's 8,000 images: 17.9 s on one thread, 14.9 s on two, the same images; AVX-512 class,
+        # `benchmarks/train_image_threads.py`). Each image is prepared as alone, kept in the split's order.
+        with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+            for image_id, size, pair in pool.map(lambda index: self._prepare_both(processor, *dataset[index]),
+                                                 range(len(dataset))):
+                self.image_ids.append(image_id)
+                self.orig_sizes.append(size)
+                self.prepared.append(pair)
         held = sum(p.numel() for pair in self.prepared for p, _labels in pair)
         log.info("prepared %d train images in both orientations at the model's input size (%.0f MB)", len(self),
                  held / 2 ** 20)
+
+    def _prepare_both(self, processor: DetrImageProcessorPil, image: Image.Image, target: dict):
+        """The image's id, its original (h, w), and its prepared pair: as it is, mirrored."""
+        return target["image_id"], (image.height, image.width), (self._prepare(processor, image, target),
+                                                                  self._prepare(processor, *mirrored(image, target)))
 
     def _prepare(self, processor: DetrImageProcessorPil, image: Image.Image, target: dict) -> tuple[torch.Tensor, dict]:
         encoded = processor(images=[image], annotations=[target], **self._resize_only)
