@@ -4,7 +4,9 @@
 import os
 import sys
 import uuid
+from pathlib import Path
 
+from detr_sparsity import job_server
 from detr_sparsity.cli import load_study
 from detr_sparsity.pipeline import PAPER, RESULTS, path, render
 from detr_sparsity.reporting.paper import toolchain_missing
@@ -42,12 +44,21 @@ if LATEX_MISSING:
     print(f"NOTE: {LATEX_MISSING}", file=sys.stderr)
 
 
+# The job server of a local run (job_server.py): its jobs start from a process that imported torch, transformers and
+# MLflow once, instead of each spending seconds of a core importing them. Cluster jobs start as before.
+JOB_SERVER = []
+
+
 onstart:
     # One process creates the MLflow store and experiment before parallel jobs open it.
     shell("python -m detr_sparsity init_tracking")
+    if workflow.local_exec:
+        JOB_SERVER.append(job_server.start(os.getpid(), Path(".snakemake/log/job_server.log")))
 
 
 onsuccess:
+    for server in JOB_SERVER:
+        job_server.stop(server)
     # Record what Snakemake produced in dvc.lock and DVC's cache (`dvc commit --force`, without DVC's run cache:
     # sharing.record_in_dvc): DVC versions the artifacts, and a following `dvc repro` or `dvc status` sees the same
     # pipeline as up to date. Without LaTeX the paper stage did not run: record everything upstream of it.
@@ -64,6 +75,8 @@ onsuccess:
 
 
 onerror:
+    for server in JOB_SERVER:
+        job_server.stop(server)
     # A cluster job killed for its memory: Snakemake names the rule and the job's log; this names the setting.
     for hint in memory_hints(log):
         print(hint, file=sys.stderr)

@@ -160,7 +160,8 @@ def test_a_stage_depends_on_what_it_imports_indirectly():
 def test_libraries_import_no_stage_and_no_entry_point():
     for file in PACKAGE.rglob("*.py"):
         relative = file.relative_to(PACKAGE).as_posix()
-        if relative.startswith("stages/") or relative in ("cli.py", "__main__.py", "sharing.py"):
+        # the entry point: the CLI, `python -m`, and the job server that runs the CLI's jobs in its children
+        if relative.startswith("stages/") or relative in ("cli.py", "__main__.py", "job_server.py", "sharing.py"):
             continue
         imported = package_imports(file)
         assert not any(m.startswith("detr_sparsity.stages") for m in imported), relative
@@ -497,6 +498,11 @@ def test_snakemake_runs_the_study_and_reruns_only_what_changed(study):
                 "mgs_local", "mgs_train", "mgs_calibrate-group_activity-0.5", "mgs_calibrate-distillation-0.5",
                 "mgs_evaluate-distillation-0.5", "mgs_single-0.5", "summary", "benchmark"):
         assert (root / f"results/synthetic/logs/{log}.log").stat().st_size > 0
+    # The jobs after the model were started by the run's job server (job_server.py), which has left with the run.
+    for log in ("evaluate-dense", "masking-topk-0.25", "mgs_train", "summary"):
+        assert "started by the job server" in (root / f"results/synthetic/logs/{log}.log").read_text(), log
+    socket = re.search(r"serving (\S+) for Snakemake process", (root / ".snakemake/log/job_server.log").read_text())[1]
+    assert not Path(socket).exists()
     # The gate-training chain (the study's longest path after the model) starts before the sweeps beside it.
     first_run = sorted((root / ".snakemake/log").glob("*.snakemake.log"))[0].read_text()
     started = [line.split(": ")[1] for line in first_run.splitlines() if re.match(r"Job \d+: \w+:", line)]

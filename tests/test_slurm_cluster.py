@@ -187,11 +187,16 @@ def test_every_job_is_an_sbatch_job_completed_with_its_resources(study):
     compiled = {p.name.split(".")[0] for p in (root / "src/detr_sparsity/stages/__pycache__").glob("*.pyc")}
     assert set(study["counts"]) <= compiled
     assert not (root / "mlflow.db").exists()  # every run went to the tracking server
+    # Each in a process of its own: the job server serves local runs only.
+    logs = list((root / "results/synthetic/logs").glob("*.log"))
+    assert logs and not any("started by the job server" in log.read_text() for log in logs)
 
 
 def test_the_rows_equal_those_of_a_local_run(study):
     slurm = json.loads((study["root"] / "results/synthetic/summary.json").read_text())
     local = json.loads((study["local"] / "results/synthetic/summary.json").read_text())
+    # the local run's evaluations were started by its job server: the same rows as jobs in their own processes
+    assert "started by the job server" in (study["local"] / "results/synthetic/logs/evaluate-dense.log").read_text()
     # check_summary (in the fixture) held the SLURM run's rows to the configured list; the local run has the same
     assert [(r["method"], r["setting"]) for r in slurm] == [(r["method"], r["setting"]) for r in local]
     for a, b in zip(slurm, local):

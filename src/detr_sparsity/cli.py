@@ -25,6 +25,7 @@ from typing import Iterator
 
 from detr_sparsity.config import ConfigError, StudyConfig, load_config
 from detr_sparsity.data.coco_root import describe_source, root_problem
+from detr_sparsity.job_server import STARTED_BY_ENV
 from detr_sparsity.machine import job_cores, machine
 from detr_sparsity.pipeline import PIPELINE, Stage, check_resources, describe, dvc_yaml, option, stage_params
 
@@ -135,6 +136,9 @@ def run_stage(cfg: StudyConfig, name: str, **arguments) -> str:
         from detr_sparsity.device import job_device
 
         log.info("computing on %s", job_device())
+    if server := os.environ.get(STARTED_BY_ENV):
+        log.info("started by the job server (process %s): torch, transformers and MLflow were imported there, once "
+                 "for every job", server)
     where = machine()  # the load average before the stage adds its own
     wall, cpu = time.perf_counter(), _cpu_seconds()
     with tracking.stage_run(cfg, name, stage_params(cfg, name), setting or None) as run:

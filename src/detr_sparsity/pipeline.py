@@ -160,7 +160,8 @@ PAPER = "paper/{study}"
 # after pretraining (the end-to-end gate training, about 2.5 minutes on one thread) behind two jobs of its own. Its
 # jobs go first and the sweeps beside it (masking, SIBS, the single-block protocol) fill the cores around them;
 # started last, the chain leaves a core idle at the end (the committed run of 2026-12-06: the 21 masking jobs first,
-# then 19 minutes of chain).
+# then 19 minutes of chain). So does the paper's setting, the longest job beside the chain (about a minute): started
+# last among the sweeps, it ran alone for its whole minute (the committed run of 2026-12-07).
 CRITICAL_PATH = 1
 
 STAGES: tuple[Stage, ...] = (
@@ -248,7 +249,8 @@ STAGES: tuple[Stage, ...] = (
                    "detections": f"{RESULTS}/mgs/paper_setting/detections.json",
                    "row": f"{RESULTS}/mgs/paper_setting/row.json"},
           # One evaluation, never sharded: it writes its gates and training record beside the row.
-          sections=(*EVALUATION, "mgs.local"), keys=("mgs.paper_setting", "mgs.blocks"), device=True),
+          sections=(*EVALUATION, "mgs.local"), keys=("mgs.paper_setting", "mgs.blocks"), device=True,
+          priority=CRITICAL_PATH),
     Stage("summary", "gather the rows of every configured evaluation into summary.json",
           "summary: gathering the rows of every evaluation",
           inputs={"rows": Gathered((("evaluate", "row"), ("masking", "rows"), ("sibs", "row"),
