@@ -45,14 +45,15 @@ if LATEX_MISSING:
 
 
 # The job server of a local run (job_server.py): its jobs start from a process that imported torch, transformers and
-# MLflow once, instead of each spending seconds of a core importing them. Cluster jobs start as before.
+# MLflow once, instead of each spending seconds of a core importing them. Cluster jobs start as before, and so does
+# every job where DETR_SPARSITY_JOB_SERVER=off.
 JOB_SERVER = []
 
 
 onstart:
     # One process creates the MLflow store and experiment before parallel jobs open it.
     shell("python -m detr_sparsity init_tracking")
-    if workflow.local_exec:
+    if workflow.local_exec and os.environ.get(job_server.SERVER_ENV) != job_server.OFF:
         JOB_SERVER.append(job_server.start(os.getpid(), Path(".snakemake/log/job_server.log")))
 
 

@@ -106,9 +106,10 @@ def test_the_jobs_threads_streams_and_exit_status_are_its_own(study, server):
 
 def test_what_the_server_cannot_run_runs_in_its_own_process(study, server):
     _, work = study
-    # No server at that path; another module path (the server would import other code): both run here.
+    # No server at that path; another module path (the server would import other code); the server turned off: all
+    # run here.
     for name, via, extra in (("no-server", str(work / "nothing-here"), {}),
-                             ("other-path", server, {"PYTHONPATH": str(work)})):
+                             ("other-path", server, {"PYTHONPATH": str(work)}), ("off", job_server.OFF, {})):
         env = {**os.environ, "OMP_NUM_THREADS": "1", job_server.SERVER_ENV: via, **extra}
         done = subprocess.run([sys.executable, "-m", "detr_sparsity", *evaluate_dense(work, name)], cwd=work,
                               env=env, capture_output=True, text=True)

@@ -626,6 +626,7 @@ def test_dvc_sees_the_snakemake_run_and_reruns_exactly_a_changed_param(study):
     rerun = {r["tags"]["stage"]: r["id"] for r in new}
     assert (named["sibs-0.3.log"], named["summary.log"]) == (rerun["sibs"], rerun["summary"])
     assert named["sibs-0.2.log"] in before and named["data.log"] in before
+    assert "started by the job server" not in (root / "results/synthetic/logs/sibs-0.3.log").read_text()  # DVC's job
     rows = json.loads((root / "results/synthetic/summary.json").read_text())
     assert [r["setting"]["threshold"] for r in rows if r["method"] == "sibs"] == [*TINY_SWEEPS["sibs"]["thresholds"], 0.3]
     run(["git", "checkout", "params.yaml"], root)
@@ -737,7 +738,10 @@ def test_sharded_evaluations_equal_the_whole_ones(study, shards: int = 3):
     # Only the evaluations rerun (their jobs have other inputs now), nothing upstream.
     assert planned_jobs(root, targets) == {**{f"{stage}_shard": str(shards) for stage in SHARDED},
                                            **dict.fromkeys(SHARDED, "1"), "total": str(len(SHARDED) * (shards + 1))}
-    run(["snakemake", "--cores", "2", *targets], root)
+    # Each job in its own process this time (the whole evaluations were started by the first run's job server).
+    run(["snakemake", "--cores", "2", *targets], root, env={"DETR_SPARSITY_JOB_SERVER": "off"})
+    shard_logs = list(results.glob("logs/*-shard-*.log"))
+    assert shard_logs and not any("started by the job server" in log.read_text() for log in shard_logs)
     assert not list(results.glob("**/shards/*")), "the shards' partial evaluations are temporary"
     for stage, (row_file, detections) in SHARDED.items():
         row, files = unsharded[stage]

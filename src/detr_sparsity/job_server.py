@@ -37,8 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# "<socket path>": set by the Snakemake run that started the server, inherited by its local jobs.
+# "<socket path>": set by the Snakemake run that started the server, inherited by its local jobs. Set to OFF before
+# `snakemake`, it keeps the run from starting one (every job in its own process).
 SERVER_ENV = "DETR_SPARSITY_JOB_SERVER"
+OFF = "off"
 # Set in a child the server started: the job's log says so (cli.run_stage).
 STARTED_BY_ENV = "DETR_SPARSITY_STARTED_BY_SERVER"
 # What the server imports once: what every stage's process imports before its work, bar the project's own modules
@@ -63,7 +65,7 @@ def run_on_server(argv: list[str]) -> int | None:
     """Run this command (`sys.argv`) in a child of the job server named by SERVER_ENV and return its exit status;
     None where there is no server to run it (the caller then runs the command itself)."""
     path = os.environ.get(SERVER_ENV)
-    if not path:
+    if not path or path == OFF:
         return None
     request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "executable": sys.executable,
                           "path": sys.path}).encode()
