@@ -1,8 +1,8 @@
 """Pipeline jobs started from a process that has already imported torch, transformers and MLflow.
 
 Every job of a study is a new process (`python -m detr_sparsity <stage> ...`), and before any work each one spent
-4 to 5 s of a core importing the same libraries: over the 70 jobs of the default study, about a fifth of the
-cores' time after pretraining (benchmarks/job_startup.py). Under a local Snakemake run a job server imports them
+about 4 s of a core importing the same libraries on an idle machine (benchmarks/job_startup.py), 5 to 6 in the
+study's parallel phase: a quarter of the cores' time after pretraining in the default study (67 jobs). Under a local Snakemake run a job server imports them
 once, and each job's command, a light client, asks it to fork a child that runs the command as the job's own
 process would: the client's arguments, working directory, environment and standard streams; the project's own
 modules imported afresh by the child; the child's exit status passed back to the client, which exits with it. The
@@ -22,6 +22,7 @@ child is an ordinary job otherwise: its own process id and start, MLflow run, lo
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -49,14 +50,12 @@ STARTED_BY_ENV = "DETR_SPARSITY_STARTED_BY_SERVER"
 PRELOADED = ("torch", "numpy", "scipy.optimize", "PIL.Image", "safetensors.torch", "pycocotools.coco",
              "pycocotools.cocoeval", "mlflow", "mlflow.tracking", "yaml", "jsonschema", "tqdm")
 PRELOADED_ATTRIBUTES = {"transformers": ("DetrForObjectDetection", "DetrConfig", "DetrImageProcessorPil")}
-# The job's variables that the preloaded libraries read at import and the child applies itself.
+# The job's variable that the preloaded OpenMP runtime read at import: the child applies it itself.
 THREAD_ENV = "OMP_NUM_THREADS"
 _HEADER = struct.Struct("!I")
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # How long a client tries to connect, and the server waits for a request's bytes.
 _CONNECT_TIMEOUT = 10.0
-
-log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- the client: a job's command
@@ -147,8 +146,6 @@ def serve(path: str, snakemake_pid: int) -> None:
         module = importlib.import_module(name)
         for attribute in attributes:
             getattr(module, attribute)
-    import gc
-
     gc.freeze()  # the preloaded objects, shared with every child: never scanned, so their pages stay shared
     print(f"job server {os.getpid()}: {len(sys.modules)} modules imported in {time.perf_counter() - started:.1f} s; "
           f"serving {path} for Snakemake process {snakemake_pid}", flush=True)
@@ -223,9 +220,8 @@ def _start_child(conn, listener, wake_read, wake_write, children) -> int | None:
     if pid == 0:  # the child: the job's process from here on
         code = 1
         try:
-            for fd in (listener.fileno(), wake_read.fileno(), wake_write.fileno(), conn.fileno(),
-                       *(c.fileno() for c in children.values())):
-                os.close(fd)
+            for server_socket in (listener, wake_read, wake_write, conn, *children.values()):
+                server_socket.close()
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGCHLD, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_DFL)
