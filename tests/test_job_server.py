@@ -27,15 +27,17 @@ def study(tmp_path_factory):
     yield from tiny_study(tmp_path_factory.mktemp("job-server"))
 
 
+# The server's own OpenMP threads, read at its import: neither of the jobs' below.
+SERVER_THREADS = "3"
+
+
 def start_server(cwd: Path, serving: int) -> tuple[subprocess.Popen, str]:
-    """A server for process `serving`, started from `cwd` (its jobs' working directory, as Snakemake's), and its
-    socket once it is ready."""
-    here = os.getcwd()
-    os.chdir(cwd)
-    try:
+    """A server for process `serving`, started from `cwd` (its jobs' working directory, as Snakemake's) with
+    OMP_NUM_THREADS=SERVER_THREADS, and its socket once it is ready."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        mp.setenv("OMP_NUM_THREADS", SERVER_THREADS)
         server = job_server.start(serving, cwd / "job_server.log")
-    finally:
-        os.chdir(here)
     path = os.environ.pop(job_server.SERVER_ENV)
     deadline = time.monotonic() + 120
     while not os.path.exists(path):
@@ -85,7 +87,7 @@ def test_a_job_it_starts_computes_what_its_own_process_computes(study, server):
     assert (out / "job-server/detections.json").read_bytes() == (out / "own-process/detections.json").read_bytes()
     rows = [json.loads((out / name / "row.json").read_text()) for name in ("own-process", "job-server")]
     assert without_run(rows[0]) == without_run(rows[1])
-    # Each its own process and run, on the job's one thread (the server's OpenMP read 2 at its import).
+    # Each its own process and run, on the job's one thread (not the server's SERVER_THREADS).
     assert rows[0]["mlflow_run_id"] != rows[1]["mlflow_run_id"]
     assert "1 thread(s)" in served and "1 thread(s)" in own
     run = runs_by_id([logged_run_id(served)])[logged_run_id(served)]

@@ -256,10 +256,10 @@ def _run_job(request: dict, fds: list[int]) -> int:
         from detr_sparsity.cli import job
 
         code = job()
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-        if isinstance(exit.code, str):
-            print(exit.code, file=sys.stderr)
+    except SystemExit as ended:  # as the interpreter ends on it: an int as is, None 0, a message printed and 1
+        code = ended.code if isinstance(ended.code, int) else (0 if ended.code is None else 1)
+        if isinstance(ended.code, str):
+            print(ended.code, file=sys.stderr)
     except BaseException:
         import traceback
 
@@ -296,11 +296,12 @@ def _reap(children: dict[int, socket.socket], selector: selectors.BaseSelector) 
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` (the Snakemake run served) still exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # it exists, as another user's
         return True
     return True
 
