@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         server = job_server.start(os.getpid(), scratch / "job_server.log")
         socket_path = Path(os.environ.pop(job_server.SERVER_ENV))
         while not socket_path.exists():  # its imports: before the timings
+            if server.poll() is not None:
+                raise SystemExit(f"the job server ended before serving: {(scratch / 'job_server.log').read_text()}")
             time.sleep(0.1)
         environments = {"before": env, "after": env, "job_server": {**env, job_server.SERVER_ENV: str(socket_path)}}
         try:
