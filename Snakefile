@@ -9,6 +9,7 @@ from pathlib import Path
 from detr_sparsity import job_server
 from detr_sparsity.cli import load_study
 from detr_sparsity.pipeline import PAPER, RESULTS, path, render
+from detr_sparsity.processes import this_process
 from detr_sparsity.reporting.paper import toolchain_missing
 from detr_sparsity.sharing import keeping_modification_times, record_in_dvc
 from detr_sparsity.tracking import PIPELINE_RUN_ENV
@@ -54,7 +55,7 @@ onstart:
     # One process creates the MLflow store and experiment before parallel jobs open it.
     shell("python -m detr_sparsity init_tracking")
     if workflow.local_exec and os.environ.get(job_server.SERVER_ENV) != job_server.OFF:
-        JOB_SERVER.append(job_server.start(os.getpid(), Path(".snakemake/log/job_server.log")))
+        JOB_SERVER.append(job_server.start(this_process(), Path(".snakemake/log/job_server.log")))
 
 
 onsuccess:

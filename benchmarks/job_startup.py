@@ -29,6 +29,7 @@ from _common import arguments, parse, report
 
 from detr_sparsity import job_server
 from detr_sparsity.pipeline import PIPELINE, command, render, sweep_points
+from detr_sparsity.processes import this_process
 from detr_sparsity.tracking import logged_run_id, runs_by_id
 
 # The stages timed, at the first point of their sweeps: short evaluations, as most of a study's jobs are.
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "detr_sparsity", "--params", str(args.params), "init_tracking"],
                        check=True, env=env, capture_output=True)
-        server = job_server.start(os.getpid(), scratch / "job_server.log")
+        server = job_server.start(this_process(), scratch / "job_server.log")
         socket_path = Path(os.environ.pop(job_server.SERVER_ENV))
         while not socket_path.exists():  # its imports: before the timings
             if server.poll() is not None:

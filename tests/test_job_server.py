@@ -17,6 +17,7 @@ import yaml
 from tiny_project import tiny_study
 
 from detr_sparsity import job_server
+from detr_sparsity.processes import HOST, Writer, this_process
 from detr_sparsity.tracking import logged_run_id, runs_by_id
 
 STARTED = "started by the job server"
@@ -31,7 +32,7 @@ def study(tmp_path_factory):
 SERVER_THREADS = "3"
 
 
-def start_server(cwd: Path, serving: int) -> tuple[subprocess.Popen, str]:
+def start_server(cwd: Path, serving: Writer) -> tuple[subprocess.Popen, str]:
     """A server for process `serving`, started from `cwd` (its jobs' working directory, as Snakemake's) with
     OMP_NUM_THREADS=SERVER_THREADS, and its socket once it is ready."""
     with pytest.MonkeyPatch.context() as mp:
@@ -49,7 +50,7 @@ def start_server(cwd: Path, serving: int) -> tuple[subprocess.Popen, str]:
 @pytest.fixture(scope="module")
 def server(study):
     _, work = study
-    process, path = start_server(work, os.getpid())
+    process, path = start_server(work, this_process())
     yield path
     job_server.stop(process)
     assert not os.path.exists(path)
@@ -161,7 +162,7 @@ def test_a_stopped_job_stops_its_child_and_records_its_run_failed(study, server,
 def test_the_server_leaves_with_its_snakemake(study):
     _, work = study
     snakemake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    process, path = start_server(work, snakemake.pid)
+    process, path = start_server(work, Writer(HOST, snakemake.pid))
     snakemake.kill()
     snakemake.wait()
     process.wait(timeout=30)

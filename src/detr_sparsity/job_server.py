@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from detr_sparsity.processes import Writer
+
 # "<socket path>": set by the Snakemake run that started the server, inherited by its local jobs. Set to OFF before
 # `snakemake`, it keeps the run from starting one (every job in its own process).
 SERVER_ENV = "DETR_SPARSITY_JOB_SERVER"
@@ -115,14 +117,14 @@ def run_on_server(argv: list[str]) -> int | None:
 
 # ---------------------------------------------------------------- the server
 
-def start(snakemake_pid: int, log_file: Path) -> subprocess.Popen:
-    """Start a server for the Snakemake process `snakemake_pid` in the background, in a session of its own (Ctrl-C
-    reaches the jobs' clients, which forward it), and name it to the jobs this process starts from now on
-    (SERVER_ENV). Jobs that start before it is ready run in their own process."""
+def start(snakemake: Writer, log_file: Path) -> subprocess.Popen:
+    """Start a server for the Snakemake process `snakemake` (`processes.this_process()` in the Snakefile) in the
+    background, in a session of its own (Ctrl-C reaches the jobs' clients, which forward it), and name it to the jobs
+    this process starts from now on (SERVER_ENV). Jobs that start before it is ready run in their own process."""
     path = os.path.join(tempfile.mkdtemp(prefix="detr-sparsity-jobs-"), "socket")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "detr_sparsity.job_server", path, str(snakemake_pid)],
+        process = subprocess.Popen([sys.executable, "-m", "detr_sparsity.job_server", path, snakemake.token],
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     os.environ[SERVER_ENV] = path
     return process
@@ -137,8 +139,8 @@ def stop(process: subprocess.Popen) -> None:
     shutil.rmtree(os.path.dirname(process.args[-2]), ignore_errors=True)
 
 
-def serve(path: str, snakemake_pid: int) -> None:
-    """Import PRELOADED, then start a child for each job that asks, until process `snakemake_pid` has ended."""
+def serve(path: str, snakemake: Writer) -> None:
+    """Import PRELOADED, then start a child for each job that asks, until the process `snakemake` has ended."""
     started = time.perf_counter()
     for name in PRELOADED:
         importlib.import_module(name)
@@ -148,7 +150,7 @@ def serve(path: str, snakemake_pid: int) -> None:
             getattr(module, attribute)
     gc.freeze()  # the preloaded objects, shared with every child: never scanned, so their pages stay shared
     print(f"job server {os.getpid()}: {len(sys.modules)} modules imported in {time.perf_counter() - started:.1f} s; "
-          f"serving {path} for Snakemake process {snakemake_pid}", flush=True)
+          f"serving {path} for Snakemake {snakemake}", flush=True)
 
     wake_read, wake_write = socket.socketpair()
     wake_read.setblocking(False)
@@ -182,7 +184,7 @@ def serve(path: str, snakemake_pid: int) -> None:
                     os.kill(key.data, signal.SIGTERM)
                     selector.unregister(key.fileobj)
             _reap(children, selector)
-            if not _alive(snakemake_pid):
+            if snakemake.gone():  # ended, a zombie, or its pid now another process's
                 stopping = True
     finally:
         for pid in children:
@@ -295,16 +297,5 @@ def _reap(children: dict[int, socket.socket], selector: selectors.BaseSelector) 
         conn.close()
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` (the Snakemake run served) still exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user's
-        return True
-    return True
-
-
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]))
+    serve(sys.argv[1], Writer.parse(sys.argv[2]))
