@@ -8,7 +8,15 @@ CORES ?= 8
 
 .PHONY: study test test-e2e test-slurm install lint benchmark pull ui clean
 
+# Room on the project's disk, checked before the work that fills it: pip, DVC and the stages stop on a full disk
+# half-way, with a bare "[Errno 28] No space left on device". The environment takes 2.2 GiB (pip's downloads beside
+# it while installing); a default study 1.9 GiB more (results/ 1.0, the DVC cache 0.9).
+need_gib = @free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(1) ]; then \
+	    echo "$(2) needs about $(1) GiB free on the disk of $(CURDIR); it has $$free GiB" >&2; exit 1; fi
+
 $(VENV)/.installed: pyproject.toml
+	$(call need_gib,3,installing the environment)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	# torch first and pinned: plain `torch` would pull the CUDA build.
 	$(PYTHON) -m pip install --quiet --no-compile --upgrade pip
@@ -27,6 +35,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 study: install
+	$(call need_gib,2,the default study)
 	snakemake --cores $(CORES)
 
 # All but the end-to-end runs of minutes each (marker slow) and the SLURM tests: under 10 minutes.

@@ -388,6 +388,26 @@ def test_cli_validate_accepts_real_file(tmp_path):
     assert "params.yaml is valid; study 'synthetic'" in result.stdout
 
 
+@pytest.mark.parametrize("changes, expected", [
+    ({"mgs.targets": [0.5, 1.2]}, "error: invalid variant.yaml:\n  mgs.targets.1 = 1.2 is not allowed"),
+    ({"studies.synthetic.resources.evaluation": {"gpu": 1}},
+     "error: invalid variant.yaml:\n  studies.synthetic.resources: unknown key(s) evaluation"),
+    ({"study": "coco", "studies.coco.data.root": "no/such/root"},
+     "error: invalid variant.yaml:\n  studies.coco.data.root = \"no/such/root\" is not allowed"),
+    ({}, None),
+], ids=["schema", "resources", "data root", "valid"])
+def test_a_settings_file_of_another_name_is_named_in_what_validate_says(tmp_path, changes, expected):
+    """`--params variant.yaml`: its problems, and its being valid, are reported under its own name."""
+    path = modified(tmp_path, changes).rename(tmp_path / "variant.yaml")
+    result = run_cli(path, tmp_path)
+    if expected is None:
+        assert result.returncode == 0 and result.stdout.startswith("variant.yaml is valid; study 'synthetic'"), \
+            result.stderr
+    else:
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+        assert "params.yaml" not in result.stderr
+
+
 def test_job_resources_merge_the_stage_entry_over_the_default():
     cfg = load_config(PARAMS, study="coco")
     raw = real_params()["studies"]["coco"]["resources"]

@@ -46,6 +46,26 @@ def test_object_queries_loss_is_detrs_own_with_denoising_queries_beside_them(mod
     assert denoised > 0
 
 
+NO_BOX = {"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
+
+
+@pytest.mark.parametrize("labels", [[NO_BOX, LABELS[1]], [NO_BOX, NO_BOX]], ids=["one image without", "no box"])
+def test_images_without_boxes_train_as_detr_would(model, labels):
+    """COCO holds images without annotations. An image without boxes has only padding slots; a batch in which no
+    image has a box has no denoising slot at all: its object queries' loss is still `model(..., labels=)`'s and its
+    denoising loss is 0."""
+    pixel_values, pixel_mask = _pixels()
+    denoising = DenoisingQueries(model, groups=2, box_noise=0.4, label_noise=0.2)
+    with torch.no_grad():
+        reference = model(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels)
+        matched, denoised, terms = denoising.loss(model, pixel_values, pixel_mask, labels, labels,
+                                                  torch.Generator().manual_seed(0))
+    torch.testing.assert_close(matched, reference.loss, rtol=1e-5, atol=1e-6)
+    has_boxes = any(len(lab["boxes"]) for lab in labels)
+    assert torch.isfinite(denoised) and (denoised > 0) == has_boxes
+    assert any(key.startswith("dn_") for key in terms) == has_boxes
+
+
 def test_attention_mask_separates_groups_and_hides_them_from_object_queries(model):
     """2 groups of 2 slots, then 2 object queries: row = the query attending, column = the key (DN-DETR's mask)."""
     mask = DenoisingQueries(model, groups=2, box_noise=0.4, label_noise=0.2).attention_mask(4, 2, torch.float32, "cpu")

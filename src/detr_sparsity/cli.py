@@ -27,7 +27,7 @@ from detr_sparsity.config import ConfigError, StudyConfig, load_config
 from detr_sparsity.data.coco_root import describe_source, root_problem
 from detr_sparsity.job_server import STARTED_BY_ENV
 from detr_sparsity.machine import job_cores, machine
-from detr_sparsity.pipeline import PIPELINE, Stage, check_resources, describe, dvc_yaml, option, stage_params
+from detr_sparsity.pipeline import PIPELINE, Stage, describe, dvc_yaml, option, resources_problem, stage_params
 
 log = logging.getLogger("detr_sparsity")
 
@@ -67,20 +67,20 @@ def _setup_logging(log_file: Path | None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
-def load_study(params: Path) -> StudyConfig:
-    """params.yaml, validated: the schema, the cross-field rules, and the stage names of its resources."""
+def load_study(params: str | Path) -> StudyConfig:
+    """The settings file (params.yaml), validated: the schema, the cross-field rules, the stage names of its
+    resources and the study's data root."""
     cfg = load_config(params)
-    check_resources(cfg)
-    problem = root_problem(cfg.data, f"studies.{cfg.name}")
-    if problem:
-        raise ConfigError(f"invalid params.yaml:\n  {problem}")
+    problems = [p for p in (resources_problem(cfg), root_problem(cfg.data, f"studies.{cfg.name}")) if p]
+    if problems:
+        raise ConfigError(f"invalid {Path(params).name}:\n  " + "\n  ".join(problems))
     return cfg
 
 
 # ---------------------------------------------------------------- commands that are not stages
 
 def cmd_validate(cfg: StudyConfig, args) -> None:
-    print(f"params.yaml is valid; study {cfg.name!r}")
+    print(f"{args.params.name} is valid; study {cfg.name!r}")
     if (source := describe_source(cfg.data)) is not None:  # e.g. which layout a local COCO root has
         print(source)
 

@@ -133,14 +133,14 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"{key} = {json.dumps(value)} is not allowed: {reason}"
 
 
-def validate(raw: dict[str, Any], schema: dict[str, Any]) -> None:
-    """Raise ConfigError listing every violation of the schema and of the cross-field rules."""
+def validate(raw: dict[str, Any], schema: dict[str, Any], source: str = "params.yaml") -> None:
+    """Raise ConfigError listing every violation of the schema and of the cross-field rules of `source`'s settings."""
     validator = jsonschema.Draft202012Validator(schema)
     problems = [_describe(e) for e in sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))]
     if not problems:
         problems = _cross_field_problems(raw)
     if problems:
-        raise ConfigError("invalid params.yaml:\n  " + "\n  ".join(problems))
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(problems))
 
 
 def _cross_field_problems(raw: dict[str, Any]) -> list[str]:
@@ -236,7 +236,7 @@ def load_config(params_path: str | Path = "params.yaml", study: str | None = Non
     if study is not None:
         raw = {**raw, "study": study}
     schema = yaml.safe_load(_schema_path(params_path).read_text())
-    validate(raw, schema)
+    validate(raw, schema, params_path.name)
     cfg = raw["studies"][raw["study"]]
     return StudyConfig(
         name=raw["study"],

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from detr_sparsity.config import RESULTS, ConfigError, StudyConfig, lookup
+from detr_sparsity.config import RESULTS, StudyConfig, lookup
 
 PACKAGE = "detr_sparsity"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -385,12 +385,13 @@ def stage_params(cfg: StudyConfig, stage: str) -> dict[str, Any]:
             **{key: lookup(cfg.raw, key) for key in spec.keys}}
 
 
-def check_resources(cfg: StudyConfig) -> None:
-    """Every entry of the study's `resources` names a stage (or `default`)."""
+def resources_problem(cfg: StudyConfig) -> str | None:
+    """Why the study's `resources` cannot be used (an entry that names no stage, nor `default`), or None."""
     unknown = sorted(set(cfg.resources) - {"default", *PIPELINE})
     if unknown:
-        raise ConfigError(f"invalid params.yaml:\n  studies.{cfg.name}.resources: unknown key(s) {', '.join(unknown)}; "
-                          f"allowed keys: default, {', '.join(PIPELINE)}")
+        return (f"studies.{cfg.name}.resources: unknown key(s) {', '.join(unknown)}; "
+                f"allowed keys: default, {', '.join(PIPELINE)}")
+    return None
 
 
 # ---------------------------------------------------------------- code dependencies

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DetrForObjectDetection
-from transformers.loss.loss_for_object_detection import ImageLoss, _set_aux_loss
+from transformers.loss.loss_for_object_detection import ImageLoss
 
 
 def repeat_targets(labels: list[dict], copies: int) -> list[dict]:
@@ -99,8 +99,8 @@ class DenoisingQueries(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(DETR's loss of the object queries against `match_labels`, with Hungarian matching, as
         `model(..., labels=match_labels).loss` computes it; the same weighted sum of loss terms of the denoising
-        queries against the boxes of `labels` they were made from; every term, those of the denoising queries
-        prefixed "dn_")."""
+        queries against the boxes of `labels` they were made from, 0 where no image of the batch has a box; every
+        term, those of the denoising queries prefixed "dn_")."""
         config, detr = model.config, model.model
         # DetrModel.forward's chain: backbone, projection, sine positions, encoder.
         feature_map, mask = detr.backbone(pixel_values, pixel_mask)[-1]
@@ -113,12 +113,14 @@ class DenoisingQueries(nn.Module):
 
         batch, queries = pixel_values.shape[0], config.num_queries
         classes, boxes, _valid = self.noised(labels, generator)  # padding slots learn "no object": no mask needed
+        # A batch in which no image has a box has no denoising slot: the decoder then runs the object queries alone,
+        # as DetrModel does, and the denoising loss is 0.
         slots = classes.shape[1]
         object_positions = detr.query_position_embeddings.weight.unsqueeze(0).expand(batch, -1, -1)
         content = torch.cat([self.label_embedding(classes), torch.zeros_like(object_positions)], 1)
         positions = torch.cat([self.box_position(sine_box_embedding(boxes, config.d_model)), object_positions], 1)
-        decoded = detr.decoder(inputs_embeds=content, attention_mask=self.attention_mask(slots, queries, content.dtype,
-                                                                                          content.device),
+        groups_mask = self.attention_mask(slots, queries, content.dtype, content.device) if slots else None
+        decoded = detr.decoder(inputs_embeds=content, attention_mask=groups_mask,
                                spatial_position_embeddings=spatial, object_queries_position_embeddings=positions,
                                encoder_hidden_states=memory, encoder_attention_mask=mask)
         # As DetrForObjectDetection: the final prediction from the decoder's output, the auxiliary ones from the
@@ -129,6 +131,8 @@ class DenoisingQueries(nn.Module):
         matched, terms, _ = model.loss_function(logits[-1, :, slots:], match_labels, pixel_values.device,
                                                 pred_boxes[-1, :, slots:], config, logits[:, :, slots:],
                                                 pred_boxes[:, :, slots:])
+        if not slots:
+            return matched, matched.new_zeros(()), terms
         dn_terms = self._denoising_terms(logits[:, :, :slots], pred_boxes[:, :, :slots], labels)
         # DETR's weights, the auxiliary layers' terms ("loss_bbox_0", ...) as the last layer's.
         weights = {"loss_ce": 1.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
@@ -150,6 +154,8 @@ class DenoisingQueries(nn.Module):
             assignment.append((source, target))
         criterion = ImageLoss(matcher=lambda outputs, targets: assignment, num_classes=self.num_labels,
                               eos_coef=self.eos_coefficient, losses=["labels", "boxes"]).to(logits.device)
+        # The earlier layers' predictions as ImageLoss takes them (DetrForObjectDetection's auxiliary outputs).
         outputs = {"logits": logits[-1], "pred_boxes": pred_boxes[-1],
-                   "auxiliary_outputs": _set_aux_loss(logits, pred_boxes)}
+                   "auxiliary_outputs": [{"logits": layer_logits, "pred_boxes": layer_boxes}
+                                         for layer_logits, layer_boxes in zip(logits[:-1], pred_boxes[:-1])]}
         return criterion(outputs, repeat_targets(labels, self.groups))
