@@ -77,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "detr_sparsity", "--params", str(args.params), "init_tracking"],
                        check=True, env=env, capture_output=True)
         server = job_server.start(this_process(), scratch / "job_server.log")
-        socket_path = Path(os.environ.pop(job_server.SERVER_ENV))
-        while not socket_path.exists():  # its imports: before the timings
-            if server.poll() is not None:
-                raise SystemExit(f"the job server ended before serving: {(scratch / 'job_server.log').read_text()}")
-            time.sleep(0.1)
-        environments = {"before": env, "after": env, "job_server": {**env, job_server.SERVER_ENV: str(socket_path)}}
+        os.environ.pop(job_server.SERVER_ENV)  # named to the job_server variant's jobs only
+        try:
+            server.wait_serving(timeout=300)  # its imports: before the timings
+        except RuntimeError as error:
+            job_server.stop(server)
+            raise SystemExit(str(error)) from None
+        environments = {"before": env, "after": env, "job_server": {**env, job_server.SERVER_ENV: server.socket}}
         try:
             for _ in range(args.repeats):
                 for stage in STAGES:

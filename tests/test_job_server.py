@@ -32,28 +32,25 @@ def study(tmp_path_factory):
 SERVER_THREADS = "3"
 
 
-def start_server(cwd: Path, serving: Writer) -> tuple[subprocess.Popen, str]:
+def start_server(cwd: Path, serving: Writer) -> job_server.Server:
     """A server for process `serving`, started from `cwd` (its jobs' working directory, as Snakemake's) with
-    OMP_NUM_THREADS=SERVER_THREADS, and its socket once it is ready."""
+    OMP_NUM_THREADS=SERVER_THREADS, once it is serving; its socket is named to this process's jobs no longer."""
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
         mp.setenv("OMP_NUM_THREADS", SERVER_THREADS)
         server = job_server.start(serving, cwd / "job_server.log")
-    path = os.environ.pop(job_server.SERVER_ENV)
-    deadline = time.monotonic() + 120
-    while not os.path.exists(path):
-        assert server.poll() is None and time.monotonic() < deadline, (cwd / "job_server.log").read_text()
-        time.sleep(0.1)
-    return server, path
+    assert os.environ.pop(job_server.SERVER_ENV) == server.socket
+    server.wait_serving(timeout=120)
+    return server
 
 
 @pytest.fixture(scope="module")
 def server(study):
     _, work = study
-    process, path = start_server(work, this_process())
-    yield path
-    job_server.stop(process)
-    assert not os.path.exists(path)
+    started = start_server(work, this_process())
+    yield started.socket
+    job_server.stop(started)
+    assert not os.path.exists(started.socket)
 
 
 def job(work: Path, arguments: list[str], server: str | None, threads: int = 1, **popen) -> subprocess.Popen:
@@ -162,8 +159,8 @@ def test_a_stopped_job_stops_its_child_and_records_its_run_failed(study, server,
 def test_the_server_leaves_with_its_snakemake(study):
     _, work = study
     snakemake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    process, path = start_server(work, Writer(HOST, snakemake.pid))
+    server = start_server(work, Writer(HOST, snakemake.pid))
     snakemake.kill()
     snakemake.wait()
-    process.wait(timeout=30)
-    assert not os.path.exists(path) and not os.path.exists(os.path.dirname(path))
+    server.process.wait(timeout=30)
+    assert not os.path.exists(server.socket) and not os.path.exists(os.path.dirname(server.socket))

@@ -2,9 +2,9 @@
 
 Every job of a study is a new process (`python -m detr_sparsity <stage> ...`), and before any work each one spent
 about 4 s of a core importing the same libraries on an idle machine (benchmarks/job_startup.py), 5 to 6 in the
-study's parallel phase: a quarter of the cores' time after pretraining in the default study (67 jobs). Under a local Snakemake run a job server imports them
-once, and each job's command, a light client, asks it to fork a child that runs the command as the job's own
-process would: the client's arguments, working directory, environment and standard streams; the project's own
+study's parallel phase: a quarter of the cores' time after pretraining in the default study (67 jobs). Under a
+local Snakemake run a job server imports them once, and each job's command, a light client, asks it to fork a child
+that runs the command as the job's own process would: the client's arguments, working directory, environment and standard streams; the project's own
 modules imported afresh by the child; the child's exit status passed back to the client, which exits with it. The
 child is an ordinary job otherwise: its own process id and start, MLflow run, log and CPU time.
 
@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from detr_sparsity.processes import Writer
@@ -117,7 +118,25 @@ def run_on_server(argv: list[str]) -> int | None:
 
 # ---------------------------------------------------------------- the server
 
-def start(snakemake: Writer, log_file: Path) -> subprocess.Popen:
+@dataclass(frozen=True)
+class Server:
+    """A job server that `start` started: its process, the socket it serves on, and its log."""
+    process: subprocess.Popen
+    socket: str
+    log_file: Path
+
+    def wait_serving(self, timeout: float) -> None:
+        """Wait until the server listens on its socket (its imports done); RuntimeError, with its log, where it ends
+        first or takes longer than `timeout` seconds. A Snakemake run does not wait: its first jobs run in their own
+        process."""
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.socket):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the job server is not serving {self.socket}:\n{self.log_file.read_text()}")
+            time.sleep(0.1)
+
+
+def start(snakemake: Writer, log_file: Path) -> Server:
     """Start a server for the Snakemake process `snakemake` (`processes.this_process()` in the Snakefile) in the
     background, in a session of its own (Ctrl-C reaches the jobs' clients, which forward it), and name it to the jobs
     this process starts from now on (SERVER_ENV). Jobs that start before it is ready run in their own process."""
@@ -127,16 +146,16 @@ def start(snakemake: Writer, log_file: Path) -> subprocess.Popen:
         process = subprocess.Popen([sys.executable, "-m", "detr_sparsity.job_server", path, snakemake.token],
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     os.environ[SERVER_ENV] = path
-    return process
+    return Server(process, path, log_file)
 
 
-def stop(process: subprocess.Popen) -> None:
+def stop(server: Server) -> None:
     """Stop a server that `start` started (its running children too), once its Snakemake run is over."""
     os.environ.pop(SERVER_ENV, None)
-    process.terminate()
-    process.wait()
+    server.process.terminate()
+    server.process.wait()
     # A server stopped while it still imported had no socket to remove: its folder goes here.
-    shutil.rmtree(os.path.dirname(process.args[-2]), ignore_errors=True)
+    shutil.rmtree(os.path.dirname(server.socket), ignore_errors=True)
 
 
 def serve(path: str, snakemake: Writer) -> None:
